@@ -1,0 +1,1 @@
+"""adaskip-build: calibrate -> skip plan -> engine directory."""

@@ -1,0 +1,155 @@
+"""adaskip-build's work: load -> calibrate -> select -> write the engine directory (atomically)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaskip.builder import cost
+from adaskip.builder.calibrate import calibrate
+from adaskip.builder.corpus import load_calibration
+from adaskip.builder.plot import importance_plot
+from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, write_manifest
+from adaskip.errors import EngineDirError, InputError, ModelLoadError, PlanError
+from adaskip.model import LoadedModel, load_model
+from adaskip.plan import (DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan, now_utc,
+                          rank_by_similarity)
+from adaskip.runtime.torch_engine import TorchEngine
+
+BACKENDS = ("torch",)
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    output: str
+    method: str = "adaskip"
+    skip: int | None = None  # K sublayers (adaskip) or k layers (baselines)
+    alpha: float | None = None  # target ideal speedup (adaskip)
+    mode: str = "e2e"
+    calib: str | None = None
+    calib_prompts: int = 20
+    calib_tokens: int = 2048
+    context_len: int = 4096  # for the cost model
+    window: int = DEFAULT_WINDOW
+    online: bool = True
+    plan: str | None = None  # reuse an existing plan instead of calibrating
+    backend: str = "torch"
+    dtype: str = "float32"
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.plan is None:
+            if (self.skip is None) == (self.alpha is None):
+                raise InputError("give exactly one of --skip K or --alpha A (or --plan FILE)")
+            if self.alpha is not None and self.method != "adaskip":
+                raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
+            if self.skip is not None and self.skip < 0:
+                raise InputError(f"--skip must be >= 0; got {self.skip}")
+        if self.window < 1:
+            raise InputError(f"--window must be >= 1; got {self.window}")
+        if self.context_len < 1:
+            raise InputError(f"--context-len must be >= 1; got {self.context_len}")
+
+
+@dataclass
+class BuildReport:
+    output: Path
+    plan: SkipPlan
+    expected: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _log(msg: str, opts: BuildOptions) -> None:
+    if opts.progress:
+        print(f"adaskip-build: {msg}", file=sys.stderr)
+
+
+def load_tokenizer(model: LoadedModel) -> Any:
+    from transformers import AutoTokenizer
+
+    if model.tokenizer_dir is None:
+        raise ModelLoadError(f"{model.source}: no tokenizer files found next to the model")
+    return AutoTokenizer.from_pretrained(model.tokenizer_dir, **model.tokenizer_kwargs)
+
+
+def eos_token_ids(model: LoadedModel, tokenizer: Any) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model.tokenizer_dir, **model.tokenizer_kwargs).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except (OSError, ValueError):
+        pass
+    return sorted(ids)
+
+
+def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPlan:
+    spec = model.spec
+    if opts.plan is not None:
+        plan = SkipPlan.load(opts.plan)
+        plan.check_model(model.fingerprint, spec.num_layers)
+        return plan
+    if opts.method != "adaskip":
+        return baseline_plan(opts.method, spec.num_layers, opts.skip, opts.mode, model.fingerprint, spec.name)
+    if opts.skip is not None and opts.skip > spec.num_sublayers:
+        raise PlanError(f"--skip must be between 0 and {spec.num_sublayers} (the model has {spec.num_sublayers} "
+                        f"sublayers); got {opts.skip}")
+    data = load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens, opts.calib)
+    _log(f"calibrating on {len(data.prompts)} prompts x {opts.calib_tokens} tokens from {data.source}", opts)
+    calib = calibrate(TorchEngine.from_loaded(model), data, progress=opts.progress)
+    if opts.alpha is not None:
+        ranking = rank_by_similarity(calib.similarity)
+        phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[opts.mode]
+        k = max(cost.k_for_alpha(spec, ranking, opts.alpha, opts.context_len, p) for p in phases)
+        selection = {"rule": "alpha", "alpha": opts.alpha, "context_len": opts.context_len, "k": k}
+    else:
+        k = opts.skip
+        selection = {"rule": "k", "k": k}
+    return adaskip_plan(calib, k, opts.mode, model.fingerprint, spec.name, window=opts.window, online=opts.online,
+                        selection=selection)
+
+
+def build(opts: BuildOptions) -> BuildReport:
+    """Build an engine directory. Fails before any heavy work on bad options; never leaves a partial output."""
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    opts.validate()
+    output = Path(opts.output)
+    if output.exists() and not opts.force:
+        raise EngineDirError(f"{output} already exists (pass --force to replace it)")
+    _log(f"loading {opts.model}", opts)
+    model = load_model(opts.model, dtype=opts.dtype)
+    tokenizer = load_tokenizer(model)
+    plan = make_plan(opts, model, tokenizer)
+    spec = model.spec
+    prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
+    expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
+    plan.selection = {**plan.selection, "expected_speedup": expected}
+
+    with atomic_dir(output, force=opts.force) as tmp:
+        _log(f"writing engine ({opts.backend}) to {output}", opts)
+        plan.save(tmp / PLAN)
+        save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        importance_plot(plan, tmp / "importance.png")
+        build_info = {"options": {k: v for k, v in vars(opts).items() if k not in ("force", "progress", "output")},
+                      "created": now_utc(), "source": model.source}
+        tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),
+                    "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+        write_manifest(tmp, opts.backend, spec, model.fingerprint, plan, build_info, tok_info)
+    return BuildReport(output=output, plan=plan, expected=expected, seconds=time.perf_counter() - t0)

@@ -1,0 +1,39 @@
+"""Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+from adaskip.errors import AdaskipError
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adaskip never reaches the hub
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main_wrapper(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
+    def deco(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+        @functools.wraps(fn)
+        def wrapped(argv: list[str] | None = None) -> int:
+            quiet_libraries()
+            try:
+                return fn(argv)
+            except AdaskipError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+        return wrapped
+    return deco

@@ -1,0 +1,21 @@
+"""Errors a user can act on. CLIs print them as one clear line and exit non-zero (no traceback)."""
+
+
+class AdaskipError(Exception):
+    """Base class: the message is meant for the user and names what to do."""
+
+
+class ModelLoadError(AdaskipError):
+    """The model source is missing, unreadable or of an unsupported architecture."""
+
+
+class PlanError(AdaskipError):
+    """A skip plan is malformed, of another format version, or does not match the model."""
+
+
+class EngineDirError(AdaskipError):
+    """An engine directory is missing, corrupt or was built for something else."""
+
+
+class InputError(AdaskipError):
+    """A request cannot be served as given (empty prompt, over the context limit, bad sampling option)."""

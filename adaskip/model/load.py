@@ -1,0 +1,162 @@
+"""Resolve a model source (built-in name, HF directory, .gguf file, hub id from the local cache) and load it.
+
+Only the loader reads Hugging Face config keys; everything downstream sees a ModelSpec and role-named weights.
+Remote code is never executed: an architecture we do not map is refused with the list of supported ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaskip.errors import ModelLoadError
+from adaskip.model import builtin, families
+from adaskip.model.spec import LoadedModel, ModelSpec, layer_role
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(source: str, dtype: str = "float32") -> LoadedModel:
+    """Load `source`: a built-in name (see `builtin.BUILTIN_MODELS`), an HF model directory, a `.gguf` file, or a
+    hub id already in the local Hugging Face cache (never downloaded)."""
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
+    torch_dtype = _DTYPES[dtype]
+    if source in builtin.BUILTIN_MODELS:
+        return _load_hf_dir(builtin.ensure_builtin(source), torch_dtype, name=source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{source}: a model file must be a .gguf file (or pass a Hugging Face model directory)")
+        return load_gguf(path, torch_dtype)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _load_hf_dir(path, torch_dtype, name=path.name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf(ggufs[0], torch_dtype)
+        raise ModelLoadError(f"{source}: directory has no config.json" +
+                             (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else " and no .gguf file"))
+    if _looks_like_hub_id(source):
+        return _load_hf_dir(_resolve_hub_cache(source), torch_dtype, name=source)
+    raise ModelLoadError(
+        f"model {source!r} not found: pass a Hugging Face model directory, a .gguf file, a hub id already in the "
+        f"local cache, or a built-in name ({', '.join(builtin.BUILTIN_MODELS)})")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _resolve_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as e:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise ModelLoadError(
+            f"hub model {repo_id!r} is not in the local Hugging Face cache ({cache}); adaskip never downloads from the "
+            f"hub: download it first or pass its local directory") from e
+
+
+def _family(model_type: str | None, where: str, config: dict[str, Any] | None = None):
+    fam = families.family_for(model_type)
+    if fam is None:
+        remote = " (it needs trust_remote_code, which adaskip never turns on)" if config and config.get("auto_map") else ""
+        raise ModelLoadError(
+            f"{where}: architecture {model_type!r} is not supported{remote}; supported: {families.supported_summary()}")
+    return fam
+
+
+def _read_hf_config(path: Path) -> Any:
+    from transformers import CONFIG_MAPPING
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}/config.json is unreadable: {e}") from e
+    model_type = raw.get("model_type")
+    _family(model_type, str(path), raw)
+    # The config class of a built-in architecture: never the repository's own code (auto_map is ignored).
+    return CONFIG_MAPPING[model_type].from_pretrained(str(path))
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+    config = _read_hf_config(path)
+    fam = families.family_for(config.model_type)
+    spec = fam.spec_from_config(config, name=name)
+    tensors = _read_checkpoint(path)
+    weights = _map_weights(spec, fam.weight_names(spec), tensors, dtype, str(path))
+    return LoadedModel(spec=spec, weights=weights, tokenizer_dir=str(path) if _has_tokenizer(path) else None,
+                       source=str(path))
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                out.update(load_file(str(f)))
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from e
+        return out
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        out = {}
+        for f in bins:
+            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+        return out
+    raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) found")
+
+
+def _map_weights(spec: ModelSpec, names: dict[str, str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 where: str) -> dict[str, torch.Tensor]:
+    from adaskip.model.hf_llama import REQUIRED_LAYER_ROLES
+
+    required = {"embed", "final_norm"} | {layer_role(i, r) for i in range(spec.num_layers) for r in REQUIRED_LAYER_ROLES}
+    if not spec.tie_word_embeddings:
+        required.add("lm_head")
+    weights: dict[str, torch.Tensor] = {}
+    missing = []
+    for role, hf_name in names.items():
+        t = tensors.get(hf_name)
+        if t is None:
+            if role in required:
+                missing.append(hf_name)
+            continue
+        if role == "lm_head" and spec.tie_word_embeddings:
+            continue
+        weights[role] = t.to(dtype).contiguous()
+    if missing:
+        raise ModelLoadError(f"{where}: checkpoint lacks {len(missing)} required weights, e.g. {missing[:3]}")
+    return weights
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A single .gguf file, dequantized by transformers' GGUF reader."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable GGUF model for transformers: {e}") from e
+    fam = _family(config.model_type, str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    spec = fam.spec_from_config(model.config, name=path.stem)
+    weights = _map_weights(spec, fam.weight_names(spec), model.state_dict(), dtype, str(path))
+    return LoadedModel(spec=spec, weights=weights, tokenizer_dir=str(path.parent),
+                       tokenizer_kwargs={"gguf_file": path.name}, source=str(path))

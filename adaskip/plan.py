@@ -1,0 +1,231 @@
+"""SkipPlan: the artifact every stage passes on (calibration stats, skip set, scales, mode, online policy, method).
+
+Versioned JSON, validated against a JSON schema on load; `check_model` refuses a plan built for another model.
+Sublayer j: j = 2i is the attention of layer i, j = 2i + 1 its FFN.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from adaskip import __version__
+from adaskip.errors import PlanError
+
+PLAN_FORMAT = "adaskip.skip-plan"
+PLAN_VERSION = 1
+METHODS = ("adaskip", "early-exit", "skipdecode", "unified")
+MODES = ("prefill", "decode", "e2e")
+DEFAULT_WINDOW = 20
+
+_STATS = {"type": "array", "items": {"type": ["number", "null"]}}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["format", "version", "method", "mode", "num_layers", "budget", "skip", "scales", "online", "model",
+                 "tool"],
+    "properties": {
+        "format": {"const": PLAN_FORMAT},
+        "version": {"const": PLAN_VERSION},
+        "method": {"enum": list(METHODS)},
+        "mode": {"enum": list(MODES)},
+        "num_layers": {"type": "integer", "minimum": 1},
+        "budget": {"type": "object", "required": ["unit", "k"], "properties": {
+            "unit": {"enum": ["sublayers", "layers"]}, "k": {"type": "integer", "minimum": 0}}},
+        "skip": {"type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": True},
+        "scales": {"type": "array", "items": {"type": "number"}},
+        "online": {"type": "object", "required": ["enabled", "window", "beta"], "properties": {
+            "enabled": {"type": "boolean"}, "window": {"type": "integer", "minimum": 1},
+            "beta": {"type": ["number", "null"]}}},
+        "calibration": {"type": ["object", "null"], "properties": {
+            "similarity": _STATS, "norm_ratio": _STATS, "num_prompts": {"type": "integer"},
+            "prompt_tokens": {"type": "integer"}, "data_digest": {"type": "string"}, "source": {"type": "string"}}},
+        "selection": {"type": "object"},
+        "model": {"type": "object", "required": ["fingerprint"], "properties": {
+            "fingerprint": {"type": "string"}, "name": {"type": "string"}}},
+        "tool": {"type": "object"},
+    },
+}
+
+
+@dataclass
+class Calibration:
+    similarity: list[float]  # per sublayer, mean over requests of the per-request mean IO similarity (prefill)
+    norm_ratio: list[float]  # per sublayer, mean over requests of ||h'|| / ||h||
+    num_prompts: int
+    prompt_tokens: int
+    data_digest: str
+    source: str
+
+
+@dataclass
+class SkipPlan:
+    method: str
+    mode: str
+    num_layers: int
+    budget_unit: str  # "sublayers" (AdaSkip) or "layers" (baselines)
+    k: int
+    skip: list[int]  # offline skip set (for skipdecode in decode mode: the full set it grows into)
+    scales: list[float]  # per sublayer: h' = scale * h when skipped
+    online_enabled: bool
+    window: int
+    beta: float | None  # online threshold: the K-th largest offline similarity
+    fingerprint: str
+    model_name: str = ""
+    calibration: Calibration | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+    tool: dict[str, Any] = field(default_factory=lambda: {"name": "adaskip", "version": __version__})
+
+    def __post_init__(self) -> None:
+        n = 2 * self.num_layers
+        if self.method not in METHODS:
+            raise PlanError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise PlanError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if len(self.scales) != n:
+            raise PlanError(f"plan has {len(self.scales)} scales for {n} sublayers")
+        bad = [j for j in self.skip if not 0 <= j < n]
+        if bad:
+            raise PlanError(f"skip set names sublayers {bad} outside 0..{n - 1}")
+        if not all(math.isfinite(s) for s in self.scales):
+            raise PlanError("plan scales must be finite numbers")
+
+    @property
+    def num_sublayers(self) -> int:
+        return 2 * self.num_layers
+
+    # -- JSON --------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "method": self.method, "mode": self.mode,
+            "num_layers": self.num_layers, "budget": {"unit": self.budget_unit, "k": self.k},
+            "skip": list(self.skip), "scales": list(self.scales),
+            "online": {"enabled": self.online_enabled, "window": self.window, "beta": self.beta},
+            "calibration": asdict(self.calibration) if self.calibration else None,
+            "selection": self.selection,
+            "model": {"fingerprint": self.fingerprint, "name": self.model_name},
+            "tool": self.tool,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "SkipPlan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not an adaskip skip plan (expected format {PLAN_FORMAT!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"skip plan version {d.get('version')!r} is not supported (this adaskip reads "
+                            f"{PLAN_VERSION}); rebuild the plan with adaskip-build")
+        try:
+            jsonschema.validate(d, SCHEMA)
+        except jsonschema.ValidationError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+            raise PlanError(f"invalid skip plan at {where}: {e.message}") from None
+        calib = d.get("calibration")
+        return cls(
+            method=d["method"], mode=d["mode"], num_layers=d["num_layers"], budget_unit=d["budget"]["unit"],
+            k=d["budget"]["k"], skip=list(d["skip"]), scales=[float(x) for x in d["scales"]],
+            online_enabled=d["online"]["enabled"], window=d["online"]["window"], beta=d["online"]["beta"],
+            fingerprint=d["model"]["fingerprint"], model_name=d["model"].get("name", ""),
+            calibration=Calibration(**calib) if calib else None, selection=d.get("selection") or {},
+            tool=d["tool"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkipPlan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"skip plan {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanError(f"skip plan {path} is not readable JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def check_model(self, fingerprint: str, num_layers: int) -> None:
+        """Refuse a plan calibrated for another model (must: ARCHITECTURE.md)."""
+        if num_layers != self.num_layers:
+            raise PlanError(f"plan is for a {self.num_layers}-layer model; this model has {num_layers} layers")
+        if fingerprint != self.fingerprint:
+            raise PlanError(f"plan was built for model {self.fingerprint[:19]}… ({self.model_name or 'unnamed'}), "
+                            f"not this one ({fingerprint[:19]}…); rebuild it with adaskip-build")
+
+
+# -- selection ---------------------------------------------------------------------------------------------------
+
+def rank_by_similarity(similarity: list[float]) -> list[int]:
+    """All sublayers ranked most similar (least important) first; ties broken by index for determinism."""
+    return sorted(range(len(similarity)), key=lambda j: (-similarity[j], j))
+
+
+def adaskip_plan(calibration: Calibration, k: int, mode: str, fingerprint: str, model_name: str = "",
+                 window: int = DEFAULT_WINDOW, online: bool = True, selection: dict[str, Any] | None = None) -> SkipPlan:
+    """AdaSkip: skip the K most IO-similar sublayers, each replaced by its norm ratio times its input."""
+    n = len(calibration.similarity)
+    if not 0 <= k <= n:
+        raise PlanError(f"--skip must be between 0 and {n} (the model has {n} sublayers); got {k}")
+    chosen = rank_by_similarity(calibration.similarity)[:k]
+    # beta = the smallest similarity inside the offline set; with K = 0 there is no threshold and nothing online.
+    beta = min(calibration.similarity[j] for j in chosen) if chosen else None
+    return SkipPlan(
+        method="adaskip", mode=mode, num_layers=n // 2, budget_unit="sublayers", k=k, skip=chosen,
+        scales=[float(r) for r in calibration.norm_ratio], online_enabled=online and mode != "prefill",
+        window=window, beta=beta, fingerprint=fingerprint, model_name=model_name, calibration=calibration,
+        selection=selection or {"rule": "k", "k": k})
+
+
+def baseline_layers(method: str, num_layers: int, k: int) -> list[int]:
+    """Whole layers a baseline skips at budget k, exactly as the reference code defines them."""
+    if not 0 <= k <= num_layers:
+        raise PlanError(f"budget k must be between 0 and {num_layers} layers; got {k}")
+    if method == "early-exit":
+        return [i for i in range(num_layers) if num_layers - i <= k]  # the last k layers
+    if method == "skipdecode":
+        return [i for i in range(num_layers) if 1 <= i <= k]  # layers 1..k, layer 0 kept
+    if method == "unified":
+        if k == 0:
+            return []
+        step = num_layers // k
+        if step < 2:  # idx % 1 == 1 never holds: the reference rule would silently skip nothing
+            raise PlanError(f"unified skipping needs k <= {num_layers // 2} for a {num_layers}-layer model; got {k}")
+        return [i for i in range(num_layers) if i % step == 1]
+    raise PlanError(f"{method!r} is not a baseline; baselines: early-exit, skipdecode, unified")
+
+
+def baseline_plan(method: str, num_layers: int, k: int, mode: str, fingerprint: str, model_name: str = "",
+                  calibration: Calibration | None = None) -> SkipPlan:
+    """A baseline skips whole layers (both sublayers) and passes the hidden state through unchanged."""
+    layers = baseline_layers(method, num_layers, k)
+    skip = sorted(j for i in layers for j in (2 * i, 2 * i + 1))
+    return SkipPlan(
+        method=method, mode=mode, num_layers=num_layers, budget_unit="layers", k=k, skip=skip,
+        scales=[1.0] * (2 * num_layers), online_enabled=False, window=DEFAULT_WINDOW, beta=None,
+        fingerprint=fingerprint, model_name=model_name, calibration=calibration,
+        selection={"rule": "baseline", "layers": layers})
+
+
+def skipdecode_layers_at(step: int, num_layers: int, k: int) -> list[int]:
+    """SkipDecode in decode mode: layers skipped at decode step t (1-based), growing to layers 1..k.
+
+    Reference: idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 always kept.
+    """
+    if k == 0:
+        return []
+    limit = min(k, math.ceil(step / 512 * (k - 1)) + 1)
+    return [i for i in range(1, num_layers) if i <= limit]
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

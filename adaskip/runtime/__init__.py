@@ -1,0 +1,1 @@
+"""Runtime: engines (torch reference; graph backends later) and the Generator on top."""

@@ -1,0 +1,45 @@
+"""Open an engine directory and assemble engine + policy + tokenizer + Generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adaskip.engine_dir import TOKENIZER, WEIGHTS, EngineDir, open_engine_dir
+from adaskip.errors import EngineDirError
+from adaskip.model.spec import fingerprint
+from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import Generator
+from adaskip.runtime.torch_engine import TorchEngine
+
+
+@dataclass
+class Runtime:
+    engine_dir: EngineDir
+    engine: Any
+    policy: SkipPolicy
+    tokenizer: Any
+    generator: Generator
+
+
+def load_runtime(path: str | Path) -> Runtime:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    ed = open_engine_dir(path)
+    if ed.backend != "torch":
+        raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
+    try:
+        weights = load_file(str(ed.root / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise EngineDirError(f"{ed.root}/{WEIGHTS} is corrupt: {e}") from None
+    if fingerprint(ed.spec, weights) != ed.fingerprint:
+        raise EngineDirError(f"{ed.root}: weights do not match the model fingerprint in the manifest (corrupt or "
+                             f"replaced); rebuild the engine")
+    engine = TorchEngine(ed.spec, weights)
+    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
+    policy = SkipPolicy(ed.plan)
+    eos = tuple(ed.manifest.get("tokenizer", {}).get("eos_token_ids", []))
+    return Runtime(ed, engine, policy, tokenizer, Generator(engine, policy, tokenizer, eos))

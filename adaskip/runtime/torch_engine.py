@@ -1,0 +1,159 @@
+"""The reference engine: a decoder-only transformer written directly from a ModelSpec (gpt-fast style).
+
+It is the parity oracle for every other backend and the engine that calibration runs on. Skipping is real: a
+skipped sublayer reads none of its weights, and a layer whose attention is skipped for the whole request has no
+KV cache at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from adaskip.errors import InputError
+from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from adaskip.model.spec import LoadedModel, ModelSpec
+from adaskip.runtime.engine import StepOutput
+from adaskip.similarity import io_similarity
+
+
+class KVCache:
+    """Preallocated K/V for the layers in `cached_layers` only; `valid` marks real (non-padding) slots."""
+
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, cached_layers: list[int], dtype: torch.dtype):
+        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
+        live = set(cached_layers)
+        self.k = [torch.zeros(shape, dtype=dtype) if i in live else None for i in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) if i in live else None for i in range(spec.num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool)
+        self.next_pos = torch.zeros(batch, dtype=torch.long)
+        self.capacity = capacity
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v if t is not None)
+
+    @property
+    def cached_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.k) if t is not None]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class TorchEngine:
+    """Engine protocol implementation in plain PyTorch (CPU or CUDA)."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]):
+        self.spec = spec
+        self.w = weights
+        self.dtype = weights["embed"].dtype
+        self.inv_freq = inv_frequencies(spec)
+        self.lm_head = weights.get("lm_head", weights["embed"])
+
+    @classmethod
+    def from_loaded(cls, model: LoadedModel) -> "TorchEngine":
+        return cls(model.spec, model.weights)
+
+    # -- Engine protocol ---------------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> KVCache:
+        return KVCache(self.spec, batch, capacity, cached_layers, self.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, skip: torch.Tensor,
+                scales: torch.Tensor, all_logits: bool = False) -> StepOutput:
+        positions = cache.next_pos[:, None] + (valid.long().cumsum(-1) - 1).clamp_min(0)
+        return self._forward(ids, valid.bool(), positions, cache, skip, scales, all_logits)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, skip: torch.Tensor, scales: torch.Tensor) -> StepOutput:
+        ids = tokens.reshape(-1, 1)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        return self._forward(ids, valid, cache.next_pos[:, None].clone(), cache, skip, scales, False)
+
+    # -- the model ---------------------------------------------------------------------------------------------
+    def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits) -> StepOutput:
+        spec = self.spec
+        batch, seq = ids.shape
+        start = cache.length
+        if start + seq > cache.capacity:
+            raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
+        cache.valid[:, start:start + seq] = valid
+        masks: dict[int | None, torch.Tensor] = {}
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        skip = skip.bool()
+        scales = scales.to(self.dtype)
+        sims = torch.full((batch, spec.num_sublayers), math.nan)
+        ratios = torch.full((batch, spec.num_sublayers), math.nan)
+
+        h = F.embedding(ids, self.w["embed"])
+        for i in range(spec.num_layers):
+            window = spec.attention_windows[i]
+            if window not in masks:
+                masks[window] = self._mask(cache.valid[:, :start + seq], start, seq, window)
+            for j, block in ((2 * i, "attention"), (2 * i + 1, "ffn")):
+                run = ~skip[:, j]
+                if not run.any():
+                    h = h * scales[:, j, None, None]  # skipped: h' = scale * h, no weights read
+                    continue
+                if block == "attention":
+                    if not run.all():
+                        raise ValueError(f"attention of layer {i} must be skipped for all rows of a batch or none")
+                    out = h + self._attention(i, h, cos, sin, cache, start, masks[window])
+                elif run.all():
+                    out = h + self._ffn(i, h)
+                else:  # per-request online decisions: compute the FFN only for the rows that run it
+                    out = h * scales[:, j, None, None]
+                    out[run] = h[run] + self._ffn(i, h[run])
+                s, r = io_similarity(h[run], out[run], valid[run])
+                sims[run, j], ratios[run, j] = s, r
+                h = out
+
+        cache.length += seq
+        cache.next_pos += valid.long().sum(-1)
+        h = h if all_logits else h[:, -1]
+        h = rms_norm(h, self.w["final_norm"], spec.norm_eps)
+        return StepOutput(logits=F.linear(h, self.lm_head).float(), similarity=sims, norm_ratio=ratios)
+
+    @staticmethod
+    def _mask(keys_valid: torch.Tensor, start: int, seq: int, window: int | None) -> torch.Tensor:
+        """[B, 1, T, S] bool: causal, padding and sliding window; each query always sees itself (no empty rows)."""
+        q = torch.arange(start, start + seq)[:, None]
+        k = torch.arange(keys_valid.shape[1])[None, :]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        mask = allowed[None] & keys_valid[:, None, :]
+        return (mask | (k == q)[None])[:, None]
+
+    def _linear(self, x: torch.Tensor, i: int, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[f"layers.{i}.{name}"], self.w.get(f"layers.{i}.{name}_bias"))
+
+    def _attention(self, i: int, h, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
+        spec = self.spec
+        batch, seq, _ = h.shape
+        x = rms_norm(h, self.w[f"layers.{i}.attn_norm"], spec.norm_eps)
+        q = self._linear(x, i, "q").view(batch, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = self._linear(x, i, "k").view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = self._linear(x, i, "v").view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache.k[i] is not None:
+            cache.k[i][:, :, start:start + seq] = k
+            cache.v[i][:, :, start:start + seq] = v
+            k, v = cache.k[i][:, :, :start + seq], cache.v[i][:, :, :start + seq]
+        elif start > 0:
+            raise RuntimeError(f"attention of layer {i} has no KV cache but was asked to run after prefill "
+                               f"(the policy declared it skipped for this request)")
+        else:
+            mask = mask[..., :seq]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=spec.num_heads != spec.num_kv_heads)
+        return self._linear(out.transpose(1, 2).reshape(batch, seq, -1), i, "o")
+
+    def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w[f"layers.{i}.ffn_norm"], self.spec.norm_eps)
+        return self._linear(F.silu(self._linear(x, i, "gate")) * self._linear(x, i, "up"), i, "down")

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="adaskip",
+    version="0.1.0",
+    description="AdaSkip training-free sublayer skipping as an engine toolchain (calibrate, build, run)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["adaskip", "adaskip.*"]),
+    install_requires=[
+        "torch>=2.5",  # install the CPU wheel first (README): a bare requirement would pull a CUDA build
+        "transformers>=5.0,<6",
+        "tokenizers",
+        "safetensors",
+        "gguf>=0.10",
+        "accelerate",
+        "huggingface_hub",
+        "jsonschema>=4",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": [
+        "adaskip-build=adaskip.builder.cli:main",
+        "adaskip-run=adaskip.runtime.cli:main",
+    ]},
+)
