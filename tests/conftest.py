@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random HF models of every supported family, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def tiny_configs() -> dict:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {
+        "llama": LlamaConfig(**TINY, rope_theta=10000.0),
+        "llama3-rope": LlamaConfig(**TINY, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "llama-linear-rope": LlamaConfig(**TINY, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                   "factor": 2.0}),
+        "llama-untied-mha": LlamaConfig(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=False),
+        "mistral": MistralConfig(**TINY, sliding_window=8),
+        "qwen2": Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                             tie_word_embeddings=True),
+    }
+
+
+def make_tiny_hf(kind: str, root: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    out = root / kind
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_configs()[kind], dtype=torch.float32)
+    with torch.no_grad():  # larger than init std so that layers matter and differences show
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from adaskip.model.builtin import ensure_builtin
+
+    return ensure_builtin("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from adaskip.model import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama that uses SmolLM2's real tokenizer and chat template: fast CLI/end-to-end tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = tmp_path_factory.mktemp("tiny-chat") / "model"
+    torch.manual_seed(1)
+    cfg = LlamaConfig(**{**TINY, "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
+                         "max_position_embeddings": 2048}, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_dir / f).exists():
+            shutil.copy(smollm2_dir / f, out / f)
+    return out
+
+
+def long_text() -> str:
+    """Real long English text shipped with every CPython (PSF License): the language reference topics."""
+    from adaskip.builder.corpus import builtin_text
+
+    return builtin_text()

@@ -1,0 +1,200 @@
+"""adaskip-build / adaskip-run end to end, and every bad input: clear message, non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adaskip.builder import cli as build_cli
+from adaskip.runtime import cli as run_cli
+
+QUICK = ["--calib-prompts", "2", "--calib-tokens", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "--output", str(out)] + QUICK) == 0
+    return out
+
+
+def _no_partials(parent: Path) -> bool:
+    return not any(".partial-" in p.name for p in parent.iterdir())
+
+
+def test_build_writes_a_complete_engine_dir(engine):
+    names = {p.name for p in engine.iterdir()}
+    assert {"manifest.json", "plan.json", "weights.safetensors", "tokenizer", "importance.png"} <= names
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["backend"] == "torch" and manifest["plan"]["digest"].startswith("sha256:")
+    assert set(manifest["files"]) >= {"plan.json", "weights.safetensors", "importance.png"}
+    plan = json.loads((engine / "plan.json").read_text())
+    assert plan["method"] == "adaskip" and len(plan["skip"]) == 2 and plan["online"]["window"] == 20
+    assert (engine / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _no_partials(engine.parent)
+
+
+def test_run_prints_text_and_summary(engine, capsys):
+    assert run_cli.main(["--engine", str(engine), "--prompt", "Hello there", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "[adaskip] TTFT" in out and "tok/s" in out and "KV saved" in out
+
+
+def test_run_json_stream_chat_and_batch(engine, capsys):
+    assert run_cli.main(["--engine", str(engine), "--prompt", "a", "--prompt", "b c d", "--max-new-tokens", "5",
+                         "--json", "--chat"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2 and all(x["new_tokens"] <= 5 and "kv_bytes_saved" in x for x in lines)
+    assert run_cli.main(["--engine", str(engine), "--prompt", "stream me", "--max-new-tokens", "6",
+                         "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert "[adaskip] TTFT" in captured.err
+
+
+def _fails(main, argv, capsys, match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert "Traceback" not in err
+
+
+def test_build_refuses_bad_models(tmp_path, capsys):
+    out = str(tmp_path / "e")
+    _fails(build_cli.main, ["--model", str(tmp_path / "nope"), "--skip", "1", "-o", out], capsys, "not found")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    _fails(build_cli.main, ["--model", str(gpt2), "--skip", "1", "-o", out], capsys, "'gpt2' is not supported")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "fancy", "auto_map": {"AutoConfig": "x.Y"}}))
+    _fails(build_cli.main, ["--model", str(remote), "--skip", "1", "-o", out], capsys, "trust_remote_code")
+    _fails(build_cli.main, ["--model", "someorg/not-cached-model", "--skip", "1", "-o", out], capsys,
+           "not in the local Hugging Face cache")
+    txt = tmp_path / "model.bin"
+    txt.write_text("x")
+    _fails(build_cli.main, ["--model", str(txt), "--skip", "1", "-o", out], capsys, ".gguf")
+    assert not Path(out).exists()
+
+
+def test_build_refuses_bad_budgets_and_options(tiny_chat_model, tmp_path, capsys):
+    m = ["--model", str(tiny_chat_model), "-o", str(tmp_path / "e")] + QUICK
+    _fails(build_cli.main, m + ["--skip", "9"], capsys, "between 0 and 8")
+    _fails(build_cli.main, m + ["--skip", "-1"], capsys, "--skip must be >= 0")
+    _fails(build_cli.main, m + ["--alpha", "0.5"], capsys, "must be > 1")
+    _fails(build_cli.main, m + ["--alpha", "1e9"], capsys, "out of reach")
+    _fails(build_cli.main, m + ["--skip", "1", "--alpha", "1.2"], capsys, "exactly one")
+    _fails(build_cli.main, m, capsys, "exactly one")
+    _fails(build_cli.main, m + ["--method", "unified", "--skip", "3"], capsys, "unified skipping needs k <= 2")
+    _fails(build_cli.main, m + ["--skip", "1", "--calib", str(tmp_path / "missing.jsonl")], capsys, "does not exist")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _fails(build_cli.main, m + ["--skip", "1", "--calib", str(short)], capsys, "tokens")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    _fails(build_cli.main, m + ["--skip", "1", "--calib", str(bad)], capsys, "bad.jsonl:2")
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_refuses_plans_for_other_models_and_corrupt_plans(engine, tiny_chat_model, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"  # same architecture and tokenizer, one weight changed
+    shutil.copytree(tiny_chat_model, other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "e")
+    _fails(build_cli.main, ["--model", str(other), "--plan", str(engine / "plan.json"), "-o", out, "-q"], capsys,
+           "not this one")
+    corrupt = tmp_path / "plan.json"
+    corrupt.write_text((engine / "plan.json").read_text()[:100])
+    _fails(build_cli.main, ["--model", str(other), "--plan", str(corrupt), "-o", out, "-q"], capsys,
+           "not readable JSON")
+    assert not Path(out).exists()
+
+
+def test_build_reuses_a_matching_plan_and_refuses_to_overwrite(engine, tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "again"
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(out), "-q"]
+    assert build_cli.main(args) == 0
+    assert json.loads((out / "plan.json").read_text())["skip"] == json.loads((engine / "plan.json").read_text())["skip"]
+    _fails(build_cli.main, args, capsys, "already exists")
+    assert build_cli.main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "error"])
+def test_interrupted_build_leaves_nothing(tiny_chat_model, tmp_path, monkeypatch, capsys, how):
+    import adaskip.builder.build as build_mod
+
+    def boom(*a, **k):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build_mod, "importance_plot", boom)
+    out = tmp_path / "engine"
+    args = ["--model", str(tiny_chat_model), "--skip", "1", "-o", str(out)] + QUICK
+    if how == "error":
+        with pytest.raises(OSError):
+            build_cli.main(args)
+    else:
+        assert build_cli.main(args) == 130
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_refuses_bad_engines_and_prompts(engine, tmp_path, capsys):
+    _fails(run_cli.main, ["--engine", str(tmp_path), "--prompt", "x"], capsys, "not an adaskip engine directory")
+    broken = tmp_path / "broken"
+    shutil.copytree(engine, broken)
+    plan = json.loads((broken / "plan.json").read_text())
+    plan["skip"] = plan["skip"][:1]
+    (broken / "plan.json").write_text(json.dumps(plan))
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "does not match its digest")
+    shutil.rmtree(broken)
+    shutil.copytree(engine, broken)
+    w = broken / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-64] + b"\0" * 64)
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "weights.safetensors does not match")
+    # files over 64 MB skip the digest at load; the weights are still checked against the model fingerprint
+    from adaskip.engine_dir import sha256_file
+
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"]["weights.safetensors"] = sha256_file(w)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "fingerprint")
+    w.write_bytes(b"garbage")
+    manifest["files"]["weights.safetensors"] = sha256_file(w)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "weights.safetensors is corrupt")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt", "  "], capsys, "prompt is empty")
+    _fails(run_cli.main, ["--engine", str(engine)], capsys, "at least one --prompt")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt", "x", "--max-new-tokens", "0"], capsys,
+           "max_new_tokens must be a positive integer")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt", "x", "--top-p", "2"], capsys, "top_p")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt", "word " * 3000], capsys,
+           "exceeds the model's context of 2048")
+    assert run_cli.main(["--engine", str(engine), "--prompt", "word " * 3000, "--truncate", "middle",
+                         "--max-new-tokens", "4"]) == 0
+
+
+def test_smollm2_build_and_run_end_to_end(smollm2_dir, tmp_path, capsys):
+    """The README's main job on the real model (smaller calibration to keep CI short)."""
+    out = tmp_path / "smollm2"
+    assert build_cli.main(["--model", "smollm2-135m", "--skip", "4", "--output", str(out), "--calib-prompts", "3",
+                           "--calib-tokens", "256", "-q"]) == 0
+    built = capsys.readouterr().out
+    assert "ideal speedup" in built and "K=4" in built
+    assert run_cli.main(["--engine", str(out), "--chat", "--prompt", "What is the capital of France?",
+                         "--max-new-tokens", "24", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "Paris" in result["text"]
+    assert len(result["prefill_skipped"]) == 4 and result["kv_bytes_saved"] >= 0

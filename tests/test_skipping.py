@@ -1,0 +1,97 @@
+"""Skipping is real: skipped sublayers read no weights, output scale * input, and skipped attention has no KV."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_tiny_hf
+
+from adaskip.model import load_model
+from adaskip.plan import Calibration, adaskip_plan
+from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.torch_engine import TorchEngine, rms_norm
+
+
+def _tiny(tiny_root, kind="llama"):
+    return load_model(str(make_tiny_hf(kind, tiny_root)))
+
+
+def _forward(engine, ids, skip_js, scales=None):
+    n = engine.spec.num_sublayers
+    skip = torch.zeros(1, n, dtype=torch.bool)
+    skip[0, skip_js] = True
+    sc = torch.ones(1, n) if scales is None else scales
+    cache = engine.new_cache(1, ids.shape[1], [i for i in range(engine.spec.num_layers) if 2 * i not in skip_js])
+    return engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, skip, sc, all_logits=True), cache
+
+
+def test_skipped_sublayers_read_no_weights(tiny_root):
+    model = _tiny(tiny_root)
+    ids = torch.randint(0, 320, (1, 12))
+    full_engine = TorchEngine(model.spec, dict(model.weights))
+    expected, _ = _forward(full_engine, ids, [2, 5])
+    weights = dict(model.weights)
+    for role in ("attn_norm", "q", "k", "v", "o"):
+        del weights[f"layers.1.{role}"]  # attention of layer 1 (sublayer 2)
+    for role in ("ffn_norm", "gate", "up", "down"):
+        del weights[f"layers.2.{role}"]  # FFN of layer 2 (sublayer 5)
+    out, cache = _forward(TorchEngine(model.spec, weights), ids, [2, 5])  # a read would raise KeyError
+    assert torch.equal(out.logits, expected.logits)
+    assert cache.k[1] is None and cache.v[1] is None
+    assert torch.isnan(out.similarity[0, [2, 5]]).all() and not torch.isnan(out.similarity[0, [0, 1, 3, 4]]).any()
+
+
+def test_skipped_sublayer_output_is_scale_times_input(tiny_root):
+    model = _tiny(tiny_root)
+    engine = TorchEngine.from_loaded(model)
+    ids = torch.randint(0, 320, (1, 10))
+    scales = torch.ones(1, 8)
+    scales[0, 1], scales[0, 2] = 0.7, 1.3
+    out, _ = _forward(engine, ids, [1, 2], scales)
+    # by hand: layer 0 attention runs, its FFN is skipped (x0.7), layer 1 attention skipped (x1.3), rest runs
+    w, spec = model.weights, model.spec
+    cache = engine.new_cache(1, 10, list(range(spec.num_layers)))
+    from adaskip.model.rope import rope_cos_sin
+
+    cos, sin = rope_cos_sin(engine.inv_freq, torch.arange(10)[None])
+    mask = engine._mask(torch.ones(1, 10, dtype=torch.bool), 0, 10, None)
+    h = torch.nn.functional.embedding(ids, w["embed"])
+    h = h + engine._attention(0, h, cos, sin, cache, 0, mask)
+    h = 0.7 * h
+    h = 1.3 * h
+    h = h + engine._ffn(1, h)
+    for i in (2, 3):
+        h = h + engine._attention(i, h, cos, sin, cache, 0, mask)
+        h = h + engine._ffn(i, h)
+    logits = torch.nn.functional.linear(rms_norm(h, w["final_norm"], spec.norm_eps), engine.lm_head)
+    assert torch.allclose(out.logits, logits, atol=1e-5)
+
+
+def _plan_for(model, skip_first: list[int], mode="e2e", window=20):
+    """An AdaSkip plan whose calibration ranks `skip_first` as most similar."""
+    n = model.spec.num_sublayers
+    sims = [0.5] * n
+    for rank, j in enumerate(skip_first):
+        sims[j] = 0.99 - rank * 0.001
+    calib = Calibration(similarity=sims, norm_ratio=[1.1] * n, num_prompts=1, prompt_tokens=8,
+                        data_digest="sha256:t", source="test")
+    return adaskip_plan(calib, len(skip_first), mode, model.fingerprint, window=window)
+
+
+def test_no_kv_cache_for_skipped_attention_including_layer0(tiny_root):
+    model = _tiny(tiny_root)
+    plan = _plan_for(model, [0, 4])  # attention of layers 0 and 2
+    gen = Generator(TorchEngine.from_loaded(model), SkipPolicy(plan))
+    res = gen.generate([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=12))[0]
+    assert len(res.tokens) == 12
+    assert res.kv_bytes == res.kv_bytes_full // 2  # 2 of 4 layers hold K/V
+    assert res.prefill_skipped == [0, 4]
+
+
+def test_decode_mode_prefill_runs_everything_but_caches_only_live_layers(tiny_root):
+    model = _tiny(tiny_root)
+    plan = _plan_for(model, [2, 3], mode="decode")
+    gen = Generator(TorchEngine.from_loaded(model), SkipPolicy(plan))
+    res = gen.generate([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=6))[0]
+    assert res.prefill_skipped == [] and res.decode_skipped_offline == [2, 3]
+    assert res.kv_bytes == res.kv_bytes_full * 3 // 4
