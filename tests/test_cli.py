@@ -198,3 +198,16 @@ def test_smollm2_build_and_run_end_to_end(smollm2_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert "Paris" in result["text"]
     assert len(result["prefill_skipped"]) == 4 and result["kv_bytes_saved"] >= 0
+
+
+@pytest.mark.parametrize("method,mode", [("skipdecode", "decode"), ("early-exit", "e2e"), ("unified", "prefill")])
+def test_baseline_engines_build_and_run(tiny_chat_model, tmp_path, capsys, method, mode):
+    out = tmp_path / method
+    assert build_cli.main(["--model", str(tiny_chat_model), "--method", method, "--skip", "2", "--mode", mode,
+                           "-o", str(out), "-q"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == method and plan["budget"] == {"unit": "layers", "k": 2} and not plan["online"]["enabled"]
+    capsys.readouterr()
+    assert run_cli.main(["--engine", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["decode_skipped_offline"]) in (0, 4) and result["decode_skipped_online"] == []

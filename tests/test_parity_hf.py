@@ -95,3 +95,31 @@ def test_smollm2_64_greedy_tokens_identical_to_transformers(smollm2, smollm2_hf,
     res = gen.generate([ids], SamplingParams(max_new_tokens=64))[0]
     assert len(ref_new) == 64
     assert res.tokens == ref_new
+
+
+def test_gguf_file_and_converted_dir_are_the_same_model(smollm2):
+    """Loading the original GGUF directly gives the same weights (same fingerprint) as the cached HF directory."""
+    from adaskip.model.builtin import builtin_gguf
+
+    direct = load_model(str(builtin_gguf("smollm2-135m")))
+    assert direct.spec.num_layers == 30 and direct.tokenizer_kwargs["gguf_file"].endswith(".gguf")
+    assert direct.fingerprint == smollm2.fingerprint
+
+
+def test_hub_id_resolves_from_the_local_cache_only(tiny_root, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import make_tiny_hf
+
+    src = make_tiny_hf("qwen2", tiny_root)
+    repo = tmp_path / "hub" / "models--someorg--tiny-qwen"
+    snap = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("someorg/tiny-qwen")
+    assert model.spec.family == "qwen2" and model.fingerprint == load_model(str(src)).fingerprint

@@ -95,3 +95,18 @@ def test_decode_mode_prefill_runs_everything_but_caches_only_live_layers(tiny_ro
     res = gen.generate([[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=6))[0]
     assert res.prefill_skipped == [] and res.decode_skipped_offline == [2, 3]
     assert res.kv_bytes == res.kv_bytes_full * 3 // 4
+
+
+def test_calibration_averages_per_request_then_over_requests(tiny_root):
+    from adaskip.builder.calibrate import calibrate
+    from adaskip.builder.corpus import CalibrationSet
+
+    model = _tiny(tiny_root)
+    engine = TorchEngine.from_loaded(model)
+    prompts = [list(range(10, 30)), list(range(50, 62))]  # different lengths: a token-weighted mean would differ
+    both = calibrate(engine, CalibrationSet(prompts, "t", "d"), progress=False)
+    singles = [calibrate(engine, CalibrationSet([p], "t", "d"), progress=False) for p in prompts]
+    for j in range(model.spec.num_sublayers):
+        assert abs(both.similarity[j] - (singles[0].similarity[j] + singles[1].similarity[j]) / 2) < 1e-6
+        assert abs(both.norm_ratio[j] - (singles[0].norm_ratio[j] + singles[1].norm_ratio[j]) / 2) < 1e-6
+    assert both.num_prompts == 2 and both.prompt_tokens == 20

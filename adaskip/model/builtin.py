@@ -35,13 +35,19 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI, dequantized to fp32"),
 }
 
-_DONE = ".adaskip-complete"
+_DONE = ".adaskip-complete-v2"  # bump when the cached layout changes: older caches are rebuilt
+SOURCE_DIR = "source"  # the original GGUF, kept beside the converted directory for provenance and re-conversion
 
 
 def cache_root() -> Path:
     root = os.environ.get("ADASKIP_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "adaskip")
     return Path(root)
+
+
+def builtin_gguf(name: str) -> Path:
+    """The original GGUF file of built-in model `name` (fetched on first use)."""
+    return ensure_builtin(name) / SOURCE_DIR / Path(BUILTIN_MODELS[name].member).name
 
 
 def ensure_builtin(name: str) -> Path:
@@ -56,6 +62,8 @@ def ensure_builtin(name: str) -> Path:
         gguf = _fetch_gguf(model, work)
         hf_dir = work / "hf"
         _convert_to_hf_dir(gguf, hf_dir)
+        (hf_dir / SOURCE_DIR).mkdir()
+        os.replace(gguf, hf_dir / SOURCE_DIR / gguf.name)
         (hf_dir / _DONE).write_text(json.dumps({"package": model.package, "version": model.version}))
         if target.exists():  # a concurrent or earlier broken attempt
             shutil.rmtree(target)

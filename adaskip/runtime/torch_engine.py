@@ -84,7 +84,7 @@ class TorchEngine:
         if start + seq > cache.capacity:
             raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
         cache.valid[:, start:start + seq] = valid
-        masks: dict[int | None, torch.Tensor] = {}
+        masks: dict[int | None, torch.Tensor | None] = {}
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         skip = skip.bool()
         scales = scales.to(self.dtype)
@@ -121,8 +121,15 @@ class TorchEngine:
         return StepOutput(logits=F.linear(h, self.lm_head).float(), similarity=sims, norm_ratio=ratios)
 
     @staticmethod
-    def _mask(keys_valid: torch.Tensor, start: int, seq: int, window: int | None) -> torch.Tensor:
-        """[B, 1, T, S] bool: causal, padding and sliding window; each query always sees itself (no empty rows)."""
+    def _mask(keys_valid: torch.Tensor, start: int, seq: int, window: int | None) -> torch.Tensor | None:
+        """[B, 1, T, S] bool: causal, padding and sliding window; each query always sees itself (no empty rows).
+
+        None when plain causal attention is exact (no padding, no window in reach, a fresh or one-token step):
+        SDPA then takes its fused causal kernel instead of materializing a T x S mask.
+        """
+        keys = keys_valid.shape[1]
+        if bool(keys_valid.all()) and (window is None or window >= keys) and (start == 0 or seq == 1):
+            return None
         q = torch.arange(start, start + seq)[:, None]
         k = torch.arange(keys_valid.shape[1])[None, :]
         allowed = k <= q
@@ -149,9 +156,11 @@ class TorchEngine:
         elif start > 0:
             raise RuntimeError(f"attention of layer {i} has no KV cache but was asked to run after prefill "
                                f"(the policy declared it skipped for this request)")
-        else:
+        elif mask is not None:
             mask = mask[..., :seq]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=spec.num_heads != spec.num_kv_heads)
+        causal = mask is None and seq > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=spec.num_heads != spec.num_kv_heads)
         return self._linear(out.transpose(1, 2).reshape(batch, seq, -1), i, "o")
 
     def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
