@@ -18,6 +18,8 @@ setup(
         "accelerate",
         "huggingface_hub",
         "jsonschema>=4",
+        "onnx>=1.16",
+        "onnxruntime>=1.20",
         "numpy",
         "tqdm",
         "matplotlib",

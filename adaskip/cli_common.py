@@ -32,6 +32,10 @@ def main_wrapper(prog: str) -> Callable[[Callable[[list[str] | None], int]], Cal
             except AdaskipError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return 2
+            except OSError as e:  # disk full, permissions, ...: the environment, not a bug; say which file
+                where = f" ({e.filename})" if e.filename else ""
+                print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+                return 1
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return 130

@@ -33,6 +33,9 @@ WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer"
 
 
+LARGE_FILE = 64 << 20  # larger files are size-checked at every load, hashed by adaskip-verify
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -46,8 +49,7 @@ def atomic_dir(output: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `output`; on success rename it into place, on any failure or interrupt
     (Ctrl-C, SIGTERM) remove it, so `output` never holds a half-written engine."""
     output = output.resolve()
-    if output.exists() and not force:
-        raise EngineDirError(f"{output} already exists (pass --force to replace it)")
+    check_replaceable(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
 
@@ -73,6 +75,23 @@ def atomic_dir(output: Path, force: bool = False) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def check_replaceable(output: Path, force: bool) -> None:
+    """--force replaces an earlier engine or an empty directory, never anything else (`-o . --force` is refused)."""
+    if not output.exists():
+        return
+    if not force:
+        raise EngineDirError(f"{output} already exists (pass --force to replace it)")
+    if output.is_dir() and not any(output.iterdir()):
+        return
+    try:
+        is_engine = json.loads((output / MANIFEST).read_text()).get("format") == ENGINE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_engine = False
+    if not is_engine:
+        raise EngineDirError(f"{output} exists and is not an adaskip engine directory; --force only replaces "
+                             f"engines (choose another --output)")
+
+
 def _publishable(root: Path) -> None:
     """mkdtemp and some writers create owner-only files; give the finished engine the usual umask permissions."""
     umask = os.umask(0)
@@ -89,7 +108,8 @@ def _main_thread() -> bool:
 
 def write_manifest(root: Path, backend: str, spec: ModelSpec, fingerprint: str, plan: SkipPlan,
                    build: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any]:
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_VERSION, "backend": backend,
         "model": {"spec": spec.to_dict(), "fingerprint": fingerprint},
@@ -119,8 +139,8 @@ class EngineDir:
 
 
 def open_engine_dir(path: str | Path, verify_large_files: bool = False) -> EngineDir:
-    """Read and verify an engine dir: manifest format, every file's digest (files over 64 MB only with
-    `verify_large_files`; the weights are checked against the fingerprint when loaded), plan vs model."""
+    """Read and verify an engine dir: manifest format, every file's size and digest (digests of files over 64 MB only
+    with `verify_large_files`; torch weights are also checked against the fingerprint when loaded), plan vs model."""
     root = Path(path)
     if not (root / MANIFEST).is_file():
         hint = " (an interrupted build leaves no engine: rerun adaskip-build)" if root.is_dir() else ""
@@ -129,27 +149,35 @@ def open_engine_dir(path: str | Path, verify_large_files: bool = False) -> Engin
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EngineDirError(f"{root / MANIFEST} is corrupt: {e}") from None
-    if manifest.get("format") != ENGINE_FORMAT:
-        raise EngineDirError(f"{root}: not an adaskip engine (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
+        raise EngineDirError(f"{root}: not an adaskip engine manifest")
     if manifest.get("format_version") != ENGINE_VERSION:
         raise EngineDirError(f"{root}: engine format version {manifest.get('format_version')!r} is not supported "
                              f"(this adaskip reads {ENGINE_VERSION}); rebuild it")
-    for rel, digest in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"sha256", "bytes"} <= set(e)
+                                              for e in files.values()):
+        raise EngineDirError(f"{root}: manifest is malformed: bad 'files' table")
+    for rel, entry in files.items():
         f = root / rel
         if not f.is_file():
             raise EngineDirError(f"{root}: file {rel} listed in the manifest is missing")
-        if f.stat().st_size <= 64 << 20 or verify_large_files:
-            if sha256_file(f) != digest:
+        if f.stat().st_size != entry["bytes"]:
+            raise EngineDirError(f"{root}: {rel} has {f.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                                 f"(truncated or replaced)")
+        if f.stat().st_size <= LARGE_FILE or verify_large_files:
+            if sha256_file(f) != entry["sha256"]:
                 raise EngineDirError(f"{root}: {rel} does not match its digest in the manifest (corrupt or edited)")
     try:
         spec = ModelSpec.from_dict(manifest["model"]["spec"])
-        plan = SkipPlan.load(root / PLAN)
-    except (KeyError, TypeError, ValueError) as e:
-        raise EngineDirError(f"{root}: manifest is malformed: {e}") from None
-    if plan.digest() != manifest["plan"]["digest"]:
-        raise EngineDirError(f"{root}: plan.json does not match the plan digest in the manifest")
+        fp, plan_digest = manifest["model"]["fingerprint"], manifest["plan"]["digest"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EngineDirError(f"{root}: manifest is malformed: {e!r}") from None
     try:
-        plan.check_model(manifest["model"]["fingerprint"], spec.num_layers)
+        plan = SkipPlan.load(root / PLAN)
+        if plan.digest() != plan_digest:
+            raise EngineDirError(f"{root}: plan.json does not match the plan digest in the manifest")
+        plan.check_model(fp, spec.num_layers)
     except PlanError as e:
         raise EngineDirError(f"{root}: {e}") from None
     return EngineDir(root=root, manifest=manifest, spec=spec, plan=plan)

@@ -25,7 +25,7 @@ METHODS = ("adaskip", "early-exit", "skipdecode", "unified")
 MODES = ("prefill", "decode", "e2e")
 DEFAULT_WINDOW = 20
 
-_STATS = {"type": "array", "items": {"type": ["number", "null"]}}
+_STATS = {"type": "array", "items": {"type": "number"}}
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -44,9 +44,13 @@ SCHEMA: dict[str, Any] = {
         "online": {"type": "object", "required": ["enabled", "window", "beta"], "properties": {
             "enabled": {"type": "boolean"}, "window": {"type": "integer", "minimum": 1},
             "beta": {"type": ["number", "null"]}}},
-        "calibration": {"type": ["object", "null"], "properties": {
-            "similarity": _STATS, "norm_ratio": _STATS, "num_prompts": {"type": "integer"},
-            "prompt_tokens": {"type": "integer"}, "data_digest": {"type": "string"}, "source": {"type": "string"}}},
+        "calibration": {"type": ["object", "null"], "additionalProperties": False,
+                        "required": ["similarity", "norm_ratio", "num_prompts", "prompt_tokens", "data_digest",
+                                     "source"],
+                        "properties": {
+            "similarity": _STATS, "norm_ratio": _STATS, "num_prompts": {"type": "integer", "minimum": 1},
+            "prompt_tokens": {"type": "integer", "minimum": 1}, "data_digest": {"type": "string"},
+            "source": {"type": "string"}}},
         "selection": {"type": "object"},
         "model": {"type": "object", "required": ["fingerprint"], "properties": {
             "fingerprint": {"type": "string"}, "name": {"type": "string"}}},
@@ -96,6 +100,14 @@ class SkipPlan:
             raise PlanError(f"skip set names sublayers {bad} outside 0..{n - 1}")
         if not all(math.isfinite(s) for s in self.scales):
             raise PlanError("plan scales must be finite numbers")
+        if self.calibration is not None:
+            c = self.calibration
+            if len(c.similarity) != n or len(c.norm_ratio) != n:
+                raise PlanError(f"plan calibration has {len(c.similarity)} similarities / {len(c.norm_ratio)} norm "
+                                f"ratios for {n} sublayers")
+        expected = self.k if self.budget_unit == "sublayers" else None
+        if expected is not None and len(self.skip) != expected:
+            raise PlanError(f"plan budget says K={self.k} sublayers but the skip set has {len(self.skip)}")
 
     @property
     def num_sublayers(self) -> int:
@@ -136,6 +148,13 @@ class SkipPlan:
             where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
             raise PlanError(f"invalid skip plan at {where}: {e.message}") from None
         calib = d.get("calibration")
+        try:
+            return cls._from_valid_dict(d, calib)
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"invalid skip plan: {e}") from None
+
+    @classmethod
+    def _from_valid_dict(cls, d: dict[str, Any], calib: dict[str, Any] | None) -> "SkipPlan":
         return cls(
             method=d["method"], mode=d["mode"], num_layers=d["num_layers"], budget_unit=d["budget"]["unit"],
             k=d["budget"]["k"], skip=list(d["skip"]), scales=[float(x) for x in d["scales"]],
@@ -217,13 +236,14 @@ def baseline_plan(method: str, num_layers: int, k: int, mode: str, fingerprint: 
 
 
 def skipdecode_layers_at(step: int, num_layers: int, k: int) -> list[int]:
-    """SkipDecode in decode mode: layers skipped at decode step t (1-based), growing to layers 1..k.
+    """SkipDecode in decode mode: layers skipped at decode step `step` (1-based), growing to layers 1..k.
 
-    Reference: idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 always kept.
+    Reference: idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 always kept, where its counter t is 0 at
+    the first decode step (so step 1 skips layer 1 only).
     """
     if k == 0:
         return []
-    limit = min(k, math.ceil(step / 512 * (k - 1)) + 1)
+    limit = min(k, math.ceil((step - 1) / 512 * (k - 1)) + 1)
     return [i for i in range(1, num_layers) if i <= limit]
 
 

@@ -88,6 +88,24 @@ class SkipPolicy:
         skipped_at_1 = self._decode_offline(1)
         return [i for i in range(self.plan.num_layers) if 2 * i not in skipped_at_1]
 
+    def sublayer_roles(self) -> list[str]:
+        """Per sublayer, what any forward of any request may do with it (what an exporter bakes into a graph):
+        "never" (skipped in every forward: removable), "always" (runs in every forward: no conditional needed),
+        or "dynamic" (depends on the phase, the step or online learning: needs a conditional)."""
+        roles = []
+        prefill = set(self.prefill_mask(self.new_request()).skipped)
+        ever_in_decode = self.offline  # the decode-phase set only grows towards the full offline set
+        first_decode = self._decode_offline(1)
+        for j in range(self.n):
+            online = self.learns_online and j % 2 == 1 and j not in self.offline
+            if j in prefill and j in first_decode:
+                roles.append("never")
+            elif j not in prefill and j not in ever_in_decode and not online:
+                roles.append("always")
+            else:
+                roles.append("dynamic")
+        return roles
+
     # -- online learning -------------------------------------------------------------------------------------------
     def observe_decode(self, state: RequestState, similarity: list[float], norm_ratio: list[float]) -> None:
         """Record one finished decode step's stats (NaN = sublayer did not run)."""

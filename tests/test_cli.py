@@ -18,8 +18,17 @@ QUICK = ["--calib-prompts", "2", "--calib-tokens", "64", "-q"]
 
 @pytest.fixture(scope="module")
 def engine(tiny_chat_model, tmp_path_factory) -> Path:
+    """The default backend (ONNX Runtime)."""
     out = tmp_path_factory.mktemp("engines") / "tiny"
     assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "--output", str(out)] + QUICK) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tiny_chat_model, engine, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "tiny-torch"
+    assert build_cli.main(["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--backend", "torch",
+                           "--output", str(out), "-q"]) == 0
     return out
 
 
@@ -27,12 +36,15 @@ def _no_partials(parent: Path) -> bool:
     return not any(".partial-" in p.name for p in parent.iterdir())
 
 
-def test_build_writes_a_complete_engine_dir(engine):
+def test_build_writes_a_complete_engine_dir(engine, torch_engine):
     names = {p.name for p in engine.iterdir()}
-    assert {"manifest.json", "plan.json", "weights.safetensors", "tokenizer", "importance.png"} <= names
+    assert {"manifest.json", "plan.json", "model.onnx", "model.onnx.data", "tokenizer", "importance.png"} <= names
     manifest = json.loads((engine / "manifest.json").read_text())
-    assert manifest["backend"] == "torch" and manifest["plan"]["digest"].startswith("sha256:")
-    assert set(manifest["files"]) >= {"plan.json", "weights.safetensors", "importance.png"}
+    assert manifest["backend"] == "ort" and manifest["plan"]["digest"].startswith("sha256:")
+    assert set(manifest["files"]) >= {"plan.json", "model.onnx", "model.onnx.data", "importance.png"}
+    assert manifest["build"]["graph"]["opset"] == 17
+    torch_manifest = json.loads((torch_engine / "manifest.json").read_text())
+    assert torch_manifest["backend"] == "torch" and "weights.safetensors" in torch_manifest["files"]
     plan = json.loads((engine / "plan.json").read_text())
     assert plan["method"] == "adaskip" and len(plan["skip"]) == 2 and plan["online"]["window"] == 20
     assert (engine / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,38 +154,50 @@ def test_interrupted_build_leaves_nothing(tiny_chat_model, tmp_path, monkeypatch
     monkeypatch.setattr(build_mod, "importance_plot", boom)
     out = tmp_path / "engine"
     args = ["--model", str(tiny_chat_model), "--skip", "1", "-o", str(out)] + QUICK
-    if how == "error":
-        with pytest.raises(OSError):
-            build_cli.main(args)
-    else:
-        assert build_cli.main(args) == 130
+    assert build_cli.main(args) == (1 if how == "error" else 130)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("No space left" in err if how == "error" else "interrupted" in err)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_refuses_bad_engines_and_prompts(engine, tmp_path, capsys):
+def _rewrite_manifest_entry(root: Path, rel: str) -> None:
+    from adaskip.engine_dir import sha256_file
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_run_refuses_bad_engines_and_prompts(engine, torch_engine, tmp_path, capsys):
     _fails(run_cli.main, ["--engine", str(tmp_path), "--prompt", "x"], capsys, "not an adaskip engine directory")
     broken = tmp_path / "broken"
     shutil.copytree(engine, broken)
     plan = json.loads((broken / "plan.json").read_text())
-    plan["skip"] = plan["skip"][:1]
+    plan["scales"][0] = 0.5  # a valid plan, but not the one this engine was built with
     (broken / "plan.json").write_text(json.dumps(plan))
-    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "does not match its digest")
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "(truncated or replaced)")
+    _rewrite_manifest_entry(broken, "plan.json")
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "plan digest")
     shutil.rmtree(broken)
     shutil.copytree(engine, broken)
+    data = broken / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "truncated or replaced")
+    _rewrite_manifest_entry(broken, "model.onnx.data")
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    _rewrite_manifest_entry(broken, "model.onnx")
+    _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "ONNX Runtime cannot load")
+    shutil.rmtree(broken)
+    shutil.copytree(torch_engine, broken)
     w = broken / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-64] + b"\0" * 64)
     _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "weights.safetensors does not match")
-    # files over 64 MB skip the digest at load; the weights are still checked against the model fingerprint
-    from adaskip.engine_dir import sha256_file
-
-    manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["files"]["weights.safetensors"] = sha256_file(w)
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    # files over 64 MB skip the digest at load; torch weights are still checked against the model fingerprint
+    _rewrite_manifest_entry(broken, "weights.safetensors")
     _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "fingerprint")
     w.write_bytes(b"garbage")
-    manifest["files"]["weights.safetensors"] = sha256_file(w)
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_manifest_entry(broken, "weights.safetensors")
     _fails(run_cli.main, ["--engine", str(broken), "--prompt", "x"], capsys, "weights.safetensors is corrupt")
     _fails(run_cli.main, ["--engine", str(engine), "--prompt", "  "], capsys, "prompt is empty")
     _fails(run_cli.main, ["--engine", str(engine)], capsys, "at least one --prompt")

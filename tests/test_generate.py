@@ -57,7 +57,7 @@ def test_streaming_yields_the_same_tokens_and_text(chat):
     results: list = []
     events = list(gen.stream(ids, params, results))
     whole = gen.generate(ids, params)[0]
-    assert [e.token for e in events] == whole.tokens == results[0].tokens
+    assert [e.token for e in events if e.token is not None] == whole.tokens == results[0].tokens
     assert "".join(e.text for e in events) == whole.text
 
 
@@ -120,3 +120,20 @@ def test_chat_template_is_applied(chat):
     gen = _gen(model, tok)
     ids = gen.encode("hello", chat=True)
     assert tok.decode(ids).startswith("<|im_start|>system") and tok.decode(ids).endswith("assistant\n")
+
+
+def test_streaming_never_shows_the_start_of_a_stop_string(chat):
+    model, tok = chat
+    gen = _gen(model, tok)
+    ids = [tok.encode(PROMPTS[0])]
+    free = gen.generate(ids, SamplingParams(max_new_tokens=12, stop_token_ids=()))[0]
+    stop = free.text[len(free.text) // 2:][:4]
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(), stop_strings=(stop,))
+    shown = ""
+    for event in gen.stream(ids, params):
+        shown += event.text
+        assert stop[:2] not in shown[len(free.text[:free.text.index(stop)]):]
+    assert shown == free.text[:free.text.index(stop)]
+    # a stop string that never completes: the held-back tail is flushed at the end
+    tail = SamplingParams(max_new_tokens=12, stop_token_ids=(), stop_strings=(free.text[-2:] + "\x00never",))
+    assert "".join(e.text for e in gen.stream(ids, tail)) == free.text

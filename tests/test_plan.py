@@ -86,10 +86,11 @@ def test_baselines_follow_the_reference_definitions():
 
 
 def test_skipdecode_grows_with_the_step():
-    # idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 kept
-    assert skipdecode_layers_at(1, 32, 8) == [1, 2]
-    assert skipdecode_layers_at(73, 32, 8) == [1, 2]
-    assert skipdecode_layers_at(74, 32, 8) == [1, 2, 3]
+    # idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 kept; the reference's t is 0 at decode step 1
+    assert skipdecode_layers_at(1, 32, 8) == [1]
+    assert skipdecode_layers_at(2, 32, 8) == [1, 2]
+    assert skipdecode_layers_at(74, 32, 8) == [1, 2]
+    assert skipdecode_layers_at(75, 32, 8) == [1, 2, 3]
     assert skipdecode_layers_at(512, 32, 8) == list(range(1, 9))
     assert skipdecode_layers_at(5000, 32, 8) == list(range(1, 9))
 
@@ -110,3 +111,21 @@ def test_cost_model_and_alpha_selection():
         cost.k_for_alpha(SPEC, ranking, 0.9, 1024, "prefill")
     with pytest.raises(PlanError, match="out of reach"):
         cost.k_for_alpha(SPEC, ranking, 1e12, 1024, "prefill")
+
+
+def test_malformed_plans_get_plan_errors_not_tracebacks():
+    good = adaskip_plan(calib(SIMS), 2, "decode", "sha256:abc", "m").to_dict()
+    cases = {
+        "calibration missing key": lambda d: d["calibration"].pop("source"),
+        "calibration extra key": lambda d: d["calibration"].update(extra=1),
+        "null similarity": lambda d: d["calibration"]["similarity"].__setitem__(0, None),
+        "short similarity": lambda d: d["calibration"]["similarity"].pop(),
+        "budget vs skip": lambda d: d["budget"].update(k=3),
+        "scales length": lambda d: d["scales"].pop(),
+        "not an object": lambda d: d.update(online=[]),
+    }
+    for what, mutate in cases.items():
+        d = json.loads(json.dumps(good))
+        mutate(d)
+        with pytest.raises(PlanError):
+            SkipPlan.from_dict(d)

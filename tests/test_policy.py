@@ -127,10 +127,22 @@ def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_mode():
     sd = SkipPolicy(baseline_plan("skipdecode", 32, 8, "decode", "fp"))
     st = sd.new_request()
     assert sd.prefill_mask(st).skipped == []
-    assert sd.decode_mask(st).skipped == [2, 3, 4, 5]  # step 1: layers 1, 2
-    assert sd.cached_layers() == [0] + list(range(3, 32))
+    assert sd.decode_mask(st).skipped == [2, 3]  # step 1: layer 1
+    assert sd.cached_layers() == [0] + list(range(2, 32))
     for _ in range(511):
         sd.observe_decode(st, [NAN] * 64, [NAN] * 64)
     assert sd.decode_mask(st).skipped == list(range(2, 18))  # step 512: layers 1..8
     e2e = SkipPolicy(baseline_plan("skipdecode", 32, 8, "e2e", "fp"))
     assert e2e.decode_mask(e2e.new_request()).skipped == list(range(2, 18))
+
+
+def test_sublayer_roles_tell_an_exporter_what_can_be_baked_in():
+    e2e = SkipPolicy(adaskip_plan(calib(SIMS), 2, "e2e", "fp"))  # offline {4, 7}, online on FFNs 1, 3, 5
+    assert e2e.sublayer_roles() == ["always", "dynamic", "always", "dynamic", "never", "dynamic", "always", "never"]
+    dec = SkipPolicy(adaskip_plan(calib(SIMS), 2, "decode", "fp"))  # prefill runs all
+    assert dec.sublayer_roles() == ["always", "dynamic", "always", "dynamic", "dynamic", "dynamic", "always",
+                                    "dynamic"]
+    static = SkipPolicy(adaskip_plan(calib(SIMS), 2, "prefill", "fp"))  # no online step
+    assert static.sublayer_roles() == ["always"] * 4 + ["never", "always", "always", "never"]
+    sd = SkipPolicy(baseline_plan("skipdecode", 4, 3, "decode", "fp"))  # grows over layers 1..3 in decode
+    assert sd.sublayer_roles() == ["always", "always"] + ["dynamic"] * 6

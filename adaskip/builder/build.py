@@ -12,14 +12,15 @@ from adaskip.builder import cost
 from adaskip.builder.calibrate import calibrate
 from adaskip.builder.corpus import load_calibration
 from adaskip.builder.plot import importance_plot
-from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, write_manifest
-from adaskip.errors import EngineDirError, InputError, ModelLoadError, PlanError
+from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
+from adaskip.errors import InputError, ModelLoadError, PlanError
 from adaskip.model import LoadedModel, load_model
 from adaskip.plan import (DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan, now_utc,
                           rank_by_similarity)
+from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
 
-BACKENDS = ("torch",)
+BACKENDS = ("ort", "torch")  # ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
 
 
 @dataclass
@@ -33,11 +34,11 @@ class BuildOptions:
     calib: str | None = None
     calib_prompts: int = 20
     calib_tokens: int = 2048
-    context_len: int = 4096  # for the cost model
+    context_len: int | None = None  # for the cost model; default min(4096, the model's context)
     window: int = DEFAULT_WINDOW
     online: bool = True
     plan: str | None = None  # reuse an existing plan instead of calibrating
-    backend: str = "torch"
+    backend: str = "ort"
     dtype: str = "float32"
     force: bool = False
     progress: bool = True
@@ -49,7 +50,14 @@ class BuildOptions:
             raise InputError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise InputError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        if self.plan is None:
+        if self.plan is not None:
+            given = [f for f, v in (("--skip", self.skip), ("--alpha", self.alpha)) if v is not None]
+            given += [f for f, v, d in (("--method", self.method, "adaskip"), ("--mode", self.mode, "e2e"),
+                                         ("--window", self.window, DEFAULT_WINDOW), ("--calib", self.calib, None))
+                      if v != d]
+            if given:
+                raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
+        else:
             if (self.skip is None) == (self.alpha is None):
                 raise InputError("give exactly one of --skip K or --alpha A (or --plan FILE)")
             if self.alpha is not None and self.method != "adaskip":
@@ -58,7 +66,7 @@ class BuildOptions:
                 raise InputError(f"--skip must be >= 0; got {self.skip}")
         if self.window < 1:
             raise InputError(f"--window must be >= 1; got {self.window}")
-        if self.context_len < 1:
+        if self.context_len is not None and self.context_len < 1:
             raise InputError(f"--context-len must be >= 1; got {self.context_len}")
 
 
@@ -130,13 +138,17 @@ def build(opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     opts.validate()
     output = Path(opts.output)
-    if output.exists() and not opts.force:
-        raise EngineDirError(f"{output} already exists (pass --force to replace it)")
+    check_replaceable(output, opts.force)  # before any heavy work
     _log(f"loading {opts.model}", opts)
     model = load_model(opts.model, dtype=opts.dtype)
     tokenizer = load_tokenizer(model)
-    plan = make_plan(opts, model, tokenizer)
     spec = model.spec
+    if opts.context_len is None:
+        opts.context_len = min(4096, spec.max_position_embeddings)
+    for flag, value in (("--calib-tokens", opts.calib_tokens), ("--context-len", opts.context_len)):
+        if value > spec.max_position_embeddings:
+            raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
+    plan = make_plan(opts, model, tokenizer)
     prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
     expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
     plan.selection = {**plan.selection, "expected_speedup": expected}
@@ -144,11 +156,19 @@ def build(opts: BuildOptions) -> BuildReport:
     with atomic_dir(output, force=opts.force) as tmp:
         _log(f"writing engine ({opts.backend}) to {output}", opts)
         plan.save(tmp / PLAN)
-        save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
-        tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        importance_plot(plan, tmp / "importance.png")
         build_info = {"options": {k: v for k, v in vars(opts).items() if k not in ("force", "progress", "output")},
                       "created": now_utc(), "source": model.source}
+        if opts.backend == "torch":
+            save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
+        else:
+            from adaskip.export.onnx_graph import build_onnx, save_onnx
+
+            graph = build_onnx(spec, model.weights, SkipPolicy(plan))
+            build_info["graph"] = save_onnx(graph, tmp)
+            _log(f"graph: {build_info['graph']['conditionals']} conditional sublayers, KV for "
+                 f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers; onnx.checker passed", opts)
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),
                     "chat_template": bool(getattr(tokenizer, "chat_template", None))}
         write_manifest(tmp, opts.backend, spec, model.fingerprint, plan, build_info, tok_info)

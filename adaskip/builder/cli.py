@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--skip", type=int, help="K: sublayers to skip (adaskip) or whole layers k (baselines)")
     sel.add_argument("--alpha", type=float, help="target ideal speedup (> 1); K is derived from the cost model")
     sel.add_argument("--mode", choices=MODES, default="e2e", help="which phases skip (see README)")
-    sel.add_argument("--context-len", type=int, default=4096, help="context length the cost model assumes")
+    sel.add_argument("--context-len", type=int,
+                     help="context length the cost model assumes (default: 4096 or the model's context if shorter)")
     sel.add_argument("--window", type=int, default=20, help="W: decode steps of online importance learning")
     sel.add_argument("--no-online", action="store_true", help="disable online (decode-time) FFN learning")
     sel.add_argument("--plan", help="reuse an existing plan.json instead of calibrating (must match the model)")
@@ -32,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib-prompts", type=int, default=20, help="N: calibration prompts")
     cal.add_argument("--calib-tokens", type=int, default=2048, help="tokens per calibration prompt")
     out = p.add_argument_group("engine")
-    out.add_argument("--backend", choices=BACKENDS, default="torch", help="engine backend")
+    out.add_argument("--backend", choices=BACKENDS, default="ort",
+                     help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors)")
     out.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     out.add_argument("--force", action="store_true", help="replace an existing output directory")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress output")

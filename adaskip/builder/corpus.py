@@ -33,9 +33,16 @@ def builtin_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"calibration file {path} is not UTF-8 text") from None
+
+
 def _records_from_jsonl(path: Path) -> list[str]:
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -58,8 +65,10 @@ def load_calibration(tokenizer: Any, num_prompts: int, prompt_tokens: int, path:
         raise InputError(f"--calib-prompts must be at least 1; got {num_prompts}")
     if prompt_tokens < 8:
         raise InputError(f"--calib-tokens must be at least 8; got {prompt_tokens}")
+    prefix = _leading_special_tokens(tokenizer)
+    body_tokens = prompt_tokens - len(prefix)
     if path is None:
-        prompts = _windows(tokenizer.encode(builtin_text(), add_special_tokens=False), num_prompts, prompt_tokens,
+        prompts = _windows(tokenizer.encode(builtin_text(), add_special_tokens=False), num_prompts, body_tokens,
                            BUILTIN)
         source = BUILTIN
     else:
@@ -71,18 +80,28 @@ def load_calibration(tokenizer: Any, num_prompts: int, prompt_tokens: int, path:
             if len(records) < num_prompts:
                 raise InputError(f"{path} has {len(records)} records; {num_prompts} calibration prompts requested "
                                  f"(lower --calib-prompts)")
-            prompts = [tokenizer.encode(r, add_special_tokens=False)[:prompt_tokens] for r in records[:num_prompts]]
+            prompts = [tokenizer.encode(r, add_special_tokens=False)[:body_tokens] for r in records[:num_prompts]]
             prompts = [ids for ids in prompts if ids]
             if len(prompts) < num_prompts:
                 raise InputError(f"{path}: some of the first {num_prompts} records are empty")
         else:
-            text = p.read_text(encoding="utf-8", errors="strict")
-            prompts = _windows(tokenizer.encode(text, add_special_tokens=False), num_prompts, prompt_tokens, path)
+            text = _read_text(p)
+            prompts = _windows(tokenizer.encode(text, add_special_tokens=False), num_prompts, body_tokens, path)
         source = f"file:{p.name}"
+    prompts = [prefix + ids for ids in prompts]
     h = hashlib.sha256()
     for ids in prompts:
         h.update(json.dumps(ids).encode())
     return CalibrationSet(prompts=prompts, source=source, digest="sha256:" + h.hexdigest())
+
+
+def _leading_special_tokens(tokenizer: Any) -> list[int]:
+    """What the tokenizer puts before every prompt (e.g. Llama's BOS): calibration prompts start the same way as
+    inference prompts, so first-token (attention-sink) statistics match."""
+    with_special = tokenizer.encode("x")
+    plain = tokenizer.encode("x", add_special_tokens=False)
+    n = len(with_special) - len(plain)
+    return with_special[:n] if n > 0 and with_special[n:] == plain else []
 
 
 def _windows(ids: list[int], n: int, t: int, where: str) -> list[list[int]]:

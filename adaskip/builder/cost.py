@@ -23,7 +23,7 @@ def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[
         span = _attention_span(spec.attention_windows[i], context_len)
         if phase == "prefill":
             # causal: query t attends to min(t, span) keys; QK^T and AV each 2 * heads * hd per pair
-            pairs = sum(min(t, span) for t in range(1, context_len + 1))
+            pairs = span * (span + 1) // 2 + (context_len - span) * span  # sum over t of min(t, span)
             attn = context_len * proj + 4 * spec.num_heads * hd * pairs
             out += [float(attn), float(context_len * ffn)]
         elif phase == "decode":

@@ -31,6 +31,12 @@ def importance_plot(plan: SkipPlan, path: str | Path) -> None:
                        label=f"online threshold: s >= beta = {plan.beta:.4f}")
         ax.set_yscale("log")
         ax.set_ylabel("1 - IO cosine similarity (prefill)\nlower = more skippable")
+    else:  # a baseline: no calibration, show which layers it drops
+        skipped_layers = sorted({j // 2 for j in plan.skip})
+        ax.bar(layers, [1 if i in skipped_layers else 0 for i in layers], color="tab:red",
+               label=f"layers skipped ({len(skipped_layers)})")
+        ax.set_yticks([])
+        ax.set_ylabel("skipped")
     ax.set_xlabel("layer")
     ax.set_title(f"{plan.model_name or 'model'}: {plan.method}, mode {plan.mode}, K={plan.k} {plan.budget_unit}")
     ax.grid(alpha=0.3)

@@ -118,7 +118,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if bins:
         out = {}
         for f in bins:
-            out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            try:
+                out.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            except Exception as e:  # pickle and zip errors of a corrupt file
+                raise ModelLoadError(f"{f} is not a readable PyTorch checkpoint: {e}") from e
         return out
     raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) found")
 
@@ -140,10 +143,24 @@ def _map_weights(spec: ModelSpec, names: dict[str, str], tensors: dict[str, torc
             continue
         if role == "lm_head" and spec.tie_word_embeddings:
             continue
+        want = _expected_shape(spec, role)
+        if tuple(t.shape) != want:
+            raise ModelLoadError(f"{where}: {hf_name} has shape {tuple(t.shape)}, the config implies {want}")
         weights[role] = t.to(dtype).contiguous()
     if missing:
         raise ModelLoadError(f"{where}: checkpoint lacks {len(missing)} required weights, e.g. {missing[:3]}")
     return weights
+
+
+def _expected_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
+    d, q, kv, inter = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim,
+                       spec.intermediate_size)
+    name = role.rsplit(".", 1)[-1]
+    shapes = {"embed": (spec.vocab_size, d), "lm_head": (spec.vocab_size, d), "final_norm": (d,),
+              "attn_norm": (d,), "ffn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
+              "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (d,), "gate": (inter, d), "up": (inter, d),
+              "down": (d, inter), "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (d,)}
+    return shapes[name]
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -155,7 +172,10 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable GGUF model for transformers: {e}") from e
     fam = _family(config.model_type, str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # the GGUF reader raises a variety of errors for damaged files
+        raise ModelLoadError(f"{path}: transformers could not read the GGUF weights: {e}") from e
     spec = fam.spec_from_config(model.config, name=path.stem)
     weights = _map_weights(spec, fam.weight_names(spec), model.state_dict(), dtype, str(path))
     return LoadedModel(spec=spec, weights=weights, tokenizer_dir=str(path.parent),

@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt over the context: fail, or keep its beginning and end")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print results as JSON (one object per prompt)")
+    p.add_argument("--threads", type=int, help="intra-op threads for the ONNX Runtime backend (default: all cores)")
     return p
 
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             texts.append(Path(f).read_text(encoding="utf-8"))
         except OSError as e:
             raise InputError(f"cannot read prompt file {f}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"prompt file {f} is not UTF-8 text") from None
     if not texts:
         raise InputError("give at least one --prompt or --prompt-file")
     if a.stream and len(texts) > 1:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                             top_p=a.top_p, seed=a.seed, stop_strings=tuple(a.stop), truncate=a.truncate)
     params.validate()
-    rt = load_runtime(a.engine)
+    rt = load_runtime(a.engine, threads=a.threads)
     ids = [rt.generator.encode(t, chat=a.chat) for t in texts]
     results: list[GenerationResult] = []
     if a.stream:

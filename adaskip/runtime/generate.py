@@ -74,8 +74,19 @@ class GenerationResult:
 @dataclass
 class TokenEvent:
     row: int
-    token: int
+    token: int | None  # None: a final flush of text held back while it could have been the start of a stop string
     text: str  # newly decoded text (may be empty while a multi-byte character is incomplete)
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def _stack(masks: list[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +213,10 @@ class Generator:
                     cut_by_string.add(b)
                 elif text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
                     text = texts[b]
-                delta, texts[b] = text[len(texts[b]):], text
+                else:  # hold back what could be the start of a stop string
+                    text = text[:len(text) - _partial_stop(text, params.stop_strings)]
+                delta = text[len(texts[b]):]
+                texts[b] = max(texts[b], text, key=len)
                 yield TokenEvent(row=b, token=tok, text=delta)
                 if len(r.tokens) >= params.max_new_tokens:
                     done[b] = True
@@ -220,6 +234,8 @@ class Generator:
 
         for b, r in enumerate(results):
             r.text = texts[b] if b in cut_by_string else self._decode(r.tokens)
+            if len(r.text) > len(texts[b]) and r.text.startswith(texts[b]):  # flush what was held back
+                yield TokenEvent(row=b, token=None, text=r.text[len(texts[b]):])
             r.online_skipped = sorted(states[b].online)
             r.kv_bytes, r.kv_bytes_full = row_kv, full_kv
 

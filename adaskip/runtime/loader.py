@@ -23,14 +23,29 @@ class Runtime:
     generator: Generator
 
 
-def load_runtime(path: str | Path) -> Runtime:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
     from transformers import AutoTokenizer
 
     ed = open_engine_dir(path)
-    if ed.backend != "torch":
+    if ed.backend == "torch":
+        engine: Any = TorchEngine(ed.spec, load_checked_weights(ed))
+    elif ed.backend == "ort":
+        from adaskip.runtime.ort_engine import OrtEngine
+
+        engine = OrtEngine(ed.root / ed.manifest["build"]["graph"]["file"], ed.spec, threads=threads)
+    else:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
+    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
+    policy = SkipPolicy(ed.plan)
+    eos = tuple(ed.manifest.get("tokenizer", {}).get("eos_token_ids", []))
+    return Runtime(ed, engine, policy, tokenizer, Generator(engine, policy, tokenizer, eos))
+
+
+def load_checked_weights(ed: EngineDir) -> dict:
+    """The torch backend's weights, refused unless they hash to the fingerprint the plan was calibrated for."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         weights = load_file(str(ed.root / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -38,8 +53,4 @@ def load_runtime(path: str | Path) -> Runtime:
     if fingerprint(ed.spec, weights) != ed.fingerprint:
         raise EngineDirError(f"{ed.root}: weights do not match the model fingerprint in the manifest (corrupt or "
                              f"replaced); rebuild the engine")
-    engine = TorchEngine(ed.spec, weights)
-    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
-    policy = SkipPolicy(ed.plan)
-    eos = tuple(ed.manifest.get("tokenizer", {}).get("eos_token_ids", []))
-    return Runtime(ed, engine, policy, tokenizer, Generator(engine, policy, tokenizer, eos))
+    return weights

@@ -1,0 +1,1 @@
+"""Exporters: the ONNX graph (ONNX Runtime, TensorRT's ONNX parser)."""

@@ -1,0 +1,121 @@
+"""ONNX Runtime backend (the embedded default): the exported graph behind the Engine protocol.
+
+The KV cache is a caller-owned buffer of the request's full capacity, bound to the session without copies; each
+step the graph returns only the new tokens' K/V and we write them into the buffer in place, so a decode step never
+copies the cache (see adaskip/export/onnx_graph.py for the attention layout).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaskip.errors import EngineDirError, InputError
+from adaskip.model.spec import ModelSpec
+from adaskip.runtime.engine import StepOutput
+
+
+class OrtKVCache:
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, layers: list[int]):
+        kvh, hd = spec.num_kv_heads, spec.head_dim
+        self.k = {i: np.zeros((batch, kvh, hd, capacity), np.float32) for i in layers}  # transposed keys
+        self.v = {i: np.zeros((batch, kvh, capacity, hd), np.float32) for i in layers}
+        self.valid = np.zeros((batch, capacity), bool)
+        self.next_pos = np.zeros(batch, np.int64)
+        self.capacity = capacity
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
+
+    @property
+    def cached_layers(self) -> list[int]:
+        return sorted(self.k)
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning doubles decode time when shared
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.intra_op_num_threads = threads or int(os.environ.get("ADASKIP_THREADS", "0") or 0)
+    so.log_severity_level = 3
+    return so
+
+
+class OrtEngine:
+    dtype = torch.float32
+
+    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(str(model_path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineDirError(f"ONNX Runtime cannot load {model_path}: {e}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        self.kv_layers = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"past_key_(\d+)", n)))
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> OrtKVCache:
+        if sorted(cached_layers) != self.kv_layers:
+            raise EngineDirError(f"the graph holds KV for layers {self.kv_layers}, the plan's policy wants "
+                                 f"{sorted(cached_layers)}: engine and plan do not belong together")
+        return OrtKVCache(self.spec, batch, capacity, self.kv_layers)
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor,
+                scales: torch.Tensor, all_logits: bool = False) -> StepOutput:
+        if all_logits:
+            raise InputError("this graph returns last-position logits only")
+        if cache.length:
+            raise InputError("prefill needs an empty cache")
+        valid_np = valid.numpy().astype(bool)
+        positions = cache.next_pos[:, None] + np.maximum(np.cumsum(valid_np, axis=1) - 1, 0)
+        return self._run(ids.numpy().astype(np.int64), positions.astype(np.int64), valid_np, cache, skip, scales,
+                         past_len=0)
+
+    def decode(self, tokens: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor, scales: torch.Tensor) -> StepOutput:
+        ids = tokens.numpy().astype(np.int64).reshape(-1, 1)
+        return self._run(ids, cache.next_pos[:, None].copy(), np.ones_like(ids, dtype=bool), cache, skip, scales,
+                         past_len=cache.capacity)
+
+    def _run(self, ids, positions, valid, cache: OrtKVCache, skip, scales, past_len: int) -> StepOutput:
+        batch, seq = ids.shape
+        start = cache.length
+        if start + seq > cache.capacity:
+            raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
+        skip_np = np.ascontiguousarray(skip.numpy().astype(bool))
+        for j in range(0, skip_np.shape[1], 2):  # attention decisions are offline: the same for every row
+            if skip_np[:, j].any() and not skip_np[:, j].all():
+                raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
+        feeds = {"input_ids": ids, "position_ids": positions, "token_valid": valid,
+                 "past_valid": np.ascontiguousarray(cache.valid[:, :past_len]), "skip": skip_np,
+                 "scale": np.ascontiguousarray(scales.numpy().astype(np.float32))}
+        for i in self.kv_layers:  # the whole buffer (decode) or an empty view of it (prefill): bound, not copied
+            feeds[f"past_key_{i}"] = cache.k[i] if past_len else cache.k[i][..., :0]
+            feeds[f"past_value_{i}"] = cache.v[i] if past_len else cache.v[i][:, :, :0]
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        out = dict(zip(self.outputs, (v.numpy() for v in binding.get_outputs())))
+        for i in self.kv_layers:  # write only the new tokens into the buffer
+            cache.k[i][..., start:start + seq] = out[f"new_key_{i}"]
+            cache.v[i][:, :, start:start + seq] = out[f"new_value_{i}"]
+        cache.valid[:, start:start + seq] = valid
+        cache.length += seq
+        cache.next_pos += valid.sum(axis=1)
+        sims, ratios = out["similarity"].copy(), out["norm_ratio"].copy()
+        sims[skip_np], ratios[skip_np] = np.nan, np.nan  # rows that skipped report nothing, as in the torch engine
+        return StepOutput(logits=torch.from_numpy(out["logits"]), similarity=torch.from_numpy(sims),
+                          norm_ratio=torch.from_numpy(ratios))
