@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from conftest import make_tiny_hf
 
@@ -110,3 +113,57 @@ def test_calibration_averages_per_request_then_over_requests(tiny_root):
         assert abs(both.similarity[j] - (singles[0].similarity[j] + singles[1].similarity[j]) / 2) < 1e-6
         assert abs(both.norm_ratio[j] - (singles[0].norm_ratio[j] + singles[1].norm_ratio[j]) / 2) < 1e-6
     assert both.num_prompts == 2 and both.prompt_tokens == 20
+
+
+def test_incremental_decode_with_skips_equals_a_full_forward_with_the_same_mask(tiny_root):
+    """KV handling of skipped layers: growing the cache token by token gives the full forward's logits."""
+    model = _tiny(tiny_root)
+    engine = TorchEngine.from_loaded(model)
+    n = model.spec.num_sublayers
+    skip = torch.zeros(1, n, dtype=torch.bool)
+    skip[0, [2, 5]] = True  # attention of layer 1, FFN of layer 2
+    scales = torch.full((1, n), 0.9)
+    ids = torch.randint(0, 320, (1, 16))
+    cached = [0, 2, 3]
+    full = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), engine.new_cache(1, 16, cached), skip, scales,
+                          all_logits=True)
+    cache = engine.new_cache(1, 16, cached)
+    engine.prefill(ids[:, :10], torch.ones(1, 10, dtype=torch.bool), cache, skip, scales)
+    for t in range(10, 16):
+        step = engine.decode(ids[:, t], cache, skip, scales)
+        assert (step.logits[0] - full.logits[0, t]).abs().max() <= 1e-4
+
+
+def test_online_ffns_really_stop_running_after_the_window(tiny_root):
+    """After W decode steps the learned FFNs report no stats (did not run) and the output uses their scale."""
+    model = _tiny(tiny_root)
+    plan = _plan_for(model, [2], window=3)
+    plan.beta = -1.0  # every FFN qualifies: the test is about the mechanics, not the threshold
+    policy = SkipPolicy(plan)
+    engine = TorchEngine.from_loaded(model)
+    seen = []
+
+    class Spy:
+        spec, dtype = engine.spec, engine.dtype
+
+        def new_cache(self, *a):
+            return engine.new_cache(*a)
+
+        def prefill(self, *a, **k):
+            return engine.prefill(*a, **k)
+
+        def decode(self, tokens, cache, skip, scales):
+            out = engine.decode(tokens, cache, skip, scales)
+            seen.append((skip[0].tolist(), scales[0].tolist(), out.similarity[0].tolist(), out.norm_ratio[0].tolist()))
+            return out
+
+    res = Generator(Spy(), policy).generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=7, stop_token_ids=()))[0]
+    assert res.online_skipped == [1, 3, 5, 7]
+    window_ratio = {j: sum(seen[t][3][j] for t in range(3)) / 3 for j in (1, 3, 5, 7)}
+    for step, (skip, scales, sims, _) in enumerate(seen, 1):
+        ffn_skipped = [skip[j] for j in (1, 3, 5, 7)]
+        assert all(ffn_skipped) == (step > 3) and any(ffn_skipped) == (step > 3)
+        if step > 3:
+            assert all(math.isnan(sims[j]) for j in (1, 3, 5, 7))  # they did not run
+            for j in (1, 3, 5, 7):  # replaced by the decode-mean norm ratio of the window
+                assert scales[j] == pytest.approx(window_ratio[j], rel=1e-5)

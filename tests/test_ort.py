@@ -1,0 +1,173 @@
+"""The ONNX graph and the ONNX Runtime backend against the reference torch engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import long_text, make_tiny_hf
+
+from adaskip.errors import InputError
+from adaskip.export.onnx_graph import build_onnx, save_onnx
+from adaskip.model import load_model
+from adaskip.plan import SkipPlan, baseline_plan
+from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.ort_engine import OrtEngine
+from adaskip.runtime.torch_engine import TorchEngine
+
+DATA = Path(__file__).parent / "data"
+TOL = 1e-4
+
+
+def _export(model, policy, out: Path) -> tuple[OrtEngine, dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    info = save_onnx(build_onnx(model.spec, model.weights, policy), out)  # runs onnx.checker full_check
+    return OrtEngine(out / "model.onnx", model.spec, threads=2), info
+
+
+def _no_skip(model):
+    return SkipPolicy(baseline_plan("early-exit", model.spec.num_layers, 0, "e2e", model.fingerprint))
+
+
+def _step_parity(model, ort_engine, ids: torch.Tensor, decode_steps: int, policy: SkipPolicy):
+    """Prefill + decode steps on both engines with the policy's masks; returns max diffs."""
+    ref = TorchEngine.from_loaded(model)
+    b, t = ids.shape
+    caches = [e.new_cache(b, t + decode_steps, policy.cached_layers()) for e in (ref, ort_engine)]
+    states = [policy.new_request() for _ in range(b)]
+    mask = [policy.prefill_mask(s) for s in states]
+    skip = torch.tensor([m.skip for m in mask])
+    scales = torch.tensor([m.scales for m in mask])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    outs = [e.prefill(ids, valid, c, skip, scales) for e, c in zip((ref, ort_engine), caches)]
+    worst = {"logits": 0.0, "similarity": 0.0}
+    for step in range(decode_steps + 1):
+        a, o = outs
+        worst["logits"] = max(worst["logits"], (a.logits - o.logits).abs().max().item())
+        sim_a, sim_o = a.similarity.numpy(), o.similarity.numpy()
+        assert np.array_equal(np.isnan(sim_a), np.isnan(sim_o))
+        ran = ~np.isnan(sim_a)
+        worst["similarity"] = max(worst["similarity"], float(np.abs(sim_a[ran] - sim_o[ran]).max()),
+                                  float(np.abs(a.norm_ratio.numpy()[ran] - o.norm_ratio.numpy()[ran]).max()))
+        if step == decode_steps:
+            break
+        tokens = a.logits.argmax(-1)
+        mask = [policy.decode_mask(s) for s in states]
+        skip = torch.tensor([m.skip for m in mask])
+        scales = torch.tensor([m.scales for m in mask])
+        outs = [e.decode(tokens, c, skip, scales) for e, c in zip((ref, ort_engine), caches)]
+        for s, sims, ratios in zip(states, outs[0].similarity.tolist(), outs[0].norm_ratio.tolist()):
+            policy.observe_decode(s, sims, ratios)
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "llama-linear-rope", "llama-untied-mha"])
+def test_tiny_families_match_the_reference(kind, tiny_root, tmp_path):
+    model = load_model(str(make_tiny_hf(kind, tiny_root)))
+    policy = _no_skip(model)
+    engine, info = _export(model, policy, tmp_path)
+    assert info["kv_layers"] == [0, 1, 2, 3] and info["conditionals"] == 0
+    torch.manual_seed(0)
+    worst = _step_parity(model, engine, torch.randint(0, 320, (2, 24)), 6, policy)
+    assert worst["logits"] <= TOL and worst["similarity"] <= TOL
+
+
+def test_sliding_window_models_are_refused_with_a_clear_error(tiny_root):
+    model = load_model(str(make_tiny_hf("mistral", tiny_root)))
+    with pytest.raises(InputError, match="sliding-window"):
+        build_onnx(model.spec, model.weights, _no_skip(model))
+
+
+@pytest.fixture(scope="module")
+def k8_plan(smollm2) -> SkipPlan:
+    """The e2e K=8 plan adaskip-build produced for SmolLM2 with its defaults (20 x 2048 tokens of the built-in
+    corpus); stored so these tests do not spend 90 s calibrating. Its fingerprint pins the exact model."""
+    plan = SkipPlan.load(DATA / "smollm2-k8-e2e-plan.json")
+    plan.check_model(smollm2.fingerprint, 30)
+    return plan
+
+
+def _with_mode(plan: SkipPlan, mode: str) -> SkipPlan:
+    d = plan.to_dict()
+    d["mode"] = mode
+    d["online"]["enabled"] = mode != "prefill"
+    return SkipPlan.from_dict(d)
+
+
+def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path):
+    policy = SkipPolicy(k8_plan)
+    out = tmp_path / "g"
+    _, info = _export(smollm2, policy, out)
+    skipped_attn = sorted(j // 2 for j in k8_plan.skip if j % 2 == 0)
+    assert info["kv_layers"] == [i for i in range(30) if i not in skipped_attn]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    assert all(f"past_key_{i}" not in inputs and f"past_value_{i}" not in inputs for i in skipped_attn)
+    roles = policy.sublayer_roles()
+    assert info["conditionals"] == roles.count("dynamic") == sum(1 for n in graph.node if n.op_type == "If")
+    weights = {t.name for t in graph.initializer}
+    for j in (j for j, r in enumerate(roles) if r == "never"):  # removed at export: no weights
+        assert not any(w.startswith(f"layers.{j // 2}.{'q' if j % 2 == 0 else 'gate'}") for w in weights)
+    assert any(n.op_type == "IOSimilarity" and n.domain == "ai.adaskip" for n in graph.node)
+
+
+def test_smollm2_logits_and_stats_match_the_reference(smollm2, smollm2_tokenizer, k8_plan, tmp_path):
+    ids = torch.tensor([smollm2_tokenizer.encode(long_text()[:6000])[:1024]])
+    for name, policy in (("none", _no_skip(smollm2)), ("k8", SkipPolicy(k8_plan))):
+        engine, _ = _export(smollm2, policy, tmp_path / name)
+        worst = _step_parity(smollm2, engine, ids, 8, policy)
+        print(f"SmolLM2 ORT vs reference ({name}): {worst}")
+        assert worst["logits"] <= TOL and worst["similarity"] <= TOL
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode", "e2e"])
+def test_smollm2_128_greedy_tokens_identical_in_every_mode(smollm2, smollm2_tokenizer, k8_plan, tmp_path, mode):
+    plan = _with_mode(k8_plan, mode)
+    policy = SkipPolicy(plan)
+    engine, _ = _export(smollm2, policy, tmp_path)
+    # a long real prompt (the language reference) on which the online FFN skipping fires at K=8
+    prompt = smollm2_tokenizer.encode(long_text()[40000:43000])[:512]
+    params = SamplingParams(max_new_tokens=128, stop_token_ids=())
+    ref = Generator(TorchEngine.from_loaded(smollm2), policy, smollm2_tokenizer).generate([prompt], params)[0]
+    got = Generator(engine, policy, smollm2_tokenizer).generate([prompt], params)[0]
+    assert got.tokens == ref.tokens
+    assert got.online_skipped == ref.online_skipped
+    if mode != "prefill":
+        assert ref.online_skipped, "the online FFN skipping should fire on this prompt"
+    assert got.kv_bytes == ref.kv_bytes < ref.kv_bytes_full
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_rows_with_different_ffn_masks_equal_their_solo_runs(tiny_root, tmp_path, backend):
+    """The batch rule: a row's online FFN decisions apply to that row only (computed for the rows that run it)."""
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    from test_skipping import _plan_for
+
+    policy = SkipPolicy(_plan_for(model, [3]))  # FFN of layer 1 offline; the other FFNs dynamic (online)
+    engine = TorchEngine.from_loaded(model) if backend == "torch" else _export(model, policy, tmp_path)[0]
+    n = model.spec.num_sublayers
+    ids = torch.randint(0, 320, (2, 9))
+    masks = torch.zeros(2, n, dtype=torch.bool)
+    masks[:, 3] = True
+    masks[0, 5] = True  # row 0 also skips FFN 2, row 1 skips FFN 3
+    masks[1, 7] = True
+    scales = torch.full((2, n), 1.1)
+
+    def run(rows):
+        cache = engine.new_cache(len(rows), 12, policy.cached_layers())
+        out = engine.prefill(ids[rows], torch.ones(len(rows), 9, dtype=torch.bool), cache, masks[rows], scales[rows])
+        step = engine.decode(out.logits.argmax(-1), cache, masks[rows], scales[rows])
+        return out, step
+
+    both = run([0, 1])
+    for r in (0, 1):
+        solo = run([r])
+        for a, b in zip(both, solo):
+            assert (a.logits[r] - b.logits[0]).abs().max() <= 1e-5
+            assert torch.allclose(a.similarity[r], b.similarity[0], atol=1e-5, equal_nan=True)
+    assert torch.isnan(both[0].similarity[0, 5]) and not torch.isnan(both[0].similarity[1, 5])
