@@ -234,4 +234,41 @@ def test_baseline_engines_build_and_run(tiny_chat_model, tmp_path, capsys, metho
     capsys.readouterr()
     assert run_cli.main(["--engine", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["decode_skipped_offline"]) in (0, 4) and result["decode_skipped_online"] == []
+    skipped = [j for i in plan["selection"]["layers"] for j in (2 * i, 2 * i + 1)]
+    if mode == "decode":  # skipdecode grows: layer 1 at decode step 1, layers 1..2 from step 2 (k = 2)
+        assert result["prefill_skipped"] == [] and result["decode_skipped_offline"] == [2, 3, 4, 5]
+    else:
+        assert result["prefill_skipped"] == skipped and result["decode_skipped_offline"] == skipped
+    assert result["decode_skipped_online"] == []
+    # KV only for layers whose attention runs in decode; tiny model: 4 layers, 2 KV heads x 8 dims, fp32
+    live = 4 - (1 if mode == "decode" else len(plan["selection"]["layers"]))
+    capacity = result["prompt_tokens"] + 4
+    assert result["kv_bytes"] == 2 * live * 2 * 8 * capacity * 4
+
+
+def test_force_only_replaces_engines_and_plan_excludes_other_selection_flags(engine, tiny_chat_model, tmp_path,
+                                                                              capsys):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    _fails(build_cli.main, ["--model", str(tiny_chat_model), "--skip", "1", "-o", str(precious), "--force"] + QUICK,
+           capsys, "not an adaskip engine directory")
+    assert (precious / "notes.txt").read_text() == "keep me"
+    _fails(build_cli.main, ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--skip", "3",
+                            "-o", str(tmp_path / "x")], capsys, "--plan fixes the selection; drop --skip")
+    _fails(build_cli.main, ["--model", str(tiny_chat_model), "--skip", "1", "--calib-tokens", "4096",
+                            "-o", str(tmp_path / "x")], capsys, "exceeds the model's context of 2048")
+    latin1 = tmp_path / "prompt.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt-file", str(latin1)], capsys, "not UTF-8")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt-file", str(tmp_path / "missing.txt")], capsys,
+           "cannot read prompt file")
+
+
+def test_ort_and_torch_engines_generate_the_same_text(engine, torch_engine, capsys):
+    outs = []
+    for e in (engine, torch_engine):
+        assert run_cli.main(["--engine", str(e), "--prompt", "The meaning of life is", "--max-new-tokens", "16",
+                             "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["text"] == outs[1]["text"] and outs[0]["kv_bytes"] == outs[1]["kv_bytes"]
