@@ -20,6 +20,7 @@ setup(
         "jsonschema>=4",
         "onnx>=1.16",
         "onnxruntime>=1.20",
+        "polygraphy",
         "numpy",
         "tqdm",
         "matplotlib",
@@ -28,5 +29,6 @@ setup(
     entry_points={"console_scripts": [
         "adaskip-build=adaskip.builder.cli:main",
         "adaskip-run=adaskip.runtime.cli:main",
+        "adaskip-verify=adaskip.verify:main",
     ]},
 )

@@ -272,3 +272,21 @@ def test_ort_and_torch_engines_generate_the_same_text(engine, torch_engine, caps
                              "--json"]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["text"] == outs[1]["text"] and outs[0]["kv_bytes"] == outs[1]["kv_bytes"]
+
+
+def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_model, tmp_path, capsys):
+    from adaskip import verify
+
+    assert verify.main(["--engine", str(engine), "--prompts", "2", "--prompt-tokens", "32", "--decode-steps", "4",
+                        "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["max_logit_diff"] <= 1e-4 and report["token_agreement"] == 1.0
+    assert report["steps"] == 10
+    other = tmp_path / "other"  # a different model with the same architecture: refused as the reference
+    shutil.copytree(tiny_chat_model, other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] * 2
+    save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
+    _fails(verify.main, ["--engine", str(engine), "--model", str(other)], capsys, "fingerprint differs")

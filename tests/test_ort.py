@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -19,6 +18,7 @@ from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
 from adaskip.runtime.ort_engine import OrtEngine
 from adaskip.runtime.torch_engine import TorchEngine
+from adaskip.verify import compare_engines
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-4
@@ -34,36 +34,10 @@ def _no_skip(model):
     return SkipPolicy(baseline_plan("early-exit", model.spec.num_layers, 0, "e2e", model.fingerprint))
 
 
-def _step_parity(model, ort_engine, ids: torch.Tensor, decode_steps: int, policy: SkipPolicy):
-    """Prefill + decode steps on both engines with the policy's masks; returns max diffs."""
-    ref = TorchEngine.from_loaded(model)
-    b, t = ids.shape
-    caches = [e.new_cache(b, t + decode_steps, policy.cached_layers()) for e in (ref, ort_engine)]
-    states = [policy.new_request() for _ in range(b)]
-    mask = [policy.prefill_mask(s) for s in states]
-    skip = torch.tensor([m.skip for m in mask])
-    scales = torch.tensor([m.scales for m in mask])
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    outs = [e.prefill(ids, valid, c, skip, scales) for e, c in zip((ref, ort_engine), caches)]
-    worst = {"logits": 0.0, "similarity": 0.0}
-    for step in range(decode_steps + 1):
-        a, o = outs
-        worst["logits"] = max(worst["logits"], (a.logits - o.logits).abs().max().item())
-        sim_a, sim_o = a.similarity.numpy(), o.similarity.numpy()
-        assert np.array_equal(np.isnan(sim_a), np.isnan(sim_o))
-        ran = ~np.isnan(sim_a)
-        worst["similarity"] = max(worst["similarity"], float(np.abs(sim_a[ran] - sim_o[ran]).max()),
-                                  float(np.abs(a.norm_ratio.numpy()[ran] - o.norm_ratio.numpy()[ran]).max()))
-        if step == decode_steps:
-            break
-        tokens = a.logits.argmax(-1)
-        mask = [policy.decode_mask(s) for s in states]
-        skip = torch.tensor([m.skip for m in mask])
-        scales = torch.tensor([m.scales for m in mask])
-        outs = [e.decode(tokens, c, skip, scales) for e, c in zip((ref, ort_engine), caches)]
-        for s, sims, ratios in zip(states, outs[0].similarity.tolist(), outs[0].norm_ratio.tolist()):
-            policy.observe_decode(s, sims, ratios)
-    return worst
+def _parity(model, ort_engine, prompts: list[list[int]], decode_steps: int, policy: SkipPolicy):
+    report = compare_engines(TorchEngine.from_loaded(model), ort_engine, policy, prompts, decode_steps, atol=TOL)
+    assert report.token_agreement == 1.0
+    return report
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "llama-linear-rope", "llama-untied-mha"])
@@ -73,8 +47,8 @@ def test_tiny_families_match_the_reference(kind, tiny_root, tmp_path):
     engine, info = _export(model, policy, tmp_path)
     assert info["kv_layers"] == [0, 1, 2, 3] and info["conditionals"] == 0
     torch.manual_seed(0)
-    worst = _step_parity(model, engine, torch.randint(0, 320, (2, 24)), 6, policy)
-    assert worst["logits"] <= TOL and worst["similarity"] <= TOL
+    report = _parity(model, engine, torch.randint(0, 320, (2, 24)).tolist(), 6, policy)
+    assert report.passed and report.max_logit_diff <= TOL and report.max_similarity_diff <= TOL
 
 
 def test_sliding_window_models_are_refused_with_a_clear_error(tiny_root):
@@ -117,12 +91,13 @@ def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path):
 
 
 def test_smollm2_logits_and_stats_match_the_reference(smollm2, smollm2_tokenizer, k8_plan, tmp_path):
-    ids = torch.tensor([smollm2_tokenizer.encode(long_text()[:6000])[:1024]])
+    ids = [smollm2_tokenizer.encode(long_text()[:6000])[:1024]]
     for name, policy in (("none", _no_skip(smollm2)), ("k8", SkipPolicy(k8_plan))):
         engine, _ = _export(smollm2, policy, tmp_path / name)
-        worst = _step_parity(smollm2, engine, ids, 8, policy)
-        print(f"SmolLM2 ORT vs reference ({name}): {worst}")
-        assert worst["logits"] <= TOL and worst["similarity"] <= TOL
+        report = _parity(smollm2, engine, ids, 8, policy)
+        print(f"SmolLM2 ORT vs reference ({name}): logits {report.max_logit_diff:.2e}, "
+              f"stats {report.max_similarity_diff:.2e}")
+        assert report.passed and report.max_logit_diff <= TOL and report.max_similarity_diff <= TOL
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode", "e2e"])
