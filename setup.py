@@ -20,6 +20,7 @@ setup(
         "jsonschema>=4",
         "onnx>=1.16",
         "onnxruntime>=1.20",
+        "onnx_ir",  # onnxruntime's MatMulNBits quantizer imports it
         "polygraphy",
         "numpy",
         "tqdm",

@@ -290,3 +290,22 @@ def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_
     w["model.norm.weight"] = w["model.norm.weight"] * 2
     save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
     _fails(verify.main, ["--engine", str(engine), "--model", str(other)], capsys, "fingerprint differs")
+
+
+def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, tmp_path, capsys):
+    from adaskip import verify
+
+    out = tmp_path / "q4"
+    assert build_cli.main(["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--quantize", "int4",
+                           "-o", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["graph"]["quantize"] == "int4"
+    capsys.readouterr()
+    assert run_cli.main(["--engine", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] <= 4
+    assert verify.main(["--engine", str(out), "--prompts", "1", "--prompt-tokens", "16", "--decode-steps", "3",
+                        "--json"]) == 0  # report only: int4 is not expected to match fp32 to 1e-4
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantize"] == "int4" and 0.0 <= report["token_agreement"] <= 1.0 and report["max_logit_diff"] > 0
+    _fails(build_cli.main, ["--model", str(tiny_chat_model), "--skip", "1", "--backend", "torch", "--quantize", "int4",
+                            "-o", str(tmp_path / "x")], capsys, "ort backend only")

@@ -40,6 +40,7 @@ class BuildOptions:
     plan: str | None = None  # reuse an existing plan instead of calibrating
     backend: str = "ort"
     dtype: str = "float32"
+    quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
     force: bool = False
     progress: bool = True
 
@@ -64,6 +65,8 @@ class BuildOptions:
                 raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
             if self.skip is not None and self.skip < 0:
                 raise InputError(f"--skip must be >= 0; got {self.skip}")
+        if self.quantize is not None and (self.quantize != "int4" or self.backend != "ort"):
+            raise InputError("--quantize int4 is available for the ort backend only")
         if self.window < 1:
             raise InputError(f"--window must be >= 1; got {self.window}")
         if self.context_len is not None and self.context_len < 1:
@@ -161,10 +164,13 @@ def build(opts: BuildOptions) -> BuildReport:
         if opts.backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
         else:
-            from adaskip.export.onnx_graph import build_onnx, save_onnx
+            from adaskip.export.onnx_graph import build_onnx, quantize_int4, save_onnx
 
             graph = build_onnx(spec, model.weights, SkipPolicy(plan))
             build_info["graph"] = save_onnx(graph, tmp)
+            if opts.quantize:
+                _log("quantizing linear layers to int4 (MatMulNBits)", opts)
+                build_info["graph"].update(quantize_int4(tmp))
             _log(f"graph: {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers; onnx.checker passed", opts)
         tokenizer.save_pretrained(str(tmp / TOKENIZER))

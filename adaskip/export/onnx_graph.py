@@ -304,3 +304,26 @@ def save_onnx(model: onnx.ModelProto, out_dir, check: bool = True) -> dict:
     kv = sorted(int(i.name.rsplit("_", 1)[1]) for i in model.graph.input if i.name.startswith("past_key_"))
     ifs = sum(1 for node in model.graph.node if node.op_type == "If")
     return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "kv_layers": kv, "conditionals": ifs}
+
+
+QUANTIZE_CHOICES = ("int4",)
+
+
+def quantize_int4(model_dir, block_size: int = 32) -> dict:
+    """Weight-only int4 (ONNX Runtime's MatMulNBits, symmetric, int8 activations) for every linear layer, inside
+    the If branches too; attention products and the tied embedding / LM head stay fp32. ORT-specific: the result
+    uses a com.microsoft op, so it is an ONNX Runtime engine, not the portable graph."""
+    from pathlib import Path
+
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    path = Path(model_dir) / MODEL_FILE
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    (Path(model_dir) / DATA_FILE).unlink()
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+    return {"quantize": "int4", "block_size": block_size, "op": "com.microsoft::MatMulNBits"}
