@@ -105,10 +105,28 @@ class GraphBuilder:
             y = g.op("Add", y, self._weight(f"layers.{i}.{role}_bias"))
         return y
 
+    def _fused_linear(self, g: _Graph, x: str, i: int, roles: tuple[str, ...]) -> list[str]:
+        """Linear layers reading the same input as one MatMul (q/k/v, gate/up), split afterwards: fewer, larger
+        matrix products, which matters in decode where each is a matrix-vector product."""
+        name = f"layers.{i}.{'+'.join(roles)}"
+        parts = [self.w[f"layers.{i}.{r}"] for r in roles]
+        if name not in self._weights_added:
+            self.g.weight(name + ".T", torch.cat(parts, dim=0).t())
+            biases = [f"layers.{i}.{r}_bias" for r in roles]
+            if any(b in self.w for b in biases):
+                self.g.weight(name + ".bias", torch.cat([self.w[b] if b in self.w else torch.zeros(p.shape[0])
+                                                         for b, p in zip(biases, parts)]))
+            self._weights_added.add(name)
+        y = g.op("MatMul", x, name + ".T")
+        if any(f"layers.{i}.{r}_bias" in self.w for r in roles):
+            y = g.op("Add", y, name + ".bias")
+        return g.op("Split", y, g.const([p.shape[0] for p in parts]), axis=-1, n_out=len(roles))
+
     def _norm(self, g: _Graph, x: str, weight_role: str) -> str:
-        ms = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(self.spec.norm_eps, np.float32))))
-        return g.op("Mul", g.op("Mul", x, inv), self._weight(weight_role))
+        # the canonical RMSNorm pattern, which ONNX Runtime fuses into one SimplifiedLayerNormalization kernel
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
+        std = g.op("Sqrt", g.op("Add", ms, g.const(self.spec.norm_eps, np.float32)))
+        return g.op("Mul", g.op("Div", x, std), self._weight(weight_role))
 
     def _rope(self, g: _Graph, x: str) -> str:
         half = self.spec.head_dim // 2
@@ -126,9 +144,10 @@ class GraphBuilder:
         def heads_first(t: str, n: int) -> str:
             return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-        q = self._rope(g, heads_first(self._linear(g, x, i, "q"), heads))
-        k = self._rope(g, heads_first(self._linear(g, x, i, "k"), kvh))
-        v = heads_first(self._linear(g, x, i, "v"), kvh)  # [B, kvh, T, hd]
+        q, k, v = self._fused_linear(g, x, i, ("q", "k", "v"))
+        q = self._rope(g, heads_first(q, heads))
+        k = self._rope(g, heads_first(k, kvh))
+        v = heads_first(v, kvh)  # [B, kvh, T, hd]
         q = g.op("Mul", q, g.const(1.0 / math.sqrt(hd), np.float32))
         q = g.op("Reshape", q, g.const([0, kvh, -1, hd]))  # grouped heads folded into rows: [B, kvh, rep*T, hd]
         k_t = g.op("Transpose", k, perm=[0, 1, 3, 2])  # [B, kvh, hd, T]
@@ -153,9 +172,9 @@ class GraphBuilder:
 
     def _ffn(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
         x = self._norm(g, h, f"layers.{i}.ffn_norm")
-        gate = self._linear(g, x, i, "gate")
+        gate, up = self._fused_linear(g, x, i, ("gate", "up"))
         act = g.op("Mul", gate, g.op("Sigmoid", gate))
-        return self._linear(g, g.op("Mul", act, self._linear(g, x, i, "up")), i, "down"), []
+        return self._linear(g, g.op("Mul", act, up), i, "down"), []
 
     def _similarity(self, g: _Graph, h: str, full: str) -> tuple[str, str]:
         return g.op(similarity_onnx.OP, h, full, self.valid_f, domain=similarity_onnx.DOMAIN, n_out=2)

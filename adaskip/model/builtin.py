@@ -35,7 +35,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI, dequantized to fp32"),
 }
 
-_DONE = ".adaskip-complete-v2"  # bump when the cached layout changes: older caches are rebuilt
+_DONE = ".adaskip-complete-v3"  # bump when the cached layout changes: older caches are rebuilt
 SOURCE_DIR = "source"  # the original GGUF, kept beside the converted directory for provenance and re-conversion
 
 
@@ -107,6 +107,7 @@ def _convert_to_hf_dir(gguf: Path, out: Path) -> None:
     config = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
+    config["architectures"] = [type(model).__name__]  # GGUF loading leaves it empty; other HF tools need it
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
