@@ -26,10 +26,11 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"], "bench": ["onnxruntime-genai"]},
     entry_points={"console_scripts": [
         "adaskip-build=adaskip.builder.cli:main",
         "adaskip-run=adaskip.runtime.cli:main",
         "adaskip-verify=adaskip.verify:main",
+        "adaskip-bench=adaskip.eval.bench:main",
     ]},
 )

@@ -106,6 +106,10 @@ class SkipPolicy:
                 roles.append("dynamic")
         return roles
 
+    def wants_decode_stats(self, state: RequestState) -> bool:
+        """Whether the next decode step's similarity stats will be used (only while the window is open)."""
+        return self.learns_online and not state.learned
+
     # -- online learning -------------------------------------------------------------------------------------------
     def observe_decode(self, state: RequestState, similarity: list[float], norm_ratio: list[float]) -> None:
         """Record one finished decode step's stats (NaN = sublayer did not run)."""

@@ -13,9 +13,9 @@ part and the new part separately and joined in one softmax, with grouped query h
 K/V are never expanded. Prefill passes an empty buffer (S = 0).
 
 Inputs: input_ids, position_ids [B, T] int64; token_valid [B, T] bool (left padding); past_valid [B, S] bool;
-skip [B, 2L] bool; scale [B, 2L] float; past_key_i / past_value_i for layers with live attention.
+skip [B, 2L] bool; scale [B, 2L] float; want_stats [] bool; past_key_i / past_value_i for live attention layers.
 Outputs: logits [B, V] (last position; [B, T, V] with all_logits); similarity, norm_ratio [B, 2L] (NaN where
-skipped); new_key_i [B, kv_heads, head_dim, T], new_value_i [B, kv_heads, T, head_dim].
+skipped or when want_stats is false); new_key_i [B, kv_heads, head_dim, T], new_value_i [B, kv_heads, T, head_dim].
 """
 
 from __future__ import annotations
@@ -177,7 +177,15 @@ class GraphBuilder:
         return self._linear(g, g.op("Mul", act, up), i, "down"), []
 
     def _similarity(self, g: _Graph, h: str, full: str) -> tuple[str, str]:
-        return g.op(similarity_onnx.OP, h, full, self.valid_f, domain=similarity_onnx.DOMAIN, n_out=2)
+        """IOSimilarity under If(want_stats): the stats cost ~15 small kernels per sublayer, and a runtime needs
+        them only while it learns (calibration, the first W decode steps, verification)."""
+        on, off = _Graph(self.g.root), _Graph(self.g.root)
+        s, r = on.op(similarity_onnx.OP, h, full, self.valid_f, domain=similarity_onnx.DOMAIN, n_out=2)
+        outs = g.op("If", "want_stats", n_out=2, hint="stats",
+                    then_branch=_subgraph(on, "stats", [s, r], [FLOAT, FLOAT]),
+                    else_branch=_subgraph(off, "no_stats", [off.op("Identity", self.nan_b),
+                                                            off.op("Identity", self.nan_b)], [FLOAT, FLOAT]))
+        return outs[0], outs[1]
 
     def _sublayer(self, j: int, h: str, block: Callable[[_Graph, str, int], tuple[str, list[str]]]) -> tuple:
         g, i, role = self.g, j // 2, self.roles[j]
@@ -279,6 +287,7 @@ class GraphBuilder:
             helper.make_tensor_value_info("past_valid", BOOL, ["batch", "past"]),
             helper.make_tensor_value_info("skip", BOOL, ["batch", n]),
             helper.make_tensor_value_info("scale", FLOAT, ["batch", n]),
+            helper.make_tensor_value_info("want_stats", BOOL, []),
         ]
         outputs = [
             helper.make_tensor_value_info("logits", FLOAT, ["batch", "seq", spec.vocab_size] if self.all_logits
@@ -321,7 +330,7 @@ def save_onnx(model: onnx.ModelProto, out_dir, check: bool = True) -> dict:
     if check:
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     kv = sorted(int(i.name.rsplit("_", 1)[1]) for i in model.graph.input if i.name.startswith("past_key_"))
-    ifs = sum(1 for node in model.graph.node if node.op_type == "If")
+    ifs = sum(1 for node in model.graph.node if node.op_type == "If" and not node.output[0].startswith("stats"))
     return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "kv_layers": kv, "conditionals": ifs}
 
 

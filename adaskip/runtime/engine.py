@@ -35,9 +35,10 @@ class Engine(Protocol):
         """A KV cache for `batch` rows of up to `capacity` tokens, holding K/V only for `cached_layers`."""
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: KVCacheLike, skip: torch.Tensor,
-                scales: torch.Tensor, all_logits: bool = False) -> StepOutput:
-        """ids/valid: [B, T] (left-padded; valid marks real tokens); skip: [B, 2L] bool; scales: [B, 2L]."""
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
+        """ids/valid: [B, T] (left-padded; valid marks real tokens); skip: [B, 2L] bool; scales: [B, 2L].
+        want_stats=False lets a backend skip the similarity computation (stats then come back NaN)."""
 
     def decode(self, tokens: torch.Tensor, cache: KVCacheLike, skip: torch.Tensor,
-               scales: torch.Tensor) -> StepOutput:
+               scales: torch.Tensor, want_stats: bool = True) -> StepOutput:
         """tokens: [B]; one new position per row."""

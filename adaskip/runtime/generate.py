@@ -183,7 +183,7 @@ class Generator:
         t0 = time.perf_counter()
         prefill = [policy.prefill_mask(s) for s in states]
         skip, scales = _stack(prefill)
-        out = engine.prefill(ids, valid, cache, skip, scales)
+        out = engine.prefill(ids, valid, cache, skip, scales, want_stats=False)  # online learning is decode-only
         done = [False] * batch
         texts = [""] * batch
         cut_by_string: set[int] = set()
@@ -224,7 +224,8 @@ class Generator:
                 break
             masks = [policy.decode_mask(s) for s in states]
             skip, scales = _stack(masks)
-            out = engine.decode(tokens, cache, skip, scales)
+            out = engine.decode(tokens, cache, skip, scales,
+                                want_stats=any(policy.wants_decode_stats(s) for s in states))
             sims, ratios = out.similarity.tolist(), out.norm_ratio.tolist()
             for b, s in enumerate(states):
                 policy.observe_decode(s, sims[b], ratios[b])

@@ -72,7 +72,7 @@ class OrtEngine:
         return OrtKVCache(self.spec, batch, capacity, self.kv_layers)
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor,
-                scales: torch.Tensor, all_logits: bool = False) -> StepOutput:
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
         if all_logits:
             raise InputError("this graph returns last-position logits only")
         if cache.length:
@@ -80,14 +80,16 @@ class OrtEngine:
         valid_np = valid.numpy().astype(bool)
         positions = cache.next_pos[:, None] + np.maximum(np.cumsum(valid_np, axis=1) - 1, 0)
         return self._run(ids.numpy().astype(np.int64), positions.astype(np.int64), valid_np, cache, skip, scales,
-                         past_len=0)
+                         past_len=0, want_stats=want_stats)
 
-    def decode(self, tokens: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor, scales: torch.Tensor) -> StepOutput:
+    def decode(self, tokens: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor, scales: torch.Tensor,
+               want_stats: bool = True) -> StepOutput:
         ids = tokens.numpy().astype(np.int64).reshape(-1, 1)
         return self._run(ids, cache.next_pos[:, None].copy(), np.ones_like(ids, dtype=bool), cache, skip, scales,
-                         past_len=cache.capacity)
+                         past_len=cache.capacity, want_stats=want_stats)
 
-    def _run(self, ids, positions, valid, cache: OrtKVCache, skip, scales, past_len: int) -> StepOutput:
+    def _run(self, ids, positions, valid, cache: OrtKVCache, skip, scales, past_len: int,
+             want_stats: bool) -> StepOutput:
         batch, seq = ids.shape
         start = cache.length
         if start + seq > cache.capacity:
@@ -98,7 +100,8 @@ class OrtEngine:
                 raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
         feeds = {"input_ids": ids, "position_ids": positions, "token_valid": valid,
                  "past_valid": np.ascontiguousarray(cache.valid[:, :past_len]), "skip": skip_np,
-                 "scale": np.ascontiguousarray(scales.numpy().astype(np.float32))}
+                 "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)),
+                 "want_stats": np.array(want_stats)}
         for i in self.kv_layers:  # the whole buffer (decode) or an empty view of it (prefill): bound, not copied
             feeds[f"past_key_{i}"] = cache.k[i] if past_len else cache.k[i][..., :0]
             feeds[f"past_value_{i}"] = cache.v[i] if past_len else cache.v[i][:, :, :0]

@@ -66,18 +66,19 @@ class TorchEngine:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, skip: torch.Tensor,
-                scales: torch.Tensor, all_logits: bool = False) -> StepOutput:
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
         positions = cache.next_pos[:, None] + (valid.long().cumsum(-1) - 1).clamp_min(0)
-        return self._forward(ids, valid.bool(), positions, cache, skip, scales, all_logits)
+        return self._forward(ids, valid.bool(), positions, cache, skip, scales, all_logits, want_stats)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, cache: KVCache, skip: torch.Tensor, scales: torch.Tensor) -> StepOutput:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, skip: torch.Tensor, scales: torch.Tensor,
+               want_stats: bool = True) -> StepOutput:
         ids = tokens.reshape(-1, 1)
         valid = torch.ones_like(ids, dtype=torch.bool)
-        return self._forward(ids, valid, cache.next_pos[:, None].clone(), cache, skip, scales, False)
+        return self._forward(ids, valid, cache.next_pos[:, None].clone(), cache, skip, scales, False, want_stats)
 
     # -- the model ---------------------------------------------------------------------------------------------
-    def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits) -> StepOutput:
+    def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits, want_stats) -> StepOutput:
         spec = self.spec
         batch, seq = ids.shape
         start = cache.length
@@ -110,8 +111,8 @@ class TorchEngine:
                 else:  # per-request online decisions: compute the FFN only for the rows that run it
                     out = h * scales[:, j, None, None]
                     out[run] = h[run] + self._ffn(i, h[run])
-                s, r = io_similarity(h[run], out[run], valid[run])
-                sims[run, j], ratios[run, j] = s, r
+                if want_stats:
+                    sims[run, j], ratios[run, j] = io_similarity(h[run], out[run], valid[run])
                 h = out
 
         cache.length += seq

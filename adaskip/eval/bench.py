@@ -1,0 +1,273 @@
+"""adaskip-bench: time to first token and per-token decode time, side by side, at several context lengths.
+
+Columns: Hugging Face transformers (sdpa), the reference torch engine, our ONNX Runtime engine with nothing skipped,
+the same engine with AdaSkip e2e plans at the given budgets, onnxruntime-genai fp32 (and int4 next to our
+`--quantize int4` engine) on the same model. Every repeat runs every column once, in a rotating order, on the same
+real-text prompt, so slow drifts of a shared machine hit all columns alike; we report medians and ratios against
+our unskipped ORT engine, with the ideal speedup (the FLOPs the plan removes) beside each AdaSkip column.
+Run with OMP_WAIT_POLICY=PASSIVE; our sessions have intra-op spinning off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from adaskip.cli_common import main_wrapper
+from adaskip.errors import InputError
+
+
+@dataclass
+class Column:
+    name: str
+    run: Callable[[list[int], int], tuple[float, float]]  # (prompt, decode tokens) -> (TTFT s, s per token)
+    ideal: dict[int, dict[str, float]] = field(default_factory=dict)  # context -> {"prefill": x, "decode": x}
+    note: str = ""
+
+
+def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Column:
+    from adaskip.runtime.generate import Generator, SamplingParams
+
+    gen = Generator(engine, policy)  # no tokenizer: time the engine and the policy, not detokenization
+
+    def run(prompt: list[int], steps: int) -> tuple[float, float]:
+        r = gen.generate([prompt], SamplingParams(max_new_tokens=steps + 1, stop_token_ids=()))[0]
+        return r.ttft_s, r.decode_s / steps
+
+    return Column(name, run, note=note)
+
+
+def _hf_column(path: str) -> Column:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    @torch.inference_mode()
+    def run(prompt: list[int], steps: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(steps):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return t1 - t0, (time.perf_counter() - t1) / steps
+
+    return Column("transformers", run, note="sdpa, fp32")
+
+
+def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Column | None:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return None
+    out = work / f"genai-{precision}"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", str(out),
+                           "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"adaskip-bench: onnxruntime-genai {precision} build failed: {proc.stderr.strip()[-300:]}",
+              file=sys.stderr)
+        return None
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    model = og.Model(str(out))
+
+    def run(prompt: list[int], steps: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
+        return t1 - t0, (time.perf_counter() - t1) / steps
+
+    return Column(f"ort-genai-{precision}", run, note="GroupQueryAttention, shared KV buffer (its defaults)")
+
+
+def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False) -> Column:
+    from adaskip.export.onnx_graph import build_onnx, quantize_int4, save_onnx
+    from adaskip.policy import SkipPolicy
+    from adaskip.runtime.ort_engine import OrtEngine
+
+    out = work / name
+    out.mkdir()
+    policy = SkipPolicy(plan)
+    save_onnx(build_onnx(model.spec, model.weights, policy), out, check=False)
+    if quantize:
+        quantize_int4(out)
+    return _generator_column(name, OrtEngine(out / "model.onnx", model.spec, threads=threads), policy)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from adaskip.builder import cost
+    from adaskip.builder.build import load_tokenizer
+    from adaskip.builder.calibrate import calibrate
+    from adaskip.builder.corpus import builtin_text, load_calibration
+    from adaskip.model import load_model
+    from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
+    from adaskip.policy import SkipPolicy
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    spec = model.spec
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if max(contexts) + args.decode_tokens + 1 > spec.max_position_embeddings:
+        raise InputError(f"contexts must leave room for {args.decode_tokens} decode tokens within "
+                         f"{spec.max_position_embeddings}")
+    tokenizer = load_tokenizer(model)
+    corpus = tokenizer.encode(builtin_text(), add_special_tokens=False)
+    if args.calibration:
+        calib = SkipPlan.load(args.calibration).calibration
+    else:
+        calib = calibrate(TorchEngine.from_loaded(model),
+                          load_calibration(tokenizer, args.calib_prompts, args.calib_tokens))
+    nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
+    columns: list[Column] = []
+    if not args.no_hf:
+        columns.append(_hf_column(model.source))
+    columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
+    columns.append(_ort_column("ort", model, nothing, work, args.threads))
+    for k in budgets:
+        plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name)
+        col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, args.threads)
+        col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
+        col.note = "e2e: " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
+        columns.append(col)
+    if not args.no_genai:
+        genai = _genai_column(model.source, "fp32", work, args.threads)
+        columns += [genai] if genai else []
+    if args.int4:
+        columns.append(_ort_column("ort-int4", model, nothing, work, args.threads, quantize=True))
+        if not args.no_genai:
+            genai4 = _genai_column(model.source, "int4", work, args.threads)
+            columns += [genai4] if genai4 else []
+
+    results: dict[str, dict[int, dict[str, list[float]]]] = {c.name: {} for c in columns}
+    for ctx in contexts:
+        prompt = corpus[:ctx]
+        for rep in range(args.repeats):
+            order = columns[rep % len(columns):] + columns[:rep % len(columns)]
+            for col in order:
+                ttft, per_token = col.run(prompt, args.decode_tokens)
+                slot = results[col.name].setdefault(ctx, {"ttft": [], "decode": []})
+                slot["ttft"].append(ttft)
+                slot["decode"].append(per_token)
+                print(f"adaskip-bench: {ctx:>5} tokens  repeat {rep + 1}/{args.repeats}  {col.name:<18} "
+                      f"TTFT {ttft:7.3f} s  decode {per_token * 1000:7.2f} ms/token", file=sys.stderr, flush=True)
+    return {"model": args.model, "threads": args.threads, "repeats": args.repeats,
+            "decode_tokens": args.decode_tokens, "contexts": contexts,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal} for c in columns],
+            "results": {name: {str(ctx): {k: statistics.median(v) for k, v in d.items()} | {"raw": d}
+                               for ctx, d in per_ctx.items()} for name, per_ctx in results.items()}}
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    res, cols = data["results"], data["columns"]
+    lines = [f"# Benchmarks: {data['model']}", "",
+             f"Generated by `adaskip-bench` ({data['threads']} threads, OMP_WAIT_POLICY={data['omp_wait_policy']}, "
+             f"our ONNX Runtime sessions with intra-op spinning off). Medians of {data['repeats']} repeats; every "
+             f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
+             f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
+             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model).", ""]
+    for ctx in data["contexts"]:
+        key = str(ctx)
+        base = res["ort"][key]
+        lines += [f"## {ctx} tokens of context", "",
+                  "| column | TTFT (s) | prefill speedup | ideal | decode (ms/token) | decode speedup | ideal | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for col in cols:
+            r = res[col["name"]][key]
+            ideal = col["ideal"].get(ctx) or col["ideal"].get(key) or {}
+            ip = f"{ideal['prefill']:.3f}" if ideal else ""
+            idd = f"{ideal['decode']:.3f}" if ideal else ""
+            lines.append(f"| {col['name']} | {r['ttft']:.3f} | {base['ttft'] / r['ttft']:.3f} | {ip} | "
+                         f"{r['decode'] * 1000:.2f} | {base['decode'] / r['decode']:.3f} | {idd} | {col['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for col in data["columns"]:
+        r = data["results"][col["name"]]
+        ctxs = [c for c in data["contexts"] if str(c) in r]
+        axes[0].plot(ctxs, [r[str(c)]["ttft"] for c in ctxs], "o-", label=col["name"])
+        axes[1].plot(ctxs, [r[str(c)]["decode"] * 1000 for c in ctxs], "o-", label=col["name"])
+    axes[0].set_title("time to first token")
+    axes[0].set_ylabel("seconds")
+    axes[1].set_title("decode")
+    axes[1].set_ylabel("ms / token")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{data['model']}, {data['threads']} threads, CPU")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaskip-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--contexts", default="1024,2048,4096,8192")
+    p.add_argument("--budgets", default="8,16", help="AdaSkip K values (e2e plans)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration", help="take calibration stats from this plan.json instead of calibrating")
+    p.add_argument("--calib-prompts", type=int, default=20)
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-genai", action="store_true")
+    p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
+    return p
+
+
+@main_wrapper("adaskip-bench")
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.repeats < 1 or a.decode_tokens < 1 or a.threads < 1:
+        raise InputError("--repeats, --decode-tokens and --threads must be >= 1")
+    data = run_bench(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.json").write_text(json.dumps(data, indent=2))
+    md = render_markdown(data)
+    (out / "benchmarks.md").write_text(md + "\n![benchmarks](benchmarks.png)\n")
+    plot(data, out / "benchmarks.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
