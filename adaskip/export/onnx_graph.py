@@ -37,6 +37,7 @@ from adaskip.policy import SkipPolicy
 
 OPSET = 17
 IR_VERSION = 9
+GRAPH_INTERFACE = 1  # bump when graph inputs/outputs change: runtimes refuse graphs of another interface
 NEG = float(np.finfo(np.float32).min)
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
@@ -331,7 +332,8 @@ def save_onnx(model: onnx.ModelProto, out_dir, check: bool = True) -> dict:
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     kv = sorted(int(i.name.rsplit("_", 1)[1]) for i in model.graph.input if i.name.startswith("past_key_"))
     ifs = sum(1 for node in model.graph.node if node.op_type == "If" and not node.output[0].startswith("stats"))
-    return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "kv_layers": kv, "conditionals": ifs}
+    return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "interface": GRAPH_INTERFACE, "kv_layers": kv,
+            "conditionals": ifs}
 
 
 QUANTIZE_CHOICES = ("int4",)
