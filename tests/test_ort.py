@@ -16,7 +16,7 @@ from adaskip.model import load_model
 from adaskip.plan import SkipPlan, baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
-from adaskip.runtime.ort_engine import OrtEngine
+from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
 from adaskip.verify import compare_engines
 
@@ -24,10 +24,15 @@ DATA = Path(__file__).parent / "data"
 TOL = 1e-4
 
 
-def _export(model, policy, out: Path) -> tuple[OrtEngine, dict]:
+VARIANTS = ["portable", "ort"]
+
+
+def _export(model, policy, out: Path, variant: str = "portable") -> tuple[OrtEngine, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    info = save_onnx(build_onnx(model.spec, model.weights, policy), out)  # runs onnx.checker full_check
-    return OrtEngine(out / "model.onnx", model.spec, threads=2), info
+    # the portable graph must pass onnx.checker's full check; the ORT variant uses contrib ops it does not know
+    info = save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out, check=variant == "portable")
+    engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
+    return engine_cls(out / "model.onnx", model.spec, threads=2), info
 
 
 def _no_skip(model):
@@ -40,11 +45,12 @@ def _parity(model, ort_engine, prompts: list[list[int]], decode_steps: int, poli
     return report
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "llama-linear-rope", "llama-untied-mha"])
-def test_tiny_families_match_the_reference(kind, tiny_root, tmp_path):
+def test_tiny_families_match_the_reference(kind, variant, tiny_root, tmp_path):
     model = load_model(str(make_tiny_hf(kind, tiny_root)))
     policy = _no_skip(model)
-    engine, info = _export(model, policy, tmp_path)
+    engine, info = _export(model, policy, tmp_path, variant)
     assert info["kv_layers"] == [0, 1, 2, 3] and info["conditionals"] == 0
     torch.manual_seed(0)
     report = _parity(model, engine, torch.randint(0, 320, (2, 24)).tolist(), 6, policy)
@@ -99,21 +105,24 @@ def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path):
     assert len(similarity_ops) == roles.count("always") + roles.count("dynamic")  # one per sublayer that can run
 
 
-def test_smollm2_logits_and_stats_match_the_reference(smollm2, smollm2_tokenizer, k8_plan, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_smollm2_logits_and_stats_match_the_reference(smollm2, smollm2_tokenizer, k8_plan, tmp_path, variant):
     ids = [smollm2_tokenizer.encode(long_text()[:6000])[:1024]]
     for name, policy in (("none", _no_skip(smollm2)), ("k8", SkipPolicy(k8_plan))):
-        engine, _ = _export(smollm2, policy, tmp_path / name)
+        engine, _ = _export(smollm2, policy, tmp_path / name, variant)
         report = _parity(smollm2, engine, ids, 8, policy)
-        print(f"SmolLM2 ORT vs reference ({name}): logits {report.max_logit_diff:.2e}, "
+        print(f"SmolLM2 ORT {variant} vs reference ({name}): logits {report.max_logit_diff:.2e}, "
               f"stats {report.max_similarity_diff:.2e}")
         assert report.passed and report.max_logit_diff <= TOL and report.max_similarity_diff <= TOL
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["prefill", "decode", "e2e"])
-def test_smollm2_128_greedy_tokens_identical_in_every_mode(smollm2, smollm2_tokenizer, k8_plan, tmp_path, mode):
+def test_smollm2_128_greedy_tokens_identical_in_every_mode(smollm2, smollm2_tokenizer, k8_plan, tmp_path, mode,
+                                                           variant):
     plan = _with_mode(k8_plan, mode)
     policy = SkipPolicy(plan)
-    engine, _ = _export(smollm2, policy, tmp_path)
+    engine, _ = _export(smollm2, policy, tmp_path, variant)
     # a long real prompt (the language reference) on which the online FFN skipping fires at K=8
     prompt = smollm2_tokenizer.encode(long_text()[40000:43000])[:512]
     params = SamplingParams(max_new_tokens=128, stop_token_ids=())
@@ -126,14 +135,14 @@ def test_smollm2_128_greedy_tokens_identical_in_every_mode(smollm2, smollm2_toke
     assert got.kv_bytes == ref.kv_bytes < ref.kv_bytes_full
 
 
-@pytest.mark.parametrize("backend", ["torch", "ort"])
+@pytest.mark.parametrize("backend", ["torch", "portable", "ort"])
 def test_rows_with_different_ffn_masks_equal_their_solo_runs(tiny_root, tmp_path, backend):
     """The batch rule: a row's online FFN decisions apply to that row only (computed for the rows that run it)."""
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
     from test_skipping import _plan_for
 
     policy = SkipPolicy(_plan_for(model, [3]))  # FFN of layer 1 offline; the other FFNs dynamic (online)
-    engine = TorchEngine.from_loaded(model) if backend == "torch" else _export(model, policy, tmp_path)[0]
+    engine = TorchEngine.from_loaded(model) if backend == "torch" else _export(model, policy, tmp_path, backend)[0]
     n = model.spec.num_sublayers
     ids = torch.randint(0, 320, (2, 9))
     masks = torch.zeros(2, n, dtype=torch.bool)
@@ -155,3 +164,29 @@ def test_rows_with_different_ffn_masks_equal_their_solo_runs(tiny_root, tmp_path
             assert (a.logits[r] - b.logits[0]).abs().max() <= 1e-5
             assert torch.allclose(a.similarity[r], b.similarity[0], atol=1e-5, equal_nan=True)
     assert torch.isnan(both[0].similarity[0, 5]) and not torch.isnan(both[0].similarity[1, 5])
+
+
+def test_left_padded_batches_match_solo_runs_in_both_variants(tiny_root, tmp_path):
+    """The ORT variant lays left-padded prompts out right-padded for GroupQueryAttention: same tokens as alone."""
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    from test_skipping import _plan_for
+
+    policy = SkipPolicy(_plan_for(model, [2, 5], window=3))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    ref = [Generator(TorchEngine.from_loaded(model), policy).generate([p], params)[0].tokens for p in prompts]
+    for variant in VARIANTS:
+        engine, _ = _export(model, policy, tmp_path / variant, variant)
+        batch = Generator(engine, policy).generate(prompts, params)
+        assert [r.tokens for r in batch] == ref, variant
+
+
+def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
+    from adaskip.export.onnx_graph import ort_variant_supported
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    growing = SkipPolicy(baseline_plan("skipdecode", 4, 2, "decode", model.fingerprint))
+    assert not ort_variant_supported(model.spec, growing)
+    with pytest.raises(InputError, match="portable"):
+        build_onnx(model.spec, model.weights, growing, variant="ort")
+    assert ort_variant_supported(model.spec, SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", model.fingerprint)))

@@ -41,6 +41,7 @@ class BuildOptions:
     backend: str = "ort"
     dtype: str = "float32"
     quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
+    graph_variant: str = "auto"  # ort backend: "ort" (fused contrib ops), "portable" (standard ops), auto = ort if possible
     force: bool = False
     progress: bool = True
 
@@ -65,6 +66,8 @@ class BuildOptions:
                 raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
             if self.skip is not None and self.skip < 0:
                 raise InputError(f"--skip must be >= 0; got {self.skip}")
+        if self.graph_variant not in ("auto", "ort", "portable"):
+            raise InputError(f"--graph-variant must be auto, ort or portable; got {self.graph_variant!r}")
         if self.quantize is not None and (self.quantize != "int4" or self.backend != "ort"):
             raise InputError("--quantize int4 is available for the ort backend only")
         if self.window < 1:
@@ -164,15 +167,20 @@ def build(opts: BuildOptions) -> BuildReport:
         if opts.backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
         else:
-            from adaskip.export.onnx_graph import build_onnx, quantize_int4, save_onnx
+            from adaskip.export.onnx_graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
 
-            graph = build_onnx(spec, model.weights, SkipPolicy(plan))
-            build_info["graph"] = save_onnx(graph, tmp)
+            policy = SkipPolicy(plan)
+            variant = opts.graph_variant
+            if variant == "auto":
+                variant = "ort" if ort_variant_supported(spec, policy) else "portable"
+            graph = build_onnx(spec, model.weights, policy, variant=variant)
+            build_info["graph"] = save_onnx(graph, tmp, check=variant == "portable")
             if opts.quantize:
                 _log("quantizing linear layers to int4 (MatMulNBits)", opts)
                 build_info["graph"].update(quantize_int4(tmp))
-            _log(f"graph: {build_info['graph']['conditionals']} conditional sublayers, KV for "
-                 f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers; onnx.checker passed", opts)
+            _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
+                 f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
+                 + ("; onnx.checker (full) passed" if variant == "portable" else ""), opts)
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),

@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
                      help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors)")
     out.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     out.add_argument("--quantize", choices=("int4",), help="ort backend: weight-only int4 linear layers (MatMulNBits)")
+    out.add_argument("--graph-variant", choices=("auto", "ort", "portable"), default="auto",
+                     help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
+                          "standard ops (what TensorRT parses); auto picks ort when the plan allows it")
     out.add_argument("--force", action="store_true", help="replace an existing output directory")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     return p
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build(BuildOptions(
         model=a.model, output=a.output, method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, calib=a.calib,
         calib_prompts=a.calib_prompts, calib_tokens=a.calib_tokens, context_len=a.context_len, window=a.window,
-        online=not a.no_online, plan=a.plan, backend=a.backend, dtype=a.dtype, quantize=a.quantize, force=a.force, progress=not a.quiet))
+        online=not a.no_online, plan=a.plan, backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant, force=a.force, progress=not a.quiet))
     plan = report.plan
     names = [f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip]
     e = report.expected

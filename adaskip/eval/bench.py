@@ -102,17 +102,20 @@ def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Colu
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False) -> Column:
-    from adaskip.export.onnx_graph import build_onnx, quantize_int4, save_onnx
+    from adaskip.export.onnx_graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
     from adaskip.policy import SkipPolicy
-    from adaskip.runtime.ort_engine import OrtEngine
+    from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
 
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
-    save_onnx(build_onnx(model.spec, model.weights, policy), out, check=False)
+    variant = "ort" if ort_variant_supported(model.spec, policy) else "portable"  # what adaskip-build picks
+    save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out, check=False)
     if quantize:
         quantize_int4(out)
-    return _generator_column(name, OrtEngine(out / "model.onnx", model.spec, threads=threads), policy)
+    engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
+    return _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads), policy,
+                             note=f"{variant} graph")
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, args.threads)
         col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
-        col.note = "e2e: " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
+        col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         columns.append(col)
     if not args.no_genai:
         genai = _genai_column(model.source, "fp32", work, args.threads)

@@ -40,6 +40,7 @@ IR_VERSION = 9
 GRAPH_INTERFACE = 1  # bump when graph inputs/outputs change: runtimes refuse graphs of another interface
 NEG = float(np.finfo(np.float32).min)
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+VARIANTS = ("portable", "ort")  # portable: standard ops only (TensorRT's parser); ort: ONNX Runtime contrib ops
 
 
 class _Graph:
@@ -81,12 +82,19 @@ class _Graph:
 
 class GraphBuilder:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], policy: SkipPolicy,
-                 all_logits: bool = False):
+                 all_logits: bool = False, variant: str = "portable"):
         if any(w is not None and w < spec.max_position_embeddings for w in spec.attention_windows):
             raise InputError("the ONNX exporter does not support sliding-window attention yet; use --backend torch")
+        if variant not in VARIANTS:
+            raise InputError(f"graph variant must be one of {VARIANTS}; got {variant!r}")
         self.spec, self.w, self.policy, self.all_logits = spec, weights, policy, all_logits
         self.roles = policy.sublayer_roles()
         self.cached = set(policy.cached_layers())
+        if variant == "ort" and (all_logits or not ort_variant_supported(spec, policy)):
+            raise InputError("the ORT-optimized graph needs last-position logits, a head size that is a multiple of "
+                             "16 and no conditional attention that keeps a KV cache (SkipDecode's growing set); use "
+                             "the portable variant")
+        self.variant = variant
         self.g = _Graph()
         self._weights_added: set[str] = set()
 
@@ -138,6 +146,24 @@ class GraphBuilder:
 
     # -- blocks ------------------------------------------------------------------------------------------------------
     def _attention(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
+        if self.variant == "ort":
+            return self._attention_gqa(g, h, i)
+        return self._attention_portable(g, h, i)
+
+    def _attention_gqa(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
+        """ONNX Runtime's fused GroupQueryAttention (rotary inside, KV written in place into a shared buffer)."""
+        spec = self.spec
+        x = self._norm(g, h, f"layers.{i}.attn_norm")
+        q, k, v = self._fused_linear(g, x, i, ("q", "k", "v"))
+        cached = i in self.cached
+        past = [f"past_key_{i}", f"past_value_{i}"] if cached else ["", ""]
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", q, k, v, *past, "seqlens_k", "total_sequence_length", "rope_cos_half",
+            "rope_sin_half", "position_ids", domain="com.microsoft", n_out=3, num_heads=spec.num_heads,
+            kv_num_heads=spec.num_kv_heads, do_rotary=1, scale=1.0 / math.sqrt(spec.head_dim))
+        return self._linear(g, out, i, "o"), ([present_k, present_v] if cached else [])
+
+    def _attention_portable(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
         spec = self.spec
         heads, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         x = self._norm(g, h, f"layers.{i}.attn_norm")
@@ -221,21 +247,29 @@ class GraphBuilder:
     # -- the whole graph ---------------------------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         spec, g = self.spec, self.g
-        n = spec.num_sublayers
         self._weight("embed")
-        inv = inv_frequencies(spec)
-        cos, sin = rope_cos_sin(inv, torch.arange(spec.max_position_embeddings))
-        g.weight("rope_cos", cos)
-        g.weight("rope_sin", sin)
+        cos, sin = rope_cos_sin(inv_frequencies(spec), torch.arange(spec.max_position_embeddings))
 
         shape_ids = g.op("Shape", "input_ids")
         dim_b = g.op("Slice", shape_ids, g.const([0]), g.const([1]), g.const([0]))
         self.dim_t = g.op("Slice", shape_ids, g.const([1]), g.const([2]), g.const([0]))
+        self.valid_f = g.op("Cast", "token_valid", to=FLOAT)
+        self.nan_b = g.op("Expand", g.const(math.nan, np.float32), dim_b)
+        if self.variant == "ort":
+            half = spec.head_dim // 2
+            g.weight("rope_cos_half", cos[:, :half])
+            g.weight("rope_sin_half", sin[:, :half])
+        else:
+            g.weight("rope_cos", cos)
+            g.weight("rope_sin", sin)
+            self._prepare_portable_attention(dim_b)
+        return self._build_layers(dim_b)
+
+    def _prepare_portable_attention(self, dim_b: str) -> None:
+        spec, g = self.spec, self.g
         dim_s = g.op("Slice", g.op("Shape", "past_valid"), g.const([1]), g.const([2]), g.const([0]))
         self.dim_st = g.op("Add", dim_s, self.dim_t)
         self.split_st = g.op("Concat", dim_s, self.dim_t, axis=0)
-        self.valid_f = g.op("Cast", "token_valid", to=FLOAT)
-        self.nan_b = g.op("Expand", g.const(math.nan, np.float32), dim_b)
         self.cos = g.op("Unsqueeze", g.op("Gather", "rope_cos", "position_ids"), g.const([1]))  # [B, 1, T, hd]
         self.sin = g.op("Unsqueeze", g.op("Gather", "rope_sin", "position_ids"), g.const([1]))
         kv = g.const([spec.num_kv_heads])
@@ -256,6 +290,9 @@ class GraphBuilder:
         buf = g.op("Expand", buf, g.op("Concat", dim_b, g.const([1, 1]), self.dim_t, dim_s, axis=0))
         self.bias_all = g.op("Concat", buf, self.bias_new, axis=4)
 
+    def _build_layers(self, dim_b: str) -> onnx.ModelProto:
+        spec, g = self.spec, self.g
+        n = spec.num_sublayers
         h = g.op("Gather", "embed", "input_ids")
         sims, ratios, kv_outputs = [], [], []
         for i in range(spec.num_layers):
@@ -264,8 +301,9 @@ class GraphBuilder:
                 sims.append(g.op("Unsqueeze", s, g.const([1])))
                 ratios.append(g.op("Unsqueeze", r, g.const([1])))
                 if extra:
-                    g.op("Identity", extra[0], outputs=[f"new_key_{i}"])
-                    g.op("Identity", extra[1], outputs=[f"new_value_{i}"])
+                    out_k, out_v = self._kv_output_names(i)
+                    g.op("Identity", extra[0], outputs=[out_k])
+                    g.op("Identity", extra[1], outputs=[out_v])
                     kv_outputs.append(i)
         g.op("Concat", *sims, axis=1, outputs=["similarity"])
         g.op("Concat", *ratios, axis=1, outputs=["norm_ratio"])
@@ -276,16 +314,29 @@ class GraphBuilder:
             logits = g.op("Gemm", flat, head, transB=1)
             g.op("Reshape", logits, g.op("Concat", dim_b, self.dim_t, g.const([spec.vocab_size]), axis=0),
                  outputs=["logits"])
+        elif self.variant == "ort":  # right padding: each row's last token sits at its own index
+            rows = g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", dim_b, g.const([0])), g.const(1)),
+                        g.op("Squeeze", self.dim_t, g.const([0])))
+            flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))
+            last = g.op("Gather", flat, g.op("Add", rows, "last_index"), axis=0)
+            g.op("Gemm", self._norm(g, last, "final_norm"), head, transB=1, outputs=["logits"])
         else:
             last = g.op("Gather", h, g.const(-1), axis=1)  # [B, D]
             g.op("Gemm", self._norm(g, last, "final_norm"), head, transB=1, outputs=["logits"])
 
-        L, kvh, hd = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        kvh, hd = spec.num_kv_heads, spec.head_dim
         inputs = [
             helper.make_tensor_value_info("input_ids", INT64, ["batch", "seq"]),
             helper.make_tensor_value_info("position_ids", INT64, ["batch", "seq"]),
             helper.make_tensor_value_info("token_valid", BOOL, ["batch", "seq"]),
-            helper.make_tensor_value_info("past_valid", BOOL, ["batch", "past"]),
+        ]
+        if self.variant == "ort":
+            inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+                       helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+                       helper.make_tensor_value_info("last_index", INT64, ["batch"])]
+        else:
+            inputs += [helper.make_tensor_value_info("past_valid", BOOL, ["batch", "past"])]
+        inputs += [
             helper.make_tensor_value_info("skip", BOOL, ["batch", n]),
             helper.make_tensor_value_info("scale", FLOAT, ["batch", n]),
             helper.make_tensor_value_info("want_stats", BOOL, []),
@@ -297,15 +348,39 @@ class GraphBuilder:
             helper.make_tensor_value_info("norm_ratio", FLOAT, ["batch", n]),
         ]
         for i in kv_outputs:
-            inputs += [helper.make_tensor_value_info(f"past_key_{i}", FLOAT, ["batch", kvh, hd, "past"]),
-                       helper.make_tensor_value_info(f"past_value_{i}", FLOAT, ["batch", kvh, "past", hd])]
-            outputs += [helper.make_tensor_value_info(f"new_key_{i}", FLOAT, ["batch", kvh, hd, "seq"]),
-                        helper.make_tensor_value_info(f"new_value_{i}", FLOAT, ["batch", kvh, "seq", hd])]
+            out_k, out_v = self._kv_output_names(i)
+            if self.variant == "ort":  # BNSH buffers of the request's capacity, shared between past and present
+                inputs += [helper.make_tensor_value_info(f"past_key_{i}", FLOAT, ["batch", kvh, "capacity", hd]),
+                           helper.make_tensor_value_info(f"past_value_{i}", FLOAT, ["batch", kvh, "capacity", hd])]
+                outputs += [helper.make_tensor_value_info(out_k, FLOAT, ["batch", kvh, "capacity", hd]),
+                            helper.make_tensor_value_info(out_v, FLOAT, ["batch", kvh, "capacity", hd])]
+            else:
+                inputs += [helper.make_tensor_value_info(f"past_key_{i}", FLOAT, ["batch", kvh, hd, "past"]),
+                           helper.make_tensor_value_info(f"past_value_{i}", FLOAT, ["batch", kvh, "past", hd])]
+                outputs += [helper.make_tensor_value_info(out_k, FLOAT, ["batch", kvh, hd, "seq"]),
+                            helper.make_tensor_value_info(out_v, FLOAT, ["batch", kvh, "seq", hd])]
         graph = helper.make_graph(g.nodes, "adaskip", inputs, outputs, initializer=g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), similarity_onnx.opset_import()],
-                                  functions=[similarity_onnx.function_proto()], producer_name="adaskip")
+        opsets = [helper.make_opsetid("", OPSET), similarity_onnx.opset_import()]
+        if self.variant == "ort":
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, functions=[similarity_onnx.function_proto()],
+                                  producer_name="adaskip", doc_string=f"adaskip graph, variant {self.variant}")
         model.ir_version = IR_VERSION
         return model
+
+
+    def _kv_output_names(self, i: int) -> tuple[str, str]:
+        if self.variant == "ort":
+            return f"present_key_{i}", f"present_value_{i}"
+        return f"new_key_{i}", f"new_value_{i}"
+
+
+def ort_variant_supported(spec: ModelSpec, policy: SkipPolicy) -> bool:
+    """The ORT variant keeps KV in a shared in-place buffer: a conditional attention that owns a cache
+    (SkipDecode's set growing in decode) cannot write through an If branch, so such plans use the portable graph.
+    ONNX Runtime's GroupQueryAttention also needs a head size that is a multiple of 16."""
+    roles, cached = policy.sublayer_roles(), set(policy.cached_layers())
+    return spec.head_dim % 16 == 0 and not any(roles[2 * i] == "dynamic" for i in cached)
 
 
 def _subgraph(g: _Graph, name: str, outs: list[str], types: list[int]) -> onnx.GraphProto:
@@ -313,8 +388,8 @@ def _subgraph(g: _Graph, name: str, outs: list[str], types: list[int]) -> onnx.G
 
 
 def build_onnx(spec: ModelSpec, weights: dict[str, torch.Tensor], policy: SkipPolicy,
-               all_logits: bool = False) -> onnx.ModelProto:
-    return GraphBuilder(spec, weights, policy, all_logits).build()
+               all_logits: bool = False, variant: str = "portable") -> onnx.ModelProto:
+    return GraphBuilder(spec, weights, policy, all_logits, variant).build()
 
 
 MODEL_FILE = "model.onnx"
@@ -331,9 +406,10 @@ def save_onnx(model: onnx.ModelProto, out_dir, check: bool = True) -> dict:
     if check:
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     kv = sorted(int(i.name.rsplit("_", 1)[1]) for i in model.graph.input if i.name.startswith("past_key_"))
+    variant = "ort" if any(op.domain == "com.microsoft" for op in model.opset_import) else "portable"
     ifs = sum(1 for node in model.graph.node if node.op_type == "If" and not node.output[0].startswith("stats"))
-    return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "interface": GRAPH_INTERFACE, "kv_layers": kv,
-            "conditionals": ifs}
+    return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "interface": GRAPH_INTERFACE, "variant": variant,
+            "kv_layers": kv, "conditionals": ifs}
 
 
 QUANTIZE_CHOICES = ("int4",)

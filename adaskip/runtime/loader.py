@@ -31,13 +31,14 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
         engine: Any = TorchEngine(ed.spec, load_checked_weights(ed))
     elif ed.backend == "ort":
         from adaskip.export.onnx_graph import GRAPH_INTERFACE
-        from adaskip.runtime.ort_engine import OrtEngine
+        from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
 
         graph = ed.manifest["build"].get("graph", {})
         if graph.get("interface") != GRAPH_INTERFACE:
             raise EngineDirError(f"{ed.root}: graph interface {graph.get('interface')!r} is not the one this adaskip "
                                  f"runs ({GRAPH_INTERFACE}); rebuild the engine with adaskip-build")
-        engine = OrtEngine(ed.root / graph["file"], ed.spec, threads=threads)
+        engine_cls = OrtGqaEngine if graph.get("variant") == "ort" else OrtEngine
+        engine = engine_cls(ed.root / graph["file"], ed.spec, threads=threads)
     else:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))

@@ -94,10 +94,7 @@ class OrtEngine:
         start = cache.length
         if start + seq > cache.capacity:
             raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
-        skip_np = np.ascontiguousarray(skip.numpy().astype(bool))
-        for j in range(0, skip_np.shape[1], 2):  # attention decisions are offline: the same for every row
-            if skip_np[:, j].any() and not skip_np[:, j].all():
-                raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
+        skip_np = self._check_skip(skip)
         feeds = {"input_ids": ids, "position_ids": positions, "token_valid": valid,
                  "past_valid": np.ascontiguousarray(cache.valid[:, :past_len]), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)),
@@ -118,7 +115,103 @@ class OrtEngine:
         cache.valid[:, start:start + seq] = valid
         cache.length += seq
         cache.next_pos += valid.sum(axis=1)
+        return self._step_output(out, skip_np)
+
+    @staticmethod
+    def _check_skip(skip: torch.Tensor) -> np.ndarray:
+        skip_np = np.ascontiguousarray(skip.numpy().astype(bool))
+        for j in range(0, skip_np.shape[1], 2):  # attention decisions are offline: the same for every row
+            if skip_np[:, j].any() and not skip_np[:, j].all():
+                raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
+        return skip_np
+
+    @staticmethod
+    def _step_output(out: dict, skip_np: np.ndarray) -> StepOutput:
         sims, ratios = out["similarity"].copy(), out["norm_ratio"].copy()
         sims[skip_np], ratios[skip_np] = np.nan, np.nan  # rows that skipped report nothing, as in the torch engine
         return StepOutput(logits=torch.from_numpy(out["logits"]), similarity=torch.from_numpy(sims),
                           norm_ratio=torch.from_numpy(ratios))
+
+
+class GqaKVCache:
+    """BNSH buffers of the request's capacity that ONNX Runtime's GroupQueryAttention updates in place; rows are
+    right-padded, each with its own length."""
+
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, layers: list[int]):
+        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
+        self.k = {i: np.zeros(shape, np.float32) for i in layers}
+        self.v = {i: np.zeros(shape, np.float32) for i in layers}
+        self.lengths = np.zeros(batch, np.int64)
+        self.capacity = capacity
+        self.length = 0  # forwards' token count, as in the other caches (the widest row)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
+
+    @property
+    def cached_layers(self) -> list[int]:
+        return sorted(self.k)
+
+
+class OrtGqaEngine(OrtEngine):
+    """The ORT-optimized graph variant: fused GroupQueryAttention over a shared, in-place KV buffer (no copy of the
+    cache at any step, no T x S score matrix in prefill). Left-padded batches from the Generator are laid out
+    right-padded for the kernel; every row keeps its own length."""
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> GqaKVCache:
+        if sorted(cached_layers) != self.kv_layers:
+            raise EngineDirError(f"the graph holds KV for layers {self.kv_layers}, the plan's policy wants "
+                                 f"{sorted(cached_layers)}: engine and plan do not belong together")
+        return GqaKVCache(self.spec, batch, capacity, self.kv_layers)
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
+        if all_logits:
+            raise InputError("this graph returns last-position logits only")
+        if cache.length:
+            raise InputError("prefill needs an empty cache")
+        valid_np = valid.numpy().astype(bool)
+        counts = valid_np.sum(axis=1)
+        width = int(counts.max())
+        ids_np = ids.numpy()
+        right = np.zeros((len(counts), width), np.int64)
+        token_valid = np.zeros((len(counts), width), bool)
+        for b, n in enumerate(counts):  # left padding -> right padding
+            right[b, :n] = ids_np[b, valid_np[b]]
+            token_valid[b, :n] = True
+        positions = np.tile(np.arange(width, dtype=np.int64), (len(counts), 1))
+        return self._run_gqa(right, positions, token_valid, counts, cache, skip, scales, want_stats)
+
+    def decode(self, tokens: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor, scales: torch.Tensor,
+               want_stats: bool = True) -> StepOutput:
+        ids = tokens.numpy().astype(np.int64).reshape(-1, 1)
+        ones = np.ones(len(ids), np.int64)
+        return self._run_gqa(ids, cache.lengths[:, None].copy(), np.ones_like(ids, dtype=bool), ones, cache, skip,
+                             scales, want_stats)
+
+    def _run_gqa(self, ids, positions, token_valid, counts, cache: GqaKVCache, skip, scales,
+                 want_stats: bool) -> StepOutput:
+        total = cache.lengths + counts
+        if int(total.max()) > cache.capacity:
+            raise InputError(f"KV cache holds {cache.capacity} positions; {int(total.max())} requested")
+        skip_np = self._check_skip(skip)
+        feeds = {"input_ids": ids, "position_ids": positions, "token_valid": token_valid,
+                 "seqlens_k": (total - 1).astype(np.int32),
+                 "total_sequence_length": np.array(int(total.max()), np.int32),
+                 "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
+                 "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        outputs = [n for n in self.outputs if not n.startswith("present_")]
+        for name in outputs:  # bound first: get_outputs() returns them in binding order
+            binding.bind_output(name, "cpu")
+        for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
+            for kind, buf in (("key", cache.k[i]), ("value", cache.v[i])):
+                binding.bind_cpu_input(f"past_{kind}_{i}", buf)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        out = dict(zip(outputs, (v.numpy() for v in binding.get_outputs()[:len(outputs)])))
+        cache.lengths = total
+        cache.length += ids.shape[1]
+        return self._step_output(out, skip_np)
