@@ -65,18 +65,24 @@ class OrtEngine:
         self.kv_layers = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"past_key_(\d+)", n)))
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> OrtKVCache:
+    cache_cls: type = OrtKVCache
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]):
         if sorted(cached_layers) != self.kv_layers:
             raise EngineDirError(f"the graph holds KV for layers {self.kv_layers}, the plan's policy wants "
                                  f"{sorted(cached_layers)}: engine and plan do not belong together")
-        return OrtKVCache(self.spec, batch, capacity, self.kv_layers)
+        return self.cache_cls(self.spec, batch, capacity, self.kv_layers)
 
-    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor,
-                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
+    @staticmethod
+    def _check_prefill(cache, all_logits: bool) -> None:
         if all_logits:
             raise InputError("this graph returns last-position logits only")
         if cache.length:
             raise InputError("prefill needs an empty cache")
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor,
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
+        self._check_prefill(cache, all_logits)
         valid_np = valid.numpy().astype(bool)
         positions = cache.next_pos[:, None] + np.maximum(np.cumsum(valid_np, axis=1) - 1, 0)
         return self._run(ids.numpy().astype(np.int64), positions.astype(np.int64), valid_np, cache, skip, scales,
@@ -158,18 +164,11 @@ class OrtGqaEngine(OrtEngine):
     cache at any step, no T x S score matrix in prefill). Left-padded batches from the Generator are laid out
     right-padded for the kernel; every row keeps its own length."""
 
-    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> GqaKVCache:
-        if sorted(cached_layers) != self.kv_layers:
-            raise EngineDirError(f"the graph holds KV for layers {self.kv_layers}, the plan's policy wants "
-                                 f"{sorted(cached_layers)}: engine and plan do not belong together")
-        return GqaKVCache(self.spec, batch, capacity, self.kv_layers)
+    cache_cls = GqaKVCache
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
-        if all_logits:
-            raise InputError("this graph returns last-position logits only")
-        if cache.length:
-            raise InputError("prefill needs an empty cache")
+        self._check_prefill(cache, all_logits)
         valid_np = valid.numpy().astype(bool)
         counts = valid_np.sum(axis=1)
         width = int(counts.max())
