@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from adaskip.cli_common import main_wrapper
-from adaskip.errors import InputError
+from adaskip.errors import EngineDirError, InputError
 from adaskip.policy import SkipPolicy
 
 
@@ -64,7 +64,8 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
             ref, cand = outs
             sims_r, sims_c = ref.similarity.numpy(), cand.similarity.numpy()
             if not np.array_equal(np.isnan(sims_r), np.isnan(sims_c)):
-                raise AssertionError("the engines disagree about which sublayers ran")
+                raise EngineDirError("the engine and the reference disagree about which sublayers ran: the graph "
+                                     "was not built for this plan")
             ran = ~np.isnan(sims_r)
             results = [IterationResult(outputs={
                 "logits": o.logits.numpy(), "similarity": np.where(ran, o.similarity.numpy(), 0.0),
@@ -136,17 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.prompts < 1 or a.prompt_tokens < 1 or a.decode_steps < 0:
         raise InputError("--prompts and --prompt-tokens must be >= 1, --decode-steps >= 0")
     ed = open_engine_dir(a.engine, verify_large_files=True)  # every file against its digest
-    quantized = ed.manifest["build"].get("options", {}).get("quantize")
+    if a.decode_steps >= ed.spec.max_position_embeddings:
+        raise InputError(f"--decode-steps must leave room for a prompt in the model's context of "
+                         f"{ed.spec.max_position_embeddings} tokens")
+    options = ed.manifest["build"].get("options", {})
+    quantized = options.get("quantize")
     atol = a.atol if a.atol is not None else (None if quantized else 1e-4)
     source = a.model or ed.manifest["build"].get("source")
-    reference_model = load_model(source)
+    reference_model = load_model(source, dtype=options.get("dtype", "float32"))  # the fingerprint covers the dtype
     if reference_model.fingerprint != ed.fingerprint:
         raise EngineDirError(f"{source} is not the model this engine was built from (fingerprint differs); pass "
                              f"--model with the original model")
     runtime = load_runtime(ed.root)
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
-    prompts = verification_prompts(tokenizer, a.prompts, min(a.prompt_tokens, ed.spec.max_position_embeddings -
-                                                             a.decode_steps))
+    prompt_tokens = min(a.prompt_tokens, ed.spec.max_position_embeddings - a.decode_steps)
+    prompts = verification_prompts(tokenizer, a.prompts, prompt_tokens)
     report = compare_engines(TorchEngine.from_loaded(reference_model), runtime.engine, runtime.policy, prompts,
                              a.decode_steps, atol)
     if a.json:
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                           "quantize": quantized}, indent=2))
     else:
         print(f"engine {ed.root} ({ed.backend}{', ' + quantized if quantized else ''}) vs reference torch engine, "
-              f"fp32: {report.prompts} prompts x {a.prompt_tokens} tokens + {a.decode_steps} decode steps")
+              f"fp32: {report.prompts} prompts x {prompt_tokens} tokens + {a.decode_steps} decode steps")
         print(f"  max |logit diff|        {report.max_logit_diff:.3e}")
         print(f"  max |similarity diff|   {report.max_similarity_diff:.3e}  (IO similarity and norm ratio)")
         print(f"  greedy token agreement  {report.token_agreement:.4f}  ({report.steps} steps)")

@@ -309,3 +309,20 @@ def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, 
     assert report["quantize"] == "int4" and 0.0 <= report["token_agreement"] <= 1.0 and report["max_logit_diff"] > 0
     _fails(build_cli.main, ["--model", str(tiny_chat_model), "--skip", "1", "--backend", "torch", "--quantize", "int4",
                             "-o", str(tmp_path / "x")], capsys, "ort backend only")
+
+
+def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, tiny_chat_model, tmp_path, capsys):
+    from adaskip import verify
+    from adaskip.eval import bench
+
+    _fails(verify.main, ["--engine", str(engine), "--decode-steps", "5000"], capsys, "--decode-steps must leave room")
+    _fails(bench.main, ["--model", str(tiny_chat_model), "--contexts", "1k", "--no-hf", "--no-genai"], capsys,
+           "comma-separated integers")
+    out = tmp_path / "docs"
+    assert bench.main(["--model", str(tiny_chat_model), "--contexts", "16,32", "--budgets", "1", "--repeats", "1",
+                       "--decode-tokens", "2", "--no-hf", "--no-genai", "--calib-prompts", "1", "--calib-tokens", "16",
+                       "--out", str(out)]) == 0
+    data = json.loads((out / "benchmarks.json").read_text())
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-adaskip-k1"]
+    assert set(data["results"]["ort"]) == {"16", "32"} and data["results"]["ort"]["16"]["ttft"] > 0
+    assert "| ort-adaskip-k1 |" in (out / "benchmarks.md").read_text() and (out / "benchmarks.png").exists()

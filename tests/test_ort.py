@@ -29,8 +29,7 @@ VARIANTS = ["portable", "ort"]
 
 def _export(model, policy, out: Path, variant: str = "portable") -> tuple[OrtEngine, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    # the portable graph must pass onnx.checker's full check; the ORT variant uses contrib ops it does not know
-    info = save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out, check=variant == "portable")
+    info = save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out)  # onnx.checker full
     engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
     return engine_cls(out / "model.onnx", model.spec, threads=2), info
 
@@ -79,10 +78,11 @@ def _with_mode(plan: SkipPlan, mode: str) -> SkipPlan:
     return SkipPlan.from_dict(d)
 
 
-def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path, variant):
     policy = SkipPolicy(k8_plan)
     out = tmp_path / "g"
-    _, info = _export(smollm2, policy, out)
+    _, info = _export(smollm2, policy, out, variant)
     skipped_attn = sorted(j // 2 for j in k8_plan.skip if j % 2 == 0)
     assert info["kv_layers"] == [i for i in range(30) if i not in skipped_attn]
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -92,8 +92,9 @@ def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path):
     sublayer_ifs = [n for n in graph.node if n.op_type == "If" and n.output[0].startswith("sub")]
     assert info["conditionals"] == roles.count("dynamic") == len(sublayer_ifs)
     weights = {t.name for t in graph.initializer}
-    for j in (j for j, r in enumerate(roles) if r == "never"):  # removed at export: no weights
-        assert not any(w.startswith(f"layers.{j // 2}.{'q' if j % 2 == 0 else 'gate'}") for w in weights)
+    for j in (j for j, r in enumerate(roles) if r == "never"):  # removed at export: no weights at all
+        roles_of = ("attn_norm", "q", "o") if j % 2 == 0 else ("ffn_norm", "gate", "down")
+        assert not any(w.startswith(f"layers.{j // 2}.{r}") for w in weights for r in roles_of)
     def nodes(g):
         for n in g.node:
             yield n
@@ -190,3 +191,34 @@ def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
     with pytest.raises(InputError, match="portable"):
         build_onnx(model.spec, model.weights, growing, variant="ort")
     assert ort_variant_supported(model.spec, SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", model.fingerprint)))
+
+
+@pytest.mark.parametrize("variant", ["torch"] + VARIANTS)
+def test_stats_only_when_asked(tiny_root, tmp_path, variant):
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    policy = _no_skip(model)
+    engine = TorchEngine.from_loaded(model) if variant == "torch" else _export(model, policy, tmp_path, variant)[0]
+    n = model.spec.num_sublayers
+    ids = torch.randint(0, 320, (1, 6))
+    for want in (True, False):
+        cache = engine.new_cache(1, 8, policy.cached_layers())
+        out = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
+                             torch.ones(1, n), want_stats=want)
+        assert bool(torch.isnan(out.similarity).all()) != want
+        assert torch.isfinite(out.logits).all()
+
+
+def test_int4_quantizes_the_ort_variant_too(tiny_root, tmp_path):
+    from adaskip.export.onnx_graph import quantize_int4
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    policy = _no_skip(model)
+    out = tmp_path / "q"
+    _export(model, policy, out, "ort")
+    info = quantize_int4(out)
+    assert info["quantize"] == "int4"
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 4  # 4 layers x (qkv, o, gate+up, down)
+    engine = OrtGqaEngine(out / "model.onnx", model.spec, threads=2)
+    report = compare_engines(TorchEngine.from_loaded(model), engine, policy, [[5, 6, 7, 8]], 3, atol=None)
+    assert report.steps == 4 and 0.0 <= report.token_agreement <= 1.0

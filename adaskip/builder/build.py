@@ -154,6 +154,9 @@ def build(opts: BuildOptions) -> BuildReport:
     for flag, value in (("--calib-tokens", opts.calib_tokens), ("--context-len", opts.context_len)):
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
+    if opts.backend == "ort" and any(w is not None and w < spec.max_position_embeddings
+                                     for w in spec.attention_windows):  # fail before calibrating, not after
+        raise InputError("the ONNX exporter does not support sliding-window attention yet; use --backend torch")
     plan = make_plan(opts, model, tokenizer)
     prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
     expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
@@ -174,13 +177,13 @@ def build(opts: BuildOptions) -> BuildReport:
             if variant == "auto":
                 variant = "ort" if ort_variant_supported(spec, policy) else "portable"
             graph = build_onnx(spec, model.weights, policy, variant=variant)
-            build_info["graph"] = save_onnx(graph, tmp, check=variant == "portable")
+            build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
             if opts.quantize:
                 _log("quantizing linear layers to int4 (MatMulNBits)", opts)
                 build_info["graph"].update(quantize_int4(tmp))
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
-                 + ("; onnx.checker (full) passed" if variant == "portable" else ""), opts)
+                 + "; onnx.checker (full) passed", opts)
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),

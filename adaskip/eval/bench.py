@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +93,8 @@ def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Colu
         params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+        gen.append_tokens(np.asarray(prompt, dtype=np.int32))  # computes the prompt's logits
+        gen.generate_next_token()  # samples the first token from them: no forward pass, not a decode step
         t1 = time.perf_counter()
         for _ in range(steps):
             gen.generate_next_token()
@@ -118,40 +120,64 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                              note=f"{variant} graph")
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated integers; got {text!r}") from None
+    if not values or min(values) < 0:
+        raise InputError(f"{flag} takes comma-separated non-negative integers; got {text!r}")
+    return values
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from adaskip.builder import cost
     from adaskip.builder.build import load_tokenizer
     from adaskip.builder.calibrate import calibrate
     from adaskip.builder.corpus import builtin_text, load_calibration
     from adaskip.model import load_model
-    from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
-    from adaskip.policy import SkipPolicy
+    from adaskip.plan import SkipPlan, baseline_plan
     from adaskip.runtime.torch_engine import TorchEngine
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     spec = model.spec
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = _ints(args.contexts, "--contexts")
     if max(contexts) + args.decode_tokens + 1 > spec.max_position_embeddings:
         raise InputError(f"contexts must leave room for {args.decode_tokens} decode tokens within "
                          f"{spec.max_position_embeddings}")
     tokenizer = load_tokenizer(model)
     corpus = tokenizer.encode(builtin_text(), add_special_tokens=False)
     if args.calibration:
-        calib = SkipPlan.load(args.calibration).calibration
+        source_plan = SkipPlan.load(args.calibration)
+        source_plan.check_model(model.fingerprint, spec.num_layers)
+        calib = source_plan.calibration
     else:
         calib = calibrate(TorchEngine.from_loaded(model),
                           load_calibration(tokenizer, args.calib_prompts, args.calib_tokens))
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
-    budgets = [int(b) for b in args.budgets.split(",") if b]
+    budgets = _ints(args.budgets, "--budgets") if args.budgets else []
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
+    try:
+        return _measure(args, model, calib, nothing, budgets, contexts, corpus, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the exported graphs: several copies of the weights
+
+
+def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
+    from adaskip.builder import cost
+    from adaskip.plan import adaskip_plan
+    from adaskip.policy import SkipPolicy
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    spec = model.spec
     columns: list[Column] = []
     if not args.no_hf:
         columns.append(_hf_column(model.source))
     columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
     columns.append(_ort_column("ort", model, nothing, work, args.threads))
     for k in budgets:
-        plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name)
+        # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
+        plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, args.threads)
         col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)

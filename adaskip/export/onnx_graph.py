@@ -216,14 +216,14 @@ class GraphBuilder:
 
     def _sublayer(self, j: int, h: str, block: Callable[[_Graph, str, int], tuple[str, list[str]]]) -> tuple:
         g, i, role = self.g, j // 2, self.roles[j]
-        scale = g.op("Reshape", g.op("Gather", "scale", g.const(j), axis=1), g.const([-1, 1, 1]))
-        if role == "never":
-            return g.op("Mul", h, scale), self.nan_b, self.nan_b, []
         if role == "always":
             delta, extra = block(g, h, i)
             full = g.op("Add", h, delta)
             s, r = self._similarity(g, h, full)
             return full, s, r, extra
+        scale = g.op("Reshape", g.op("Gather", "scale", g.const(j), axis=1), g.const([-1, 1, 1]))
+        if role == "never":
+            return g.op("Mul", h, scale), self.nan_b, self.nan_b, []
         skip_col = g.op("Gather", "skip", g.const(j), axis=1)
         cond = g.op("Cast", g.op("ReduceMin", g.op("Cast", skip_col, to=TensorProto.INT32), keepdims=0), to=BOOL)
         then_g, else_g = _Graph(self.g.root), _Graph(self.g.root)
@@ -254,7 +254,7 @@ class GraphBuilder:
         dim_b = g.op("Slice", shape_ids, g.const([0]), g.const([1]), g.const([0]))
         self.dim_t = g.op("Slice", shape_ids, g.const([1]), g.const([2]), g.const([0]))
         self.valid_f = g.op("Cast", "token_valid", to=FLOAT)
-        self.nan_b = g.op("Expand", g.const(math.nan, np.float32), dim_b)
+        self.nan_b = g.op("Expand", g.const(math.nan, np.float32), g.op("Concat", dim_b, g.const([1]), axis=0))  # [B, 1]
         if self.variant == "ort":
             half = spec.head_dim // 2
             g.weight("rope_cos_half", cos[:, :half])
@@ -297,9 +297,9 @@ class GraphBuilder:
         sims, ratios, kv_outputs = [], [], []
         for i in range(spec.num_layers):
             for j, block in ((2 * i, self._attention), (2 * i + 1, self._ffn)):
-                h, s, r, extra = self._sublayer(j, h, block)
-                sims.append(g.op("Unsqueeze", s, g.const([1])))
-                ratios.append(g.op("Unsqueeze", r, g.const([1])))
+                h, s, r, extra = self._sublayer(j, h, block)  # s, r: [B, 1]
+                sims.append(s)
+                ratios.append(r)
                 if extra:
                     out_k, out_v = self._kv_output_names(i)
                     g.op("Identity", extra[0], outputs=[out_k])

@@ -1,6 +1,8 @@
 """IOSimilarity as an ONNX function in the custom domain `ai.adaskip`.
 
-    IOSimilarity(h_in [B,T,D], h_out [B,T,D], valid [B,T] float) -> (similarity [B], norm_ratio [B])
+    IOSimilarity(h_in [B,T,D], h_out [B,T,D], valid [B,T] float) -> (similarity [B,1], norm_ratio [B,1])
+
+(The trailing 1 lets a graph concatenate the per-sublayer results into [B, 2L] without reshaping each.)
 
 The body is the rule in adaskip/similarity.py written in standard ONNX ops, so ONNX Runtime (which inlines model-
 local functions) runs it as is, and TensorRT can map the node to a plugin instead.
@@ -40,14 +42,14 @@ def function_proto() -> onnx.FunctionProto:
         n("Max", ["lens", "eps"], ["lens_safe"]),
         n("Div", ["dot", "lens_safe"], ["cos"]),
         n("Mul", ["cos", "valid"], ["cos_valid"]),
-        n("ReduceSum", ["cos_valid", "last"], ["cos_sum"], keepdims=0),  # [B]
-        n("ReduceSum", ["valid", "last"], ["count"], keepdims=0),
+        n("ReduceSum", ["cos_valid", "last"], ["cos_sum"], keepdims=1),  # [B, 1]
+        n("ReduceSum", ["valid", "last"], ["count"], keepdims=1),
         n("Max", ["count", "one"], ["count_safe"]),
         n("Div", ["cos_sum", "count_safe"], ["similarity"]),
         n("Mul", ["n_out", "valid"], ["out_valid"]),
-        n("ReduceSum", ["out_valid", "last"], ["out_sum"], keepdims=0),
+        n("ReduceSum", ["out_valid", "last"], ["out_sum"], keepdims=1),
         n("Mul", ["n_in", "valid"], ["in_valid"]),
-        n("ReduceSum", ["in_valid", "last"], ["in_sum"], keepdims=0),
+        n("ReduceSum", ["in_valid", "last"], ["in_sum"], keepdims=1),
         n("Max", ["in_sum", "eps"], ["in_safe"]),
         n("Div", ["out_sum", "in_safe"], ["ratio_sq"]),
         n("Sqrt", ["ratio_sq"], ["norm_ratio"]),

@@ -44,7 +44,10 @@ def session_options(threads: int | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning doubles decode time when shared
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.intra_op_num_threads = threads or int(os.environ.get("ADASKIP_THREADS", "0") or 0)
+    env = os.environ.get("ADASKIP_THREADS", "0") or "0"
+    if not env.isdigit():
+        raise InputError(f"ADASKIP_THREADS must be a number of threads; got {env!r}")
+    so.intra_op_num_threads = threads or int(env)
     so.log_severity_level = 3
     return so
 
@@ -171,6 +174,8 @@ class OrtGqaEngine(OrtEngine):
         self._check_prefill(cache, all_logits)
         valid_np = valid.numpy().astype(bool)
         counts = valid_np.sum(axis=1)
+        if (counts == 0).any():
+            raise InputError("every prompt row needs at least one valid token")
         width = int(counts.max())
         ids_np = ids.numpy()
         right = np.zeros((len(counts), width), np.int64)
