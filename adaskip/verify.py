@@ -20,6 +20,7 @@ import torch
 from adaskip.cli_common import main_wrapper
 from adaskip.errors import EngineDirError, InputError
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import stack_masks
 
 
 @dataclass
@@ -38,10 +39,6 @@ class VerifyReport:
         return self.failed_steps == 0
 
 
-def _stack(masks) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([m.skip for m in masks]), torch.tensor([m.scales for m in masks])
-
-
 def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts: list[list[int]],
                     decode_steps: int, atol: float | None = 1e-4) -> VerifyReport:
     from polygraphy.comparator import SimpleCompareFunc
@@ -56,7 +53,7 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
         x = torch.tensor([ids])
         caches = [e.new_cache(1, len(ids) + decode_steps, policy.cached_layers()) for e in (reference, candidate)]
         state = policy.new_request()
-        skip, scales = _stack([policy.prefill_mask(state)])
+        skip, scales = stack_masks([policy.prefill_mask(state)])
         outs = [e.prefill(x, torch.ones_like(x, dtype=torch.bool), c, skip, scales)
                 for e, c in zip((reference, candidate), caches)]
         prompt_worst = {"logits": 0.0, "stats": 0.0, "agree": 0}
@@ -83,7 +80,7 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
             report.steps += 1
             if step == decode_steps:
                 break
-            skip, scales = _stack([policy.decode_mask(state)])
+            skip, scales = stack_masks([policy.decode_mask(state)])
             outs = [e.decode(token, c, skip, scales) for e, c in zip((reference, candidate), caches)]
             policy.observe_decode(state, outs[0].similarity[0].tolist(), outs[0].norm_ratio[0].tolist())
         report.details.append({"prompt_tokens": len(ids), "max_logit_diff": prompt_worst["logits"],

@@ -89,7 +89,8 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-def _stack(masks: list[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_masks(masks: list[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request masks -> the engine's skip [B, 2L] and scale [B, 2L] tensors."""
     return (torch.tensor([m.skip for m in masks], dtype=torch.bool),
             torch.tensor([m.scales for m in masks], dtype=torch.float32))
 
@@ -182,7 +183,7 @@ class Generator:
 
         t0 = time.perf_counter()
         prefill = [policy.prefill_mask(s) for s in states]
-        skip, scales = _stack(prefill)
+        skip, scales = stack_masks(prefill)
         out = engine.prefill(ids, valid, cache, skip, scales, want_stats=False)  # online learning is decode-only
         done = [False] * batch
         texts = [""] * batch
@@ -223,7 +224,7 @@ class Generator:
             if all(done):
                 break
             masks = [policy.decode_mask(s) for s in states]
-            skip, scales = _stack(masks)
+            skip, scales = stack_masks(masks)
             out = engine.decode(tokens, cache, skip, scales,
                                 want_stats=any(policy.wants_decode_stats(s) for s in states))
             sims, ratios = out.similarity.tolist(), out.norm_ratio.tolist()

@@ -19,7 +19,21 @@ from adaskip.model.spec import ModelSpec
 from adaskip.runtime.engine import StepOutput
 
 
-class OrtKVCache:
+class _BufferCache:
+    """Shared by both ORT caches: per-layer K/V numpy buffers in `k` and `v`."""
+
+    k: dict[int, np.ndarray]
+    v: dict[int, np.ndarray]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
+
+    @property
+    def cached_layers(self) -> list[int]:
+        return sorted(self.k)
+
+
+class OrtKVCache(_BufferCache):
     def __init__(self, spec: ModelSpec, batch: int, capacity: int, layers: list[int]):
         kvh, hd = spec.num_kv_heads, spec.head_dim
         self.k = {i: np.zeros((batch, kvh, hd, capacity), np.float32) for i in layers}  # transposed keys
@@ -28,13 +42,6 @@ class OrtKVCache:
         self.next_pos = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
-
-    @property
-    def cached_layers(self) -> list[int]:
-        return sorted(self.k)
 
 
 def session_options(threads: int | None = None):
@@ -142,7 +149,7 @@ class OrtEngine:
                           norm_ratio=torch.from_numpy(ratios))
 
 
-class GqaKVCache:
+class GqaKVCache(_BufferCache):
     """BNSH buffers of the request's capacity that ONNX Runtime's GroupQueryAttention updates in place; rows are
     right-padded, each with its own length."""
 
@@ -153,13 +160,6 @@ class GqaKVCache:
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
-
-    @property
-    def cached_layers(self) -> list[int]:
-        return sorted(self.k)
 
 
 class OrtGqaEngine(OrtEngine):
