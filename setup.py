@@ -26,7 +26,18 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8"], "bench": ["onnxruntime-genai"]},
+    extras_require={
+        "tensorrt": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],  # builds engines CPU-only
+        "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]"],
+        "eval": ["rouge-score"],
+        "bench": ["onnxruntime-genai"],
+        "test": [
+            "pytest>=8",
+            "tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings",
+            "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]",
+            "rouge-score",
+        ],
+    },
     entry_points={"console_scripts": [
         "adaskip-build=adaskip.builder.cli:main",
         "adaskip-run=adaskip.runtime.cli:main",
