@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from adaskip.errors import InputError
-from adaskip.model.rope import inv_frequencies, rope_cos_sin
+from adaskip.model.rope import inv_frequencies, rope_cos_sin, uses_local_rope
 from adaskip.model.spec import ModelSpec
 from adaskip.plugins import similarity_onnx
 from adaskip.policy import SkipPolicy
@@ -41,6 +41,9 @@ GRAPH_INTERFACE = 1  # bump when graph inputs/outputs change: runtimes refuse gr
 NEG = float(np.finfo(np.float32).min)
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 VARIANTS = ("portable", "ort")  # portable: standard ops only (TensorRT's parser); ort: ONNX Runtime contrib ops
+# "always" sublayers measured under one If(want_stats): fewer If nodes run per step, at the price of keeping up to
+# STATS_GROUP + 1 residual-stream tensors alive until the group's If runs (~130 MB more at 8k tokens for SmolLM2)
+STATS_GROUP = 6
 
 
 class _Graph:
@@ -83,8 +86,6 @@ class _Graph:
 class GraphBuilder:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], policy: SkipPolicy,
                  all_logits: bool = False, variant: str = "portable"):
-        if any(w is not None and w < spec.max_position_embeddings for w in spec.attention_windows):
-            raise InputError("the ONNX exporter does not support sliding-window attention yet; use --backend torch")
         if variant not in VARIANTS:
             raise InputError(f"graph variant must be one of {VARIANTS}; got {variant!r}")
         self.spec, self.w, self.policy, self.all_logits = spec, weights, policy, all_logits
@@ -97,6 +98,10 @@ class GraphBuilder:
         self.variant = variant
         self.g = _Graph()
         self._weights_added: set[str] = set()
+        self._prenormed: dict[tuple[str, str], str] = {}  # (residual, norm weight) -> normed, fused with the sum
+        self._stats: list[str] = []  # [B, 2m] pieces in sublayer order: (similarity, norm ratio) per sublayer
+        self._pending_stats: list[tuple[str, str]] = []  # (input, output) of "always" sublayers not yet measured
+        self._nans: dict[int, str] = {}
 
     # -- small helpers ---------------------------------------------------------------------------------------------
     def _weight(self, role: str, transpose: bool = False) -> str:
@@ -117,6 +122,11 @@ class GraphBuilder:
     def _fused_linear(self, g: _Graph, x: str, i: int, roles: tuple[str, ...]) -> list[str]:
         """Linear layers reading the same input as one MatMul (q/k/v, gate/up), split afterwards: fewer, larger
         matrix products, which matters in decode where each is a matrix-vector product."""
+        parts = [self.w[f"layers.{i}.{r}"].shape[0] for r in roles]
+        return g.op("Split", self._fused_matmul(g, x, i, roles), g.const(parts), axis=-1, n_out=len(roles))
+
+    def _fused_matmul(self, g: _Graph, x: str, i: int, roles: tuple[str, ...]) -> str:
+        """The concatenated product of _fused_linear, unsplit (GroupQueryAttention takes packed q/k/v)."""
         name = f"layers.{i}.{'+'.join(roles)}"
         parts = [self.w[f"layers.{i}.{r}"] for r in roles]
         if name not in self._weights_added:
@@ -129,20 +139,41 @@ class GraphBuilder:
         y = g.op("MatMul", x, name + ".T")
         if any(f"layers.{i}.{r}_bias" in self.w for r in roles):
             y = g.op("Add", y, name + ".bias")
-        return g.op("Split", y, g.const([p.shape[0] for p in parts]), axis=-1, n_out=len(roles))
+        return y
 
     def _norm(self, g: _Graph, x: str, weight_role: str) -> str:
+        if (x, weight_role) in self._prenormed:  # computed together with the residual sum (ort variant)
+            return self._prenormed[(x, weight_role)]
         # the canonical RMSNorm pattern, which ONNX Runtime fuses into one SimplifiedLayerNormalization kernel
         ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
         std = g.op("Sqrt", g.op("Add", ms, g.const(self.spec.norm_eps, np.float32)))
         return g.op("Mul", g.op("Div", x, std), self._weight(weight_role))
 
-    def _rope(self, g: _Graph, x: str) -> str:
+    def _rope(self, g: _Graph, x: str, i: int) -> str:
         half = self.spec.head_dim // 2
+        cos, sin = self.rope[uses_local_rope(self.spec, i)]
         x1 = g.op("Slice", x, g.const([0]), g.const([half]), g.const([3]))
         x2 = g.op("Slice", x, g.const([half]), g.const([2 * half]), g.const([3]))
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=3)
-        return g.op("Add", g.op("Mul", x, self.cos), g.op("Mul", rotated, self.sin))
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    def _window(self, i: int) -> int | None:
+        """Layer i's sliding window, None where it cannot cut anything off (full attention)."""
+        w = self.spec.attention_windows[i]
+        return w if w is not None and w < self.spec.max_position_embeddings else None
+
+    def _attn_scale(self) -> float:
+        return self.spec.attn_scale if self.spec.attn_scale is not None else 1.0 / math.sqrt(self.spec.head_dim)
+
+    def _post_norm(self, g: _Graph, x: str, i: int, role: str) -> str:
+        """The sandwich norm of a block's output (spec.post_norms): part of the sublayer, before the residual add."""
+        return self._norm(g, x, f"layers.{i}.{role}") if self.spec.post_norms else x
+
+    def _head_norm(self, g: _Graph, x: str, i: int, role: str, heads: int) -> str:
+        """Per-head RMSNorm (spec.qk_norm) of a [B, T, heads * head_dim] projection."""
+        hd = self.spec.head_dim
+        normed = self._norm(g, g.op("Reshape", x, g.const([0, 0, heads, hd])), f"layers.{i}.{role}")
+        return g.op("Reshape", normed, g.const([0, 0, heads * hd]))
 
     # -- blocks ------------------------------------------------------------------------------------------------------
     def _attention(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
@@ -154,14 +185,24 @@ class GraphBuilder:
         """ONNX Runtime's fused GroupQueryAttention (rotary inside, KV written in place into a shared buffer)."""
         spec = self.spec
         x = self._norm(g, h, f"layers.{i}.attn_norm")
-        q, k, v = self._fused_linear(g, x, i, ("q", "k", "v"))
+        if spec.qk_norm:  # q and k normed per head before the kernel's rotary: passed unpacked
+            q, k, v = self._fused_linear(g, x, i, ("q", "k", "v"))
+            qkv = [self._head_norm(g, q, i, "q_norm", spec.num_heads),
+                   self._head_norm(g, k, i, "k_norm", spec.num_kv_heads), v]
+        else:  # packed: the kernel splits it, no Split node
+            qkv = [self._fused_matmul(g, x, i, ("q", "k", "v")), "", ""]
         cached = i in self.cached
         past = [f"past_key_{i}", f"past_value_{i}"] if cached else ["", ""]
+        rope = "_local" if uses_local_rope(spec, i) else ""
+        window = self._window(i)
+        # the kernel attends to local_window_size + 1 keys, the current token included: an HF window of W is W - 1
+        local = {"local_window_size": window - int(__import__("os").environ.get("LWS_OFF", "1"))} if window is not None else {}
         out, present_k, present_v = g.op(
-            "GroupQueryAttention", q, k, v, *past, "seqlens_k", "total_sequence_length", "rope_cos_half",
-            "rope_sin_half", "position_ids", domain="com.microsoft", n_out=3, num_heads=spec.num_heads,
-            kv_num_heads=spec.num_kv_heads, do_rotary=1, scale=1.0 / math.sqrt(spec.head_dim))
-        return self._linear(g, out, i, "o"), ([present_k, present_v] if cached else [])
+            "GroupQueryAttention", *qkv, *past, "seqlens_k", "total_sequence_length", f"rope_cos_half{rope}",
+            f"rope_sin_half{rope}", "position_ids", domain="com.microsoft", n_out=3, num_heads=spec.num_heads,
+            kv_num_heads=spec.num_kv_heads, do_rotary=1, scale=self._attn_scale(), **local)
+        out = self._post_norm(g, self._linear(g, out, i, "o"), i, "attn_post_norm")
+        return out, ([present_k, present_v] if cached else [])
 
     def _attention_portable(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
         spec = self.spec
@@ -172,19 +213,22 @@ class GraphBuilder:
             return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
         q, k, v = self._fused_linear(g, x, i, ("q", "k", "v"))
-        q = self._rope(g, heads_first(q, heads))
-        k = self._rope(g, heads_first(k, kvh))
+        q, k = heads_first(q, heads), heads_first(k, kvh)
+        if spec.qk_norm:  # per head, before RoPE
+            q, k = self._norm(g, q, f"layers.{i}.q_norm"), self._norm(g, k, f"layers.{i}.k_norm")
+        q, k = self._rope(g, q, i), self._rope(g, k, i)
         v = heads_first(v, kvh)  # [B, kvh, T, hd]
-        q = g.op("Mul", q, g.const(1.0 / math.sqrt(hd), np.float32))
+        q = g.op("Mul", q, g.const(self._attn_scale(), np.float32))
         q = g.op("Reshape", q, g.const([0, kvh, -1, hd]))  # grouped heads folded into rows: [B, kvh, rep*T, hd]
         k_t = g.op("Transpose", k, perm=[0, 1, 3, 2])  # [B, kvh, hd, T]
         scores_new = g.op("MatMul", q, k_t)
         cached = i in self.cached
+        bias_all, bias_new = self.biases[self._window(i)]
         if cached:
             scores = g.op("Concat", g.op("MatMul", q, f"past_key_{i}"), scores_new, axis=3)
-            total, bias, split = self.dim_st, self.bias_all, self.split_st
+            total, bias, split = self.dim_st, bias_all, self.split_st
         else:
-            scores, total, bias, split = scores_new, self.dim_t, self.bias_new, None
+            scores, total, bias, split = scores_new, self.dim_t, bias_new, None
         shape5 = g.op("Concat", g.const([0, 0, heads // kvh, -1]), total, axis=0)
         probs = g.op("Softmax", g.op("Add", g.op("Reshape", scores, shape5), bias), axis=-1)
         probs = g.op("Reshape", probs, g.op("Concat", g.const([0, 0, -1]), total, axis=0))
@@ -195,35 +239,75 @@ class GraphBuilder:
             out = g.op("MatMul", probs, v)
         out = g.op("Reshape", out, g.const([0, heads, -1, hd]))
         out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * hd]))
-        return self._linear(g, out, i, "o"), ([k_t, v] if cached else [])
+        out = self._post_norm(g, self._linear(g, out, i, "o"), i, "attn_post_norm")
+        return out, ([k_t, v] if cached else [])
 
     def _ffn(self, g: _Graph, h: str, i: int) -> tuple[str, list[str]]:
         x = self._norm(g, h, f"layers.{i}.ffn_norm")
         gate, up = self._fused_linear(g, x, i, ("gate", "up"))
-        act = g.op("Mul", gate, g.op("Sigmoid", gate))
-        return self._linear(g, g.op("Mul", act, up), i, "down"), []
+        act = _ACTIVATIONS[self.spec.activation](g, gate)
+        out = self._post_norm(g, self._linear(g, g.op("Mul", act, up), i, "down"), i, "ffn_post_norm")
+        return out, []
 
-    def _similarity(self, g: _Graph, h: str, full: str) -> tuple[str, str]:
-        """IOSimilarity under If(want_stats): the stats cost ~15 small kernels per sublayer, and a runtime needs
-        them only while it learns (calibration, the first W decode steps, verification)."""
+    def _similarity(self, g: _Graph, pairs: list[tuple[str, str]], cond: str = "want_stats") -> str:
+        """IOSimilarity of sublayers (input, output pairs) under one If(want_stats), as a [B, 2m] tensor
+        (similarity, norm ratio per sublayer). The stats cost ~15 small kernels per sublayer and a runtime needs
+        them only while it learns (calibration, the first W decode steps, verification); grouping consecutive
+        sublayers keeps the If nodes, which run on every step, few."""
         on, off = _Graph(self.g.root), _Graph(self.g.root)
-        s, r = on.op(similarity_onnx.OP, h, full, self.valid_f, domain=similarity_onnx.DOMAIN, n_out=2)
-        outs = g.op("If", "want_stats", n_out=2, hint="stats",
-                    then_branch=_subgraph(on, "stats", [s, r], [FLOAT, FLOAT]),
-                    else_branch=_subgraph(off, "no_stats", [off.op("Identity", self.nan_b),
-                                                            off.op("Identity", self.nan_b)], [FLOAT, FLOAT]))
-        return outs[0], outs[1]
+        stats = []
+        for h, full in pairs:
+            stats += on.op(similarity_onnx.OP, h, full, self.valid_f, domain=similarity_onnx.DOMAIN, n_out=2)
+        return g.op("If", cond, hint="stats",
+                    then_branch=_subgraph(on, "stats", [on.op("Concat", *stats, axis=1)], [FLOAT]),
+                    else_branch=_subgraph(off, "no_stats", [off.op("Identity", self._nan(2 * len(pairs)))],
+                                          [FLOAT]))
+
+    def _nan(self, width: int) -> str:
+        """A [B, width] tensor of NaN (the stats of sublayers that did not run)."""
+        if width not in self._nans:
+            g = self.g
+            self._nans[width] = g.op("Expand", g.const(math.nan, np.float32),
+                                     g.op("Concat", self.dim_b, g.const([width]), axis=0))
+        return self._nans[width]
+
+    def _flush_stats(self) -> None:
+        if self._pending_stats:
+            self._stats.append(self._similarity(self.g, self._pending_stats))
+            self._pending_stats = []
+
+    def _next_norm(self, j: int) -> str | None:
+        """Weight role of the norm that sublayer j+1 applies to sublayer j's output, if j+1 runs at all."""
+        if j + 1 >= self.spec.num_sublayers or self.roles[j + 1] == "never":
+            return None
+        return f"layers.{(j + 1) // 2}.{'attn_norm' if (j + 1) % 2 == 0 else 'ffn_norm'}"
+
+    def _residual(self, g: _Graph, h: str, delta: str, j: int) -> str:
+        """h + delta; the ort variant computes it in one SkipSimplifiedLayerNormalization together with the next
+        sublayer's norm (ONNX Runtime does not fuse that itself here: the sum has several consumers)."""
+        norm = self._next_norm(j)
+        if self.variant != "ort" or norm is None:
+            return g.op("Add", h, delta)
+        normed, full = self.g.fresh("normed"), self.g.fresh("residual")
+        g.op("SkipSimplifiedLayerNormalization", delta, h, self._weight(norm), domain="com.microsoft",
+             outputs=[normed, "", "", full], epsilon=self.spec.norm_eps)
+        self._prenormed[(full, norm)] = normed
+        return full
 
     def _sublayer(self, j: int, h: str, block: Callable[[_Graph, str, int], tuple[str, list[str]]]) -> tuple:
         g, i, role = self.g, j // 2, self.roles[j]
         if role == "always":
             delta, extra = block(g, h, i)
-            full = g.op("Add", h, delta)
-            s, r = self._similarity(g, h, full)
-            return full, s, r, extra
+            full = self._residual(g, h, delta, j)
+            self._pending_stats.append((h, full))
+            if len(self._pending_stats) == STATS_GROUP:
+                self._flush_stats()
+            return full, extra
+        self._flush_stats()
         scale = g.op("Reshape", g.op("Gather", "scale", g.const(j), axis=1), g.const([-1, 1, 1]))
         if role == "never":
-            return g.op("Mul", h, scale), self.nan_b, self.nan_b, []
+            self._stats.append(self._nan(2))
+            return g.op("Mul", h, scale), []
         skip_col = g.op("Gather", "skip", g.const(j), axis=1)
         cond = g.op("Cast", g.op("ReduceMin", g.op("Cast", skip_col, to=TensorProto.INT32), keepdims=0), to=BOOL)
         then_g, else_g = _Graph(self.g.root), _Graph(self.g.root)
@@ -231,47 +315,62 @@ class GraphBuilder:
         then_extra = []
         if j % 2 == 0 and i in self.cached:  # a skipped cached attention stores zeros it will never read again
             then_extra = [then_g.op("ConstantOfShape", self.shape_new_k), then_g.op("ConstantOfShape", self.shape_new_v)]
-        then_outs = [then_g.op("Identity", scaled_t), then_g.op("Identity", self.nan_b),
-                     then_g.op("Identity", self.nan_b)] + then_extra
+        # portable: no If inside this If's branch (TensorRT-RTX 1.7's builder fails on nested conditionals with an
+        # internal Myelin CHECK); the branch passes `full` out and the stats If follows this one (same results)
+        flat = self.variant == "portable"
+        then_outs = [then_g.op("Identity", scaled_t), then_g.op("Identity", scaled_t if flat else self._nan(2))]
+        then_outs += then_extra
         delta, extra = block(else_g, h, i)
         full = else_g.op("Add", h, delta)
-        s, r = self._similarity(else_g, h, full)
+        stats = else_g.op("Identity", full) if flat else self._similarity(else_g, [(h, full)])
         mixed = else_g.op("Where", else_g.op("Reshape", skip_col, g.const([-1, 1, 1])), else_g.op("Mul", h, scale), full)
-        else_outs = [mixed, s, r] + [else_g.op("Identity", e) for e in extra]
+        else_outs = [mixed, stats] + [else_g.op("Identity", e) for e in extra]
         types = [FLOAT] * len(then_outs)
         outs = g.op("If", cond, n_out=len(then_outs), hint=f"sub{j}",
                     then_branch=_subgraph(then_g, f"skip_{j}", then_outs, types),
                     else_branch=_subgraph(else_g, f"run_{j}", else_outs, types))
-        return outs[0], outs[1], outs[2], outs[3:]
+        if flat:  # stats of the rows that ran, when asked for and some row ran (as the nested form computes them)
+            outs[1] = self._similarity(g, [(h, outs[1])], cond=g.op("And", "want_stats", g.op("Not", cond)))
+        self._stats.append(outs[1])
+        return outs[0], outs[2:]
 
     # -- the whole graph ---------------------------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         spec, g = self.spec, self.g
         self._weight("embed")
-        cos, sin = rope_cos_sin(inv_frequencies(spec), torch.arange(spec.max_position_embeddings))
+        positions = torch.arange(spec.max_position_embeddings)
+        # one cos/sin table per RoPE: the global one, and the sliding-window layers' own where it differs
+        tables = {"": rope_cos_sin(inv_frequencies(spec), positions)}
+        if any(uses_local_rope(spec, i) for i in range(spec.num_layers)):
+            tables["_local"] = rope_cos_sin(inv_frequencies(spec, local=True), positions)
 
         shape_ids = g.op("Shape", "input_ids")
         dim_b = g.op("Slice", shape_ids, g.const([0]), g.const([1]), g.const([0]))
         self.dim_t = g.op("Slice", shape_ids, g.const([1]), g.const([2]), g.const([0]))
         self.valid_f = g.op("Cast", "token_valid", to=FLOAT)
-        self.nan_b = g.op("Expand", g.const(math.nan, np.float32), g.op("Concat", dim_b, g.const([1]), axis=0))  # [B, 1]
-        if self.variant == "ort":
-            half = spec.head_dim // 2
-            g.weight("rope_cos_half", cos[:, :half])
-            g.weight("rope_sin_half", sin[:, :half])
-        else:
-            g.weight("rope_cos", cos)
-            g.weight("rope_sin", sin)
-            self._prepare_portable_attention(dim_b)
+        self.dim_b = dim_b
+        for suffix, (cos, sin) in tables.items():
+            if self.variant == "ort":
+                half = spec.head_dim // 2
+                g.weight(f"rope_cos_half{suffix}", cos[:, :half])
+                g.weight(f"rope_sin_half{suffix}", sin[:, :half])
+            else:
+                g.weight(f"rope_cos{suffix}", cos)
+                g.weight(f"rope_sin{suffix}", sin)
+        if self.variant == "portable":
+            self._prepare_portable_attention(dim_b, [suffix == "_local" for suffix in tables])
         return self._build_layers(dim_b)
 
-    def _prepare_portable_attention(self, dim_b: str) -> None:
+    def _prepare_portable_attention(self, dim_b: str, ropes: list[bool]) -> None:
         spec, g = self.spec, self.g
         dim_s = g.op("Slice", g.op("Shape", "past_valid"), g.const([1]), g.const([2]), g.const([0]))
         self.dim_st = g.op("Add", dim_s, self.dim_t)
         self.split_st = g.op("Concat", dim_s, self.dim_t, axis=0)
-        self.cos = g.op("Unsqueeze", g.op("Gather", "rope_cos", "position_ids"), g.const([1]))  # [B, 1, T, hd]
-        self.sin = g.op("Unsqueeze", g.op("Gather", "rope_sin", "position_ids"), g.const([1]))
+        self.rope: dict[bool, tuple[str, str]] = {}  # uses_local_rope -> cos, sin [B, 1, T, hd]
+        for local in ropes:
+            suffix = "_local" if local else ""
+            self.rope[local] = tuple(g.op("Unsqueeze", g.op("Gather", f"rope_{f}{suffix}", "position_ids"),
+                                          g.const([1])) for f in ("cos", "sin"))
         kv = g.const([spec.num_kv_heads])
         self.shape_new_k = g.op("Concat", dim_b, kv, g.const([spec.head_dim]), self.dim_t, axis=0)
         self.shape_new_v = g.op("Concat", dim_b, kv, self.dim_t, g.const([spec.head_dim]), axis=0)
@@ -288,25 +387,42 @@ class GraphBuilder:
         self.bias_new = g.op("Unsqueeze", g.op("Where", allowed, zero, neg), g.const([1, 2]))
         buf = g.op("Unsqueeze", g.op("Where", "past_valid", zero, neg), g.const([1, 2, 3]))  # [B, 1, 1, 1, S]
         buf = g.op("Expand", buf, g.op("Concat", dim_b, g.const([1, 1]), self.dim_t, dim_s, axis=0))
-        self.bias_all = g.op("Concat", buf, self.bias_new, axis=4)
+        self.biases = {None: (g.op("Concat", buf, self.bias_new, axis=4), self.bias_new)}  # window -> (all, new)
+        windows = sorted({self._window(i) for i in range(spec.num_layers)} - {None})
+        if windows:  # banded: a key at position p is seen from queries at positions < p + window
+            q_pos = g.op("Unsqueeze", "position_ids", g.const([2]))  # [B, T, 1]
+            # buffer slots hold each row's tokens contiguously from position 0 (left padding is invalid)
+            buf_pos = g.op("Sub", g.op("CumSum", g.op("Cast", "past_valid", to=INT64), g.const(1)), g.const(1))
+            dist_new = g.op("Sub", q_pos, g.op("Unsqueeze", "position_ids", g.const([1])))  # [B, T, T]
+            dist_buf = g.op("Sub", q_pos, g.op("Unsqueeze", buf_pos, g.const([1])))  # [B, T, S]
+            valid_buf = g.op("Unsqueeze", "past_valid", g.const([1]))
+        for w in windows:
+            near_new = g.op("And", allowed, g.op("Less", dist_new, g.const(w)))
+            near_buf = g.op("And", valid_buf, g.op("Less", dist_buf, g.const(w)))
+            new = g.op("Unsqueeze", g.op("Where", near_new, zero, neg), g.const([1, 2]))
+            old = g.op("Unsqueeze", g.op("Where", near_buf, zero, neg), g.const([1, 2]))
+            self.biases[w] = (g.op("Concat", old, new, axis=4), new)
 
     def _build_layers(self, dim_b: str) -> onnx.ModelProto:
         spec, g = self.spec, self.g
         n = spec.num_sublayers
         h = g.op("Gather", "embed", "input_ids")
-        sims, ratios, kv_outputs = [], [], []
+        if spec.embed_scale != 1.0:  # scaled in float32, as the reference does
+            h = g.op("Mul", h, g.const(spec.embed_scale, np.float32))
+        kv_outputs = []
         for i in range(spec.num_layers):
             for j, block in ((2 * i, self._attention), (2 * i + 1, self._ffn)):
-                h, s, r, extra = self._sublayer(j, h, block)  # s, r: [B, 1]
-                sims.append(s)
-                ratios.append(r)
+                h, extra = self._sublayer(j, h, block)
                 if extra:
                     out_k, out_v = self._kv_output_names(i)
                     g.op("Identity", extra[0], outputs=[out_k])
                     g.op("Identity", extra[1], outputs=[out_v])
                     kv_outputs.append(i)
-        g.op("Concat", *sims, axis=1, outputs=["similarity"])
-        g.op("Concat", *ratios, axis=1, outputs=["norm_ratio"])
+        self._flush_stats()
+        pairs = g.op("Reshape", g.op("Concat", *self._stats, axis=1), g.const([0, n, 2]))
+        sim, ratio = g.op("Split", pairs, axis=2, n_out=2)
+        g.op("Squeeze", sim, g.const([2]), outputs=["similarity"])
+        g.op("Squeeze", ratio, g.const([2]), outputs=["norm_ratio"])
 
         head = self._weight("lm_head" if "lm_head" in self.w else "embed")
         if self.all_logits:
@@ -373,6 +489,22 @@ class GraphBuilder:
         if self.variant == "ort":
             return f"present_key_{i}", f"present_value_{i}"
         return f"new_key_{i}", f"new_value_{i}"
+
+
+def _gelu_tanh(g: _Graph, x: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in opset-17 ops (ONNX Runtime fuses it into FastGelu)."""
+    cube = g.op("Mul", g.op("Mul", x, x), x)
+    inner = g.op("Mul", g.op("Add", x, g.op("Mul", cube, g.const(0.044715, np.float32))),
+                 g.const(math.sqrt(2.0 / math.pi), np.float32))
+    return g.op("Mul", g.op("Mul", x, g.const(0.5, np.float32)),
+                g.op("Add", g.op("Tanh", inner), g.const(1.0, np.float32)))
+
+
+# the gated FFN's activation by ModelSpec.activation
+_ACTIVATIONS: dict[str, Callable[[_Graph, str], str]] = {
+    "silu": lambda g, x: g.op("Mul", x, g.op("Sigmoid", x)),
+    "gelu_tanh": _gelu_tanh,
+}
 
 
 def ort_variant_supported(spec: ModelSpec, policy: SkipPolicy) -> bool:

@@ -160,6 +160,7 @@ class GqaKVCache(_BufferCache):
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
+        self.binding = None  # the session's IO binding with this cache's buffers bound once (OrtGqaEngine)
 
 
 class OrtGqaEngine(OrtEngine):
@@ -204,16 +205,21 @@ class OrtGqaEngine(OrtEngine):
                  "total_sequence_length": np.array(int(total.max()), np.int32),
                  "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
-        binding = self.session.io_binding()
+        outputs = [n for n in self.outputs if not n.startswith("present_")]
+        binding = cache.binding
+        if binding is None:  # the KV buffers are bound once per request, not every step
+            binding = cache.binding = self.session.io_binding()
+            for name in outputs:  # bound first: get_outputs() returns them in binding order
+                binding.bind_output(name, "cpu")
+            for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
+                for kind, buf in (("key", cache.k[i]), ("value", cache.v[i])):
+                    binding.bind_cpu_input(f"past_{kind}_{i}", buf)
+                    binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape),
+                                        buf.ctypes.data)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        outputs = [n for n in self.outputs if not n.startswith("present_")]
-        for name in outputs:  # bound first: get_outputs() returns them in binding order
+        for name in outputs:  # rebinding keeps each name's position; fresh buffers so results stay ours
             binding.bind_output(name, "cpu")
-        for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
-            for kind, buf in (("key", cache.k[i]), ("value", cache.v[i])):
-                binding.bind_cpu_input(f"past_{kind}_{i}", buf)
-                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         self.session.run_with_iobinding(binding)
         out = dict(zip(outputs, (v.numpy() for v in binding.get_outputs()[:len(outputs)])))
         cache.lengths = total
