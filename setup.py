@@ -43,5 +43,8 @@ setup(
         "adaskip-run=adaskip.runtime.cli:main",
         "adaskip-verify=adaskip.verify:main",
         "adaskip-bench=adaskip.eval.bench:main",
+        "adaskip-eval=adaskip.quality.cli:main",
+        "adaskip-deploy=adaskip.deploy.cli:main",
+        "adaskip-serve=adaskip.deploy.serve:main",
     ]},
 )

@@ -1,0 +1,1 @@
+"""Serving: a Triton Inference Server model repository for an engine dir, and a launcher for the bundled server."""
