@@ -1,0 +1,170 @@
+// adaskip_generate: generate token ids with an adaskip engine directory from C++ (example CLI of the runtime).
+//
+//   adaskip_generate --engine DIR --ids 1,2,3 --max-new-tokens 32 [--temperature T --top-k K --top-p P --seed S]
+//                    [--stop-ids 2,3 | --stop-ids ""] [--truncate error|middle] [--threads N] [--stream] [--json]
+//
+// Prints the new token ids (space separated) and a statistics line on stderr, or one JSON object with --json.
+// User errors print "adaskip_generate: error: ..." and exit with status 2, as the Python CLIs do.
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "adaskip/runtime.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: adaskip_generate --engine DIR (--ids 1,2,3 | --ids-file FILE) [--max-new-tokens N] [--temperature T]\n"
+    "                        [--top-k K] [--top-p P] [--seed S] [--stop-ids LIST] [--truncate error|middle]\n"
+    "                        [--threads N] [--stream] [--json]\n"
+    "  --ids LIST        prompt token ids, comma separated\n"
+    "  --ids-file FILE   prompt token ids, separated by commas or whitespace\n"
+    "  --max-new-tokens  default 128\n"
+    "  --temperature     0 = greedy (default)\n"
+    "  --stop-ids LIST   stop token ids (default: the engine's end-of-sequence tokens; \"\" = none)\n"
+    "  --stream          print each token as it is generated\n"
+    "  --json            print the result and skip statistics as one JSON object\n";
+
+struct UsageError : adaskip::InputError {
+  using adaskip::InputError::InputError;
+};
+
+long long parse_int(const std::string& flag, const std::string& s) {
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || errno == ERANGE) throw UsageError(flag + " needs an integer; got '" + s + "'");
+  return v;
+}
+
+double parse_float(const std::string& flag, const std::string& s) {
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != '\0' || errno == ERANGE) throw UsageError(flag + " needs a number; got '" + s + "'");
+  return v;
+}
+
+int parse_small_int(const std::string& flag, const std::string& s) {
+  long long v = parse_int(flag, s);
+  if (v < -(1LL << 30) || v > (1LL << 30)) throw UsageError(flag + " is out of range: " + s);
+  return static_cast<int>(v);
+}
+
+std::vector<int64_t> parse_ids(const std::string& flag, std::string text) {
+  for (char& c : text) {
+    if (c == ',' || c == '\n' || c == '\t' || c == '\r') c = ' ';
+  }
+  std::istringstream in(text);
+  std::vector<int64_t> ids;
+  for (std::string tok; in >> tok;) ids.push_back(parse_int(flag, tok));
+  return ids;
+}
+
+int run(int argc, char** argv) {
+  std::string engine;
+  std::vector<int64_t> ids;
+  bool have_ids = false, json = false, stream = false;
+  adaskip::SamplingOptions opts;
+  adaskip::RuntimeOptions rt_opts;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "-h" || flag == "--help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    if (flag == "--json") {
+      json = true;
+      continue;
+    }
+    if (flag == "--stream") {
+      stream = true;
+      continue;
+    }
+    if (i + 1 >= argc) throw UsageError(flag + (flag.rfind("--", 0) == 0 ? " needs a value" : ": unknown argument"));
+    const std::string value = argv[++i];
+    if (flag == "--engine") {
+      engine = value;
+    } else if (flag == "--ids") {
+      ids = parse_ids(flag, value);
+      have_ids = true;
+    } else if (flag == "--ids-file") {
+      std::ifstream in(value);
+      if (!in) throw adaskip::InputError("cannot read --ids-file " + value);
+      std::stringstream buf;
+      buf << in.rdbuf();
+      ids = parse_ids(flag, buf.str());
+      have_ids = true;
+    } else if (flag == "--max-new-tokens") {
+      opts.max_new_tokens = parse_small_int(flag, value);
+    } else if (flag == "--temperature") {
+      opts.temperature = parse_float(flag, value);
+    } else if (flag == "--top-k") {
+      opts.top_k = parse_small_int(flag, value);
+    } else if (flag == "--top-p") {
+      opts.top_p = parse_float(flag, value);
+    } else if (flag == "--seed") {
+      opts.seed = static_cast<uint64_t>(parse_int(flag, value));
+    } else if (flag == "--stop-ids") {
+      opts.stop_token_ids = parse_ids(flag, value);
+    } else if (flag == "--truncate") {
+      if (value != "error" && value != "middle") throw UsageError("--truncate must be error or middle; got " + value);
+      opts.truncate = value == "middle" ? adaskip::Truncate::Middle : adaskip::Truncate::Error;
+    } else if (flag == "--threads") {
+      rt_opts.threads = parse_small_int(flag, value);
+      if (rt_opts.threads < 1) throw UsageError("--threads must be >= 1");
+    } else {
+      throw UsageError("unknown argument " + flag);
+    }
+  }
+  if (engine.empty()) throw UsageError("--engine DIR is required");
+  if (!have_ids) throw UsageError("give the prompt as --ids 1,2,3 or --ids-file FILE");
+  adaskip::validate(opts);  // before the (slow) engine load
+  if (ids.empty()) throw adaskip::InputError("prompt is empty");
+
+  adaskip::Runtime runtime(engine, rt_opts);
+  adaskip::TokenCallback print_token;
+  if (stream && !json) {
+    print_token = [](int64_t token) {
+      std::cout << token << ' ' << std::flush;
+      return true;
+    };
+  }
+  adaskip::GenerationResult r = runtime.generate(ids, opts, print_token);
+  if (json) {
+    std::cout << adaskip::to_json(r) << '\n';
+    return 0;
+  }
+  if (!stream) {
+    for (size_t i = 0; i < r.tokens.size(); ++i) std::cout << (i ? " " : "") << r.tokens[i];
+  }
+  std::cout << '\n';
+  const auto& s = r.skips;
+  std::cerr << "[adaskip] TTFT " << static_cast<int>(r.ttft_s * 1000) << " ms | decode " << r.decode_tokens_per_s()
+            << " tok/s | prompt " << r.prompt_tokens << " + " << r.tokens.size() << " new (" << r.finish_reason
+            << ") | skipped: prefill " << s.prefill_skipped.size() << ", decode " << s.decode_skipped_offline.size()
+            << " offline + " << s.decode_skipped_online.size() << " online | KV saved "
+            << s.kv_bytes_saved() / double(1 << 20) << " MiB of " << s.kv_bytes_full / double(1 << 20) << " MiB\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << kUsage << "adaskip_generate: error: " << e.what() << '\n';
+    return 2;
+  } catch (const adaskip::Error& e) {
+    std::cerr << "adaskip_generate: error: " << e.what() << '\n';
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "adaskip_generate: internal error: " << e.what() << '\n';
+    return 1;
+  }
+}

@@ -1,0 +1,54 @@
+// The exported "ort" graph variant on ONNX Runtime's C++ API: the graph interface adaskip/runtime/ort_engine.py's
+// OrtGqaEngine drives, for one request row. The KV cache is a BNSH buffer of the request's capacity per cached
+// layer, bound as both past_key_i and present_key_i: GroupQueryAttention appends the new tokens in place, so no
+// step copies the cache.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "adaskip/policy.h"
+#include "adaskip/runtime.h"
+
+namespace adaskip::detail {
+
+struct KVCache {
+  int capacity = 0;
+  int length = 0;  // tokens written so far
+  std::map<int, std::vector<float>> k, v;  // layer -> [1, kv_heads, capacity, head_dim]
+  int64_t nbytes() const;
+};
+
+struct StepOutput {
+  std::vector<float> logits;       // [vocab]
+  std::vector<double> similarity;  // [2L], NaN where skipped or not computed
+  std::vector<double> norm_ratio;  // [2L]
+};
+
+class OrtGraph {
+ public:
+  // Loads the graph and checks that its inputs/outputs are the "ort" interface for this model.
+  OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads);
+  ~OrtGraph();
+
+  const std::vector<int>& kv_layers() const { return kv_layers_; }
+  KVCache new_cache(int capacity) const;
+  StepOutput prefill(const std::vector<int64_t>& ids, KVCache& cache, const Mask& mask, bool want_stats) const;
+  StepOutput decode(int64_t token, KVCache& cache, const Mask& mask, bool want_stats) const;
+
+ private:
+  StepOutput run(const std::vector<int64_t>& ids, KVCache& cache, const Mask& mask, bool want_stats) const;
+
+  struct Session;
+  std::unique_ptr<Session> session_;
+  ModelInfo model_;
+  int n_;
+  std::vector<int> kv_layers_;
+};
+
+// The intra-op thread count: `threads` if > 0, else $ADASKIP_THREADS, else 0 (ONNX Runtime: all cores).
+int thread_count(int threads);
+
+}  // namespace adaskip::detail

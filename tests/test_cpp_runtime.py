@@ -1,0 +1,414 @@
+"""The C++ runtime (cpp/runtime): configured and built with CMake from the root CMakeLists.txt into a temp dir, then
+its ctest suites run against data this module prepares: the real SmolLM2 engine built from the K=8 e2e plan, the
+tokens and skip statistics the Python runtime produces on it, Python SkipPolicy traces, plans Python accepts or
+refuses, and broken engine dirs. The build runs in the background while the engine and the Python references are
+made."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import long_text
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = ROOT / "tests" / "data" / "smollm2-k8-e2e-plan.json"
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+LONG_NEW = 128
+
+
+# -- the build ---------------------------------------------------------------------------------------------------------
+
+class _Build:
+    """cmake configure + build of only the runtime's targets (Ninja when present: it overlaps the library's and the
+    programs' compiles), started at once and awaited on first use."""
+
+    def __init__(self, build_dir: Path):
+        self.dir = build_dir
+        self.log_path = build_dir.parent / "cpp-build.log"
+        generator = "-G Ninja " if shutil.which("ninja") else ""
+        jobs = str(min(4, os.cpu_count() or 2))
+        q = shlex.quote
+        script = (f"cmake -S {q(str(ROOT))} -B {q(str(build_dir))} {generator}-DCMAKE_BUILD_TYPE=Release "
+                  f"-DADASKIP_BUILD_PLUGINS=OFF -DPython3_EXECUTABLE={q(sys.executable)} && "
+                  f"cmake --build {q(str(build_dir))} -j{jobs} --target adaskip_generate adaskip_runtime_tests")
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(["bash", "-c", script], stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
+                                     start_new_session=True)  # its own process group: stop() ends cmake's children
+
+    def wait(self) -> Path:
+        rc = self.proc.wait(timeout=900)
+        self.log.close()
+        if rc != 0:
+            pytest.fail(f"building the C++ runtime failed:\n{self.log_path.read_text()[-6000:]}")
+        return self.dir
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # a failing test module must not leave the compiler running
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    b = _Build(tmp_path_factory.mktemp("cpp-runtime") / "build")
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(build, tmp_path_factory) -> Path:
+    from adaskip.builder.build import BuildOptions
+    from adaskip.builder.build import build as build_engine
+
+    out = tmp_path_factory.mktemp("cpp-engine") / "smollm2-k8"
+    build_engine(BuildOptions(model="smollm2-135m", output=str(out), plan=str(PLAN), progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(engine, tmp_path_factory) -> Path:
+    """The files the ctest suites read ($ADASKIP_RUNTIME_TEST_DATA)."""
+    d = tmp_path_factory.mktemp("cpp-data")
+    (d / "policy_traces.json").write_text(json.dumps(_policy_traces()))
+    (d / "plans.json").write_text(json.dumps(_plans()))
+    (d / "generate.json").write_text(json.dumps(_generate_cases(engine)))
+    (d / "open_errors.json").write_text(json.dumps(_open_errors(engine, d / "broken")))
+    return d
+
+
+def _ctest(build_dir: Path, data_dir: Path | None, suite: str) -> str:
+    env = dict(ENV)
+    if data_dir is not None:
+        env["ADASKIP_RUNTIME_TEST_DATA"] = str(data_dir)
+    run = subprocess.run(["ctest", "--test-dir", str(build_dir), "-R", f"^adaskip_runtime\\.{suite}$", "-V"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    out = run.stdout + run.stderr
+    print(out[-8000:])
+    assert run.returncode == 0, out[-8000:]
+    assert "100% tests passed, 0 tests failed out of 1" in out and "Skipped" not in out, out[-8000:]
+    return out
+
+
+# -- Python references -------------------------------------------------------------------------------------------------
+
+def _nan_to_none(xs: list[float]) -> list[float | None]:
+    return [None if math.isnan(x) else x for x in xs]
+
+
+def _trace(name: str, plan, steps: int, seed: int) -> dict:
+    """Drive the Python SkipPolicy over `steps` decode steps with synthetic stats shaped like real ones (each FFN
+    near its own level around beta, NaN where skipped or not asked for) and record every decision."""
+    from adaskip.policy import SkipPolicy
+
+    policy, rng = SkipPolicy(plan), random.Random(seed)
+    n = plan.num_sublayers
+    level = [rng.uniform(0.975, 1.0) for _ in range(n)]
+    state = policy.new_request()
+    pre = policy.prefill_mask(state)
+    record = {"prefill": {"skip": list(pre.skip), "scales": list(pre.scales)}, "cached_layers": policy.cached_layers(),
+              "roles": policy.sublayer_roles(), "learns_online": policy.learns_online, "decode": []}
+    stats = []
+    for _ in range(steps):
+        mask, wants = policy.decode_mask(state), policy.wants_decode_stats(state)
+        record["decode"].append({"skip": list(mask.skip), "scales": list(mask.scales), "wants_stats": wants})
+        sim = [math.nan if (s or not wants) else level[j] + rng.uniform(-0.01, 0.01) for j, s in enumerate(mask.skip)]
+        ratio = [math.nan if math.isnan(x) else rng.uniform(0.9, 1.3) for x in sim]
+        stats.append({"similarity": _nan_to_none(sim), "norm_ratio": _nan_to_none(ratio)})
+        policy.observe_decode(state, sim, ratio)
+    record["online"] = {str(j): r for j, r in state.online.items()}
+    record["window_means"] = {str(j): m for j, m in policy.window_means(state).items()}
+    return {"name": name, "plan": plan.to_dict(), "steps": stats, "expect": record}
+
+
+def _with(plan, **changes):
+    from adaskip.plan import SkipPlan
+
+    d = plan.to_dict()
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            d[section][field] = value
+        else:
+            d[section] = value
+    return SkipPlan.from_dict(d)
+
+
+def _policy_traces() -> list[dict]:
+    from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
+
+    k8 = SkipPlan.load(PLAN)
+    fp, cal = k8.fingerprint, k8.calibration
+    plans = [
+        ("adaskip-k8-e2e", k8, 30),
+        ("adaskip-k8-decode", _with(k8, mode="decode"), 30),
+        ("adaskip-k8-prefill", _with(k8, mode="prefill", online__enabled=False), 8),
+        ("adaskip-k8-e2e-no-online", _with(k8, online__enabled=False), 25),
+        ("adaskip-k12-decode-w3", adaskip_plan(cal, 12, "decode", fp, window=3), 10),
+        ("adaskip-k0-e2e", adaskip_plan(cal, 0, "e2e", fp), 24),
+        ("early-exit-4-e2e", baseline_plan("early-exit", 30, 4, "e2e", fp, calibration=cal), 6),
+        ("unified-5-decode", baseline_plan("unified", 30, 5, "decode", fp, calibration=cal), 6),
+        ("skipdecode-6-decode", baseline_plan("skipdecode", 30, 6, "decode", fp, calibration=cal), 600),
+    ]
+    traces = [_trace(name, plan, steps, seed) for seed, (name, plan, steps) in enumerate(plans)]
+    assert traces[0]["expect"]["online"] and traces[4]["expect"]["online"], "the traces should exercise online FFNs"
+    return traces
+
+
+def _plans() -> list[dict]:
+    """Plans as JSON text, each marked by whether the Python SkipPlan accepts it."""
+    from adaskip.errors import PlanError
+    from adaskip.plan import SkipPlan, baseline_plan
+
+    good = json.loads(PLAN.read_text())
+    # version 2: per-channel stand-ins for skipped offline sublayers (here sublayer 50, hidden size 576)
+    compensation = {"rule": "channel-affine", "sublayers": {"50": {"scale": [1.01] * 576, "shift": [0.001] * 576}}}
+
+    def mutate(path: str, value=None, delete: bool = False) -> dict:
+        d = json.loads(json.dumps(good))
+        *parents, last = path.split("/")
+        target = d
+        for p in parents:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        if delete:
+            del target[last]
+        elif isinstance(target, list):
+            target[int(last)] = value
+        else:
+            target[last] = value
+        return d
+
+    mutations = {
+        "format": mutate("format", "x"), "version": mutate("version", 3), "no-version": mutate("version", delete=True),
+        "method": mutate("method", "magic"), "mode": mutate("mode", "fast"), "layers-0": mutate("num_layers", 0),
+        "layers-string": mutate("num_layers", "30"), "no-budget": mutate("budget", delete=True),
+        "unit": mutate("budget/unit", "blocks"), "k-negative": mutate("budget/k", -1), "k-mismatch": mutate("budget/k", 7),
+        "skip-object": mutate("skip", {"a": 1}), "skip-negative": mutate("skip/0", -1), "skip-range": mutate("skip/0", 60),
+        "skip-duplicate": mutate("skip/0", 52), "skip-float": mutate("skip/0", 1.5),
+        "scales-short": mutate("scales", [1.0] * 59), "scales-string": mutate("scales/3", "big"),
+        "scales-nan": mutate("scales/3", float("nan")), "no-online": mutate("online", delete=True),
+        "enabled-string": mutate("online/enabled", "yes"), "window-0": mutate("online/window", 0),
+        "beta-string": mutate("online/beta", "high"), "calibration-extra": mutate("calibration/extra", 1),
+        "calibration-short": mutate("calibration/similarity", [0.5] * 3),
+        "calibration-prompts-0": mutate("calibration/num_prompts", 0), "no-fingerprint": mutate("model/fingerprint",
+                                                                                               delete=True),
+        "no-tool": mutate("tool", delete=True), "selection-null": mutate("selection", None),
+        "not-an-object": [good],
+        "v1-with-compensation": {**good, "compensation": compensation},
+        "compensation-outside-skip": {**good, "version": 2, "compensation": {**compensation, "sublayers": {
+            "1": compensation["sublayers"]["50"]}}},
+        "compensation-unequal": {**good, "version": 2, "compensation": {**compensation, "sublayers": {
+            "50": {"scale": [1.0, 1.0], "shift": [0.0]}}}},
+        "compensation-rule": {**good, "version": 2, "compensation": {**compensation, "rule": "magic"}},
+        "compensation-key": {**good, "version": 2, "compensation": {**compensation, "sublayers": {
+            "x": compensation["sublayers"]["50"]}}},
+        "valid-v2-compensation": {**good, "version": 2, "compensation": compensation},
+        "valid-v2-without-compensation": {**good, "version": 2},
+        "valid": good, "valid-no-calibration": mutate("calibration", None),
+        "valid-no-selection": mutate("selection", delete=True), "valid-no-model-name": mutate("model/name", delete=True),
+        "valid-baseline": baseline_plan("unified", 30, 5, "e2e", good["model"]["fingerprint"]).to_dict(),
+    }
+    out = []
+    for name, d in mutations.items():
+        text = json.dumps(d)
+        try:
+            SkipPlan.from_dict(json.loads(text))
+            valid = True
+        except PlanError:
+            valid = False
+        assert valid == name.startswith("valid"), f"{name}: the Python SkipPlan should {'' if valid else 'not '}accept it"
+        out.append({"name": name, "text": text, "valid": valid})
+    return out
+
+
+def _summary(r) -> dict:
+    s = r.summary()
+    keys = ("prompt_tokens", "new_tokens", "finish_reason", "prefill_skipped", "decode_skipped_offline",
+            "decode_skipped_online", "kv_bytes", "kv_bytes_saved", "truncated_prompt")
+    return {"tokens": r.tokens, **{k: s[k] for k in keys}}
+
+
+def _generate_cases(engine: Path) -> dict:
+    from adaskip.errors import InputError
+    from adaskip.runtime.generate import SamplingParams
+    from adaskip.runtime.loader import load_runtime
+
+    rt = load_runtime(engine)
+    tok = rt.tokenizer
+    # a long real prompt (the language reference) on which the online FFN skipping fires at K=8 (as in test_ort.py)
+    long_ids = tok.encode(long_text()[40000:43000])[:512]
+    chat_ids = rt.generator.encode("What is the capital of France?", chat=True)
+
+    greedy = rt.generator.generate([long_ids], SamplingParams(max_new_tokens=LONG_NEW, stop_token_ids=()))[0]
+    assert greedy.online_skipped, "the online FFN skipping should fire on this prompt"
+    assert len(greedy.tokens) == LONG_NEW
+    chat = rt.generator.generate([chat_ids], SamplingParams(max_new_tokens=48))[0]
+    assert chat.finish_reason == "stop", "the chat answer should end with the model's end-of-sequence token"
+    print(f"Python runtime: long prompt {len(long_ids)} tokens, online FFNs {greedy.online_skipped}; chat answer "
+          f"{chat.text!r}")
+
+    def prefix(n: int, reason: str = "length") -> dict:  # greedy decoding is a prefix of the longer greedy run
+        return {"tokens": greedy.tokens[:n], "new_tokens": n, "finish_reason": reason,
+                "prefill_skipped": greedy.prefill_skipped}
+
+    cases = [
+        {"name": "long-greedy", "ids": long_ids, "options": {"max_new_tokens": LONG_NEW, "stop_token_ids": []},
+         "expect": _summary(greedy)},
+        {"name": "chat-stops-at-eos", "ids": chat_ids, "options": {"max_new_tokens": 48}, "expect": _summary(chat)},
+        # sampling paths that must reduce to greedy whatever the random stream draws
+        {"name": "top-k-1", "ids": long_ids, "options": {"max_new_tokens": 24, "stop_token_ids": [],
+                                                         "temperature": 0.8, "top_k": 1, "seed": 5},
+         "expect": prefix(24)},
+        {"name": "tiny-top-p", "ids": long_ids, "options": {"max_new_tokens": 24, "stop_token_ids": [],
+                                                            "temperature": 1.3, "top_p": 1e-9, "seed": 9},
+         "expect": prefix(24)},
+        {"name": "seeded-sampling-repeats", "ids": long_ids, "repeat": True,
+         "options": {"max_new_tokens": 12, "stop_token_ids": [], "temperature": 1.0, "top_k": 40, "top_p": 0.9,
+                     "seed": 1234},
+         "expect": {"new_tokens": 12, "prefill_skipped": greedy.prefill_skipped}},
+        {"name": "streaming-cancel", "ids": long_ids, "cancel_after": 5,
+         "options": {"max_new_tokens": 64, "stop_token_ids": []}, "expect": prefix(5, "cancelled")},
+    ]
+    errors = [
+        ("empty-prompt", [], {}, "prompt is empty"),
+        ("over-context", [1] * rt.engine.spec.max_position_embeddings, {"max_new_tokens": 1}, "exceeds the model's context"),
+        ("outside-vocabulary", [1, rt.engine.spec.vocab_size], {}, "outside the vocabulary"),
+        ("no-room", [1, 2], {"max_new_tokens": rt.engine.spec.max_position_embeddings}, "leaves no room"),
+        ("max-new-tokens-0", [1, 2], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ("top-p-0", [1, 2], {"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ("negative-temperature", [1, 2], {"temperature": -1.0}, "temperature must be >= 0"),
+    ]
+    for name, ids, options, message in errors:
+        with pytest.raises(InputError):  # the Python runtime refuses the same requests
+            rt.generator.generate([ids], SamplingParams(**options))
+        cases.append({"name": name, "ids": ids, "options": options, "expect_error": message})
+    return {"engine": str(engine), "cases": cases}
+
+
+def _open_errors(engine: Path, root: Path) -> list[dict]:
+    """Engine dirs the C++ runtime must refuse: copies of the real one (weights linked, not copied), each broken in
+    one way, with the manifest's digests rewritten where the break must reach a later check."""
+    from adaskip.engine_dir import sha256_file
+
+    def broken(name: str, plan_text: str | None = None, manifest_edit=None) -> str:
+        d = root / name
+        d.mkdir(parents=True)
+        for f in engine.rglob("*"):
+            target = d / f.relative_to(engine)
+            if f.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif f.stat().st_size > 64 << 20:
+                target.symlink_to(f)
+            else:
+                shutil.copy(f, target)
+        manifest = json.loads((d / "manifest.json").read_text())
+        if plan_text is not None:
+            (d / "plan.json").write_text(plan_text)
+        if manifest_edit is not None:
+            manifest_edit(manifest)
+            manifest["files"]["plan.json"] = {"sha256": sha256_file(d / "plan.json"),
+                                              "bytes": (d / "plan.json").stat().st_size}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return str(d)
+
+    plan = json.loads((engine / "plan.json").read_text())
+    bad_skip = {**plan, "skip": [99] + plan["skip"][1:]}
+    other_model = {**plan, "model": {"fingerprint": "sha256:" + "0" * 64, "name": "another-model"}}
+
+    def graph_field(field: str, value):
+        return lambda m: m["build"]["graph"].update({field: value})
+
+    empty = root / "empty"
+    empty.mkdir(parents=True)
+    return [
+        {"name": "missing-dir", "engine": str(root / "does-not-exist"), "expect_error": "is not an adaskip engine"},
+        {"name": "no-manifest", "engine": str(empty), "expect_error": "no manifest.json"},
+        {"name": "corrupt-plan", "engine": broken("corrupt-plan", plan_text="{this is not a plan"),
+         "expect_error": "plan.json has 19 bytes"},
+        {"name": "plan-out-of-range", "engine": broken("plan-range", json.dumps(bad_skip), lambda m: None),
+         "expect_error": "skip set names sublayers [99] outside 0..59"},
+        {"name": "plan-for-another-model", "engine": broken("plan-model", json.dumps(other_model), lambda m: None),
+         "expect_error": "rebuild it with adaskip-build"},
+        {"name": "torch-backend", "engine": broken("torch", manifest_edit=lambda m: m.update(backend="torch")),
+         "expect_error": "backend 'torch' is not supported"},
+        {"name": "portable-variant", "engine": broken("portable", manifest_edit=graph_field("variant", "portable")),
+         "expect_error": "graph variant 'portable' is not supported"},
+        {"name": "graph-interface-2", "engine": broken("iface", manifest_edit=graph_field("interface", 2)),
+         "expect_error": "graph interface 2 is not the one this runtime runs"},
+    ]
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------------
+
+def test_cpp_constants_follow_the_python_formats():
+    """The versions the C++ runtime accepts are the ones the Python toolchain writes."""
+    from adaskip.engine_dir import ENGINE_VERSION
+    from adaskip.export.onnx_graph import GRAPH_INTERFACE
+    from adaskip.plan import PLAN_VERSIONS
+
+    runtime_h = (ROOT / "cpp/runtime/include/adaskip/runtime.h").read_text()
+    found = {k: int(v) for k, v in re.findall(r"constexpr int (k\w+) = (\d+);", runtime_h)}
+    assert found == {"kEngineVersion": ENGINE_VERSION, "kGraphInterface": GRAPH_INTERFACE}
+    plan_versions = re.search(r"kPlanVersions\[\] = \{([\d, ]+)\}", (ROOT / "cpp/runtime/include/adaskip/plan.h").read_text())
+    assert tuple(int(v) for v in plan_versions.group(1).split(",")) == tuple(PLAN_VERSIONS)
+
+
+def test_policy_matches_python_traces(build, data):
+    out = _ctest(build.wait(), data, "policy_trace")
+    assert "skipdecode-6-decode: 600 steps" in out
+
+
+def test_plans_refused_like_python(build, data):
+    _ctest(build.wait(), data, "plan_errors")
+
+
+def test_generates_the_python_tokens_and_skip_statistics(build, data):
+    """Greedy 128 tokens on the long prompt (online FFN skipping fires), a chat answer ending at EOS, sampling
+    paths, a cancelled stream and bad requests, all on the real engine."""
+    out = _ctest(build.wait(), data, "generate")
+    assert "long-greedy: " in out and "generate: ok" in out
+
+
+def test_broken_engine_dirs_are_refused(build, data):
+    _ctest(build.wait(), data, "open_errors")
+
+
+def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    case = next(c for c in json.loads((data / "generate.json").read_text())["cases"] if c["name"] == "chat-stops-at-eos")
+    run = subprocess.run([str(cli), "--engine", str(engine), "--ids", ",".join(map(str, case["ids"])),
+                          "--max-new-tokens", "48", "--json"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    print("adaskip_generate --json:", run.stdout.strip())
+    assert {k: got[k] for k in case["expect"]} == case["expect"]
+    assert got["ttft_s"] > 0
+
+    bad = [
+        (["--engine", str(engine.parent / "nope"), "--ids", "1,2"], "is not an adaskip engine directory"),
+        (["--engine", str(engine), "--ids", ""], "prompt is empty"),
+        (["--engine", str(engine), "--ids", "1,x"], "needs an integer"),
+        (["--engine", str(engine), "--ids", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--ids", "1"], "--engine DIR is required"),
+    ]
+    for args, message in bad:
+        run = subprocess.run([str(cli), *args], capture_output=True, text=True, env=ENV, timeout=60)
+        last = run.stderr.strip().splitlines()[-1]  # after the usage text, for usage errors
+        assert run.returncode == 2 and last.startswith("adaskip_generate: error: ") and message in last, (args, run.stderr)
+
+
+def test_unit_suite(build):
+    """Needs no prepared data: plan parsing, policy, sampler and prompt checks on the repo's plan file."""
+    _ctest(build.wait(), None, "unit")
