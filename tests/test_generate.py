@@ -137,3 +137,24 @@ def test_streaming_never_shows_the_start_of_a_stop_string(chat):
     # a stop string that never completes: the held-back tail is flushed at the end
     tail = SamplingParams(max_new_tokens=12, stop_token_ids=(), stop_strings=(free.text[-2:] + "\x00never",))
     assert "".join(e.text for e in gen.stream(ids, tail)) == free.text
+
+
+def test_incremental_detokenization_equals_decoding_everything(smollm2_tokenizer):
+    import random
+
+    from adaskip.runtime.generate import _Detokenizer
+
+    def decode(t):
+        return smollm2_tokenizer.decode(t, skip_special_tokens=True)
+
+    text = "Héllo wörld — ünïcode 🙂 and 日本語のテキスト。\ndef f(x):\n    return x ** 2  # squared\n" * 3
+    random.seed(0)
+    for seq in (smollm2_tokenizer.encode(text, add_special_tokens=False),
+                [random.randrange(smollm2_tokenizer.vocab_size) for _ in range(200)]):
+        detok, compared = _Detokenizer(decode), 0
+        for n in range(1, len(seq) + 1):
+            out, full = detok.add(seq[:n]), decode(seq[:n])
+            if not full.endswith("\ufffd"):  # mid-character the detokenizer waits; afterwards it must agree
+                assert out == full
+                compared += 1
+        assert detok.text == decode(seq) and compared > len(seq) // 2

@@ -89,6 +89,26 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+class _Detokenizer:
+    """Incremental detokenization: each step decodes only the tokens since the last stable point, not the whole
+    output (which would make a long generation quadratic). The new text is what decoding the window adds to
+    decoding its already-emitted part, so tokenizers that drop a leading space at a sequence start stay exact."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self.text = ""
+        self._prefix = self._read = 0
+
+    def add(self, tokens: list[int]) -> str:
+        """Text of all `tokens` so far (the last token may still be waiting for the rest of a character)."""
+        new = self._decode(tokens[self._prefix:])
+        if new.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return self.text
+        self.text += new[len(self._decode(tokens[self._prefix:self._read])):]
+        self._prefix, self._read = self._read, len(tokens)
+        return self.text
+
+
 def stack_masks(masks: list[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-request masks -> the engine's skip [B, 2L] and scale [B, 2L] tensors."""
     return (torch.tensor([m.skip for m in masks], dtype=torch.bool),
@@ -187,6 +207,8 @@ class Generator:
         out = engine.prefill(ids, valid, cache, skip, scales, want_stats=False)  # online learning is decode-only
         done = [False] * batch
         texts = [""] * batch
+        detok = [_Detokenizer(self._decode) for _ in range(batch)]
+        longest_stop = max((len(s) for s in params.stop_strings), default=0)
         cut_by_string: set[int] = set()
         step = 0
         while True:
@@ -206,14 +228,14 @@ class Generator:
                     done[b], r.finish_reason = True, "stop"
                     continue
                 r.tokens.append(tok)
-                text = self._decode(r.tokens)
-                hit = next((s for s in params.stop_strings if s in text), None)
+                text = detok[b].add(r.tokens)
+                since = max(len(texts[b]) - longest_stop, 0)  # a new stop string ends in text not emitted yet
+                hit = min(((text.find(s, since), s) for s in params.stop_strings if text.find(s, since) >= 0),
+                          default=None)
                 if hit is not None:
-                    text = text[:text.index(hit)]
+                    text = text[:hit[0]]
                     done[b], r.finish_reason = True, "stop"
                     cut_by_string.add(b)
-                elif text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-                    text = texts[b]
                 else:  # hold back what could be the start of a stop string
                     text = text[:len(text) - _partial_stop(text, params.stop_strings)]
                 delta = text[len(texts[b]):]
