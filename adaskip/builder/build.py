@@ -20,7 +20,10 @@ from adaskip.plan import (DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
 
-BACKENDS = ("ort", "torch")  # ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
+BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
+# ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
+# trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
+# tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/tensorrt/)
 
 
 @dataclass
@@ -42,6 +45,12 @@ class BuildOptions:
     dtype: str = "float32"
     quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
     graph_variant: str = "auto"  # ort backend: "ort" (fused contrib ops), "portable" (standard ops), auto = ort if possible
+    max_batch_size: int | None = None  # tensorrt backend: profile limits (trtllm-build's flags; tensorrt/profiles.py)
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    trt_profiles: str = "split"  # tensorrt: "split" (prefill + decode profiles) or "combined" (one)
+    timing_cache: str | None = None  # tensorrt: timing cache file, reused across builds
+    builder_opt_level: int | None = None  # tensorrt: builder optimization level (TensorRT's default when None)
     force: bool = False
     progress: bool = True
 
@@ -74,6 +83,9 @@ class BuildOptions:
             raise InputError(f"--window must be >= 1; got {self.window}")
         if self.context_len is not None and self.context_len < 1:
             raise InputError(f"--context-len must be >= 1; got {self.context_len}")
+        from adaskip.tensorrt.builder import check_options  # TensorRT flags only with --backend tensorrt
+
+        check_options(self)
 
 
 @dataclass
@@ -154,9 +166,14 @@ def build(opts: BuildOptions) -> BuildReport:
     for flag, value in (("--calib-tokens", opts.calib_tokens), ("--context-len", opts.context_len)):
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
-    if opts.backend == "ort" and any(w is not None and w < spec.max_position_embeddings
-                                     for w in spec.attention_windows):  # fail before calibrating, not after
-        raise InputError("the ONNX exporter does not support sliding-window attention yet; use --backend torch")
+    if opts.backend == "trtllm-checkpoint":  # refuse an unsupported family before calibrating, not after
+        from adaskip.export.trtllm_checkpoint import check_supported
+
+        check_supported(spec, model.weights)
+    if opts.backend == "tensorrt":  # limits vs the model's context: before calibrating, not after
+        from adaskip.tensorrt.builder import check_options
+
+        check_options(opts, spec)
     plan = make_plan(opts, model, tokenizer)
     prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
     expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
@@ -169,13 +186,19 @@ def build(opts: BuildOptions) -> BuildReport:
                       "created": now_utc(), "source": model.source}
         if opts.backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
+        elif opts.backend == "trtllm-checkpoint":
+            from adaskip.export.trtllm_checkpoint import write_checkpoint
+
+            build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint)
+            _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
+                 f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:
             from adaskip.export.onnx_graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
 
             policy = SkipPolicy(plan)
             variant = opts.graph_variant
             if variant == "auto":
-                variant = "ort" if ort_variant_supported(spec, policy) else "portable"
+                variant = "ort" if opts.backend == "ort" and ort_variant_supported(spec, policy) else "portable"
             graph = build_onnx(spec, model.weights, policy, variant=variant)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
             if opts.quantize:
@@ -184,6 +207,10 @@ def build(opts: BuildOptions) -> BuildReport:
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)
+            if opts.backend == "tensorrt":
+                from adaskip.tensorrt.builder import build_into
+
+                build_into(tmp, build_info, opts, spec.max_position_embeddings, lambda msg: _log(msg, opts))
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),

@@ -9,6 +9,7 @@ from adaskip.builder.build import BACKENDS, BuildOptions, build
 from adaskip.cli_common import main_wrapper
 from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.plan import METHODS, MODES
+from adaskip.tensorrt.cli_args import add_tensorrt_arguments, tensorrt_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib-tokens", type=int, default=2048, help="tokens per calibration prompt")
     out = p.add_argument_group("engine")
     out.add_argument("--backend", choices=BACKENDS, default="ort",
-                     help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors)")
+                     help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors); "
+                          "trtllm-checkpoint: TensorRT-LLM checkpoint + model class for trtllm-build; "
+                          "tensorrt: serialized TensorRT engine (built on CPU with TensorRT-RTX; runs on a GPU)")
     out.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
     out.add_argument("--quantize", choices=("int4",), help="ort backend: weight-only int4 linear layers (MatMulNBits)")
     out.add_argument("--graph-variant", choices=("auto", "ort", "portable"), default="auto",
@@ -42,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
                           "standard ops (what TensorRT parses); auto picks ort when the plan allows it")
     out.add_argument("--force", action="store_true", help="replace an existing output directory")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_tensorrt_arguments(p)
     return p
 
 
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build(BuildOptions(
         model=a.model, output=a.output, method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, calib=a.calib,
         calib_prompts=a.calib_prompts, calib_tokens=a.calib_tokens, context_len=a.context_len, window=a.window,
-        online=not a.no_online, plan=a.plan, backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant, force=a.force, progress=not a.quiet))
+        online=not a.no_online, plan=a.plan, backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant, **tensorrt_options(a), force=a.force, progress=not a.quiet))
     plan = report.plan
     names = [f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip]
     e = report.expected
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"online: W={plan.window}, beta={plan.beta:.5f} (FFNs with decode similarity >= beta join after W steps)")
     print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
           f"decode {e['decode']:.3f}x (before online skipping)")
+    if a.backend == "trtllm-checkpoint":
+        from adaskip.export.trtllm_checkpoint import trtllm_build_command
+
+        print(f"build it where TensorRT-LLM is installed: {trtllm_build_command(report.output)}")
     return 0
 
 

@@ -39,6 +39,10 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
                                  f"runs ({GRAPH_INTERFACE}); rebuild the engine with adaskip-build")
         engine_cls = OrtGqaEngine if graph.get("variant") == "ort" else OrtEngine
         engine = engine_cls(ed.root / graph["file"], ed.spec, threads=threads)
+    elif ed.backend == "tensorrt":  # an NVIDIA GPU and the TensorRT flavour the engine was built with
+        from adaskip.tensorrt.engine import TrtEngine
+
+        engine = TrtEngine.from_engine_dir(ed)
     else:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
