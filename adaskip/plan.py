@@ -21,6 +21,10 @@ from adaskip.errors import PlanError
 
 PLAN_FORMAT = "adaskip.skip-plan"
 PLAN_VERSION = 1
+# Version 2 = version 1 plus a per-channel `compensation`. A plan without one is still written as version 1, so
+# older readers keep reading it and refuse (instead of silently ignoring) a plan whose skipped sublayers need it.
+PLAN_VERSIONS = (1, 2)
+COMPENSATION_RULES = ("norm-ratio", "token-ratio", "channel-scale", "channel-affine")
 METHODS = ("adaskip", "early-exit", "skipdecode", "unified")
 MODES = ("prefill", "decode", "e2e")
 DEFAULT_WINDOW = 20
@@ -33,7 +37,7 @@ SCHEMA: dict[str, Any] = {
                  "tool"],
     "properties": {
         "format": {"const": PLAN_FORMAT},
-        "version": {"const": PLAN_VERSION},
+        "version": {"enum": list(PLAN_VERSIONS)},
         "method": {"enum": list(METHODS)},
         "mode": {"enum": list(MODES)},
         "num_layers": {"type": "integer", "minimum": 1},
@@ -52,6 +56,12 @@ SCHEMA: dict[str, Any] = {
             "prompt_tokens": {"type": "integer", "minimum": 1}, "data_digest": {"type": "string"},
             "source": {"type": "string"}}},
         "selection": {"type": "object"},
+        "compensation": {"type": ["object", "null"], "additionalProperties": False, "required": ["rule", "sublayers"],
+                         "properties": {
+            "rule": {"enum": list(COMPENSATION_RULES)},
+            "sublayers": {"type": "object", "patternProperties": {"^[0-9]+$": {
+                "type": "object", "additionalProperties": False, "required": ["scale", "shift"],
+                "properties": {"scale": _STATS, "shift": _STATS}}}, "additionalProperties": False}}},
         "model": {"type": "object", "required": ["fingerprint"], "properties": {
             "fingerprint": {"type": "string"}, "name": {"type": "string"}}},
         "tool": {"type": "object"},
@@ -67,6 +77,30 @@ class Calibration:
     prompt_tokens: int
     data_digest: str
     source: str
+
+
+@dataclass
+class Compensation:
+    """What a skipped sublayer outputs instead of h' = h + f(Norm(h)) — the rule every backend applies:
+
+        sublayer j in `sublayers`:  h' = scale_j * h + shift_j   (per channel: scale_j, shift_j have the hidden size)
+        any other skipped sublayer: h' = plan.scales[j] * h      (a scalar: the paper's norm ratio, or `token-ratio`)
+
+    Fitted training-free on calibration data (adaskip.quality.compensation). Vectors are kept for the offline skip set
+    only; FFNs skipped online keep the scalar decode-window ratio.
+    """
+
+    rule: str  # one of COMPENSATION_RULES
+    sublayers: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # j -> (scale, shift)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "sublayers": {str(j): {"scale": list(a), "shift": list(b)}
+                                                 for j, (a, b) in sorted(self.sublayers.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Compensation":
+        return cls(rule=d["rule"], sublayers={int(j): ([float(x) for x in v["scale"]], [float(x) for x in v["shift"]])
+                                              for j, v in d["sublayers"].items()})
 
 
 @dataclass
@@ -86,6 +120,7 @@ class SkipPlan:
     calibration: Calibration | None = None
     selection: dict[str, Any] = field(default_factory=dict)
     tool: dict[str, Any] = field(default_factory=lambda: {"name": "adaskip", "version": __version__})
+    compensation: Compensation | None = None  # None: the paper's rule (scalar plan.scales)
 
     def __post_init__(self) -> None:
         n = 2 * self.num_layers
@@ -105,6 +140,15 @@ class SkipPlan:
             if len(c.similarity) != n or len(c.norm_ratio) != n:
                 raise PlanError(f"plan calibration has {len(c.similarity)} similarities / {len(c.norm_ratio)} norm "
                                 f"ratios for {n} sublayers")
+        if self.compensation is not None:
+            if self.compensation.rule not in COMPENSATION_RULES:
+                raise PlanError(f"unknown compensation rule {self.compensation.rule!r}")
+            for j, (a, b) in self.compensation.sublayers.items():
+                if j not in self.skip or len(a) != len(b) or not a:
+                    raise PlanError(f"compensation for sublayer {j} must match the offline skip set and have equal, "
+                                    f"non-empty scale and shift vectors")
+                if not all(math.isfinite(x) for x in (*a, *b)):
+                    raise PlanError(f"compensation for sublayer {j} has non-finite values")
         expected = self.k if self.budget_unit == "sublayers" else None
         if expected is not None and len(self.skip) != expected:
             raise PlanError(f"plan budget says K={self.k} sublayers but the skip set has {len(self.skip)}")
@@ -115,7 +159,7 @@ class SkipPlan:
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": PLAN_FORMAT, "version": PLAN_VERSION, "method": self.method, "mode": self.mode,
             "num_layers": self.num_layers, "budget": {"unit": self.budget_unit, "k": self.k},
             "skip": list(self.skip), "scales": list(self.scales),
@@ -125,6 +169,9 @@ class SkipPlan:
             "model": {"fingerprint": self.fingerprint, "name": self.model_name},
             "tool": self.tool,
         }
+        if self.compensation is not None:  # version 1 files stay byte-identical (and keep their digests)
+            d["version"], d["compensation"] = 2, self.compensation.to_dict()
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -139,9 +186,11 @@ class SkipPlan:
     def from_dict(cls, d: Any) -> "SkipPlan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an adaskip skip plan (expected format {PLAN_FORMAT!r})")
-        if d.get("version") != PLAN_VERSION:
+        if d.get("version") not in PLAN_VERSIONS:
             raise PlanError(f"skip plan version {d.get('version')!r} is not supported (this adaskip reads "
-                            f"{PLAN_VERSION}); rebuild the plan with adaskip-build")
+                            f"{', '.join(map(str, PLAN_VERSIONS))}); rebuild the plan with adaskip-build")
+        if d.get("version") == 1 and d.get("compensation") is not None:
+            raise PlanError("invalid skip plan: a version 1 plan has no compensation (version 2 adds it)")
         try:
             jsonschema.validate(d, SCHEMA)
         except jsonschema.ValidationError as e:
@@ -161,7 +210,8 @@ class SkipPlan:
             online_enabled=d["online"]["enabled"], window=d["online"]["window"], beta=d["online"]["beta"],
             fingerprint=d["model"]["fingerprint"], model_name=d["model"].get("name", ""),
             calibration=Calibration(**calib) if calib else None, selection=d.get("selection") or {},
-            tool=d["tool"])
+            tool=d["tool"],
+            compensation=Compensation.from_dict(d["compensation"]) if d.get("compensation") else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "SkipPlan":
@@ -190,19 +240,32 @@ def rank_by_similarity(similarity: list[float]) -> list[int]:
 
 
 def adaskip_plan(calibration: Calibration, k: int, mode: str, fingerprint: str, model_name: str = "",
-                 window: int = DEFAULT_WINDOW, online: bool = True, selection: dict[str, Any] | None = None) -> SkipPlan:
-    """AdaSkip: skip the K most IO-similar sublayers, each replaced by its norm ratio times its input."""
+                 window: int = DEFAULT_WINDOW, online: bool = True, selection: dict[str, Any] | None = None,
+                 order: list[int] | None = None, scales: list[float] | None = None,
+                 compensation: Compensation | None = None) -> SkipPlan:
+    """AdaSkip: skip the K most IO-similar sublayers, each replaced by its norm ratio times its input.
+
+    `order` replaces the similarity ranking by another selection rule's (the first K are skipped); `scales` and
+    `compensation` replace the paper's scalar norm ratios (per-channel vectors are kept for the chosen K only).
+    """
     n = len(calibration.similarity)
     if not 0 <= k <= n:
         raise PlanError(f"--skip must be between 0 and {n} (the model has {n} sublayers); got {k}")
-    chosen = rank_by_similarity(calibration.similarity)[:k]
-    # beta = the smallest similarity inside the offline set; with K = 0 there is no threshold and nothing online.
-    beta = min(calibration.similarity[j] for j in chosen) if chosen else None
+    if order is not None and (len(order) < k or len(set(order)) != len(order) or not all(0 <= j < n for j in order)):
+        raise PlanError(f"a selection order must name at least K={k} distinct sublayers of 0..{n - 1}")
+    chosen = (rank_by_similarity(calibration.similarity) if order is None else list(order))[:k]
+    # beta = the K-th largest offline similarity (for the similarity ranking: the smallest one inside the offline
+    # set); with K = 0 there is no threshold and nothing online.
+    beta = sorted(calibration.similarity, reverse=True)[k - 1] if chosen else None
+    if compensation is not None:
+        compensation = Compensation(compensation.rule,
+                                    {j: v for j, v in compensation.sublayers.items() if j in chosen})
     return SkipPlan(
         method="adaskip", mode=mode, num_layers=n // 2, budget_unit="sublayers", k=k, skip=chosen,
-        scales=[float(r) for r in calibration.norm_ratio], online_enabled=online and mode != "prefill",
-        window=window, beta=beta, fingerprint=fingerprint, model_name=model_name, calibration=calibration,
-        selection=selection or {"rule": "k", "k": k})
+        scales=[float(r) for r in (calibration.norm_ratio if scales is None else scales)],
+        online_enabled=online and mode != "prefill", window=window, beta=beta, fingerprint=fingerprint,
+        model_name=model_name, calibration=calibration, selection=selection or {"rule": "k", "k": k},
+        compensation=compensation)
 
 
 def baseline_layers(method: str, num_layers: int, k: int) -> list[int]:

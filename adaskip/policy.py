@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from adaskip.plan import SkipPlan, skipdecode_layers_at
+from adaskip.plan import Compensation, SkipPlan, skipdecode_layers_at
 
 
 @dataclass
@@ -52,6 +52,11 @@ class SkipPolicy:
 
     def new_request(self) -> RequestState:
         return RequestState()
+
+    @property
+    def compensation(self) -> Compensation | None:
+        """The per-channel stand-ins a backend applies to skipped offline sublayers (None: scalar scales only)."""
+        return self.plan.compensation
 
     @property
     def learns_online(self) -> bool:

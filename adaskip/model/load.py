@@ -93,7 +93,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     fam = families.family_for(config.model_type)
     spec = fam.spec_from_config(config, name=name)
     tensors = _read_checkpoint(path)
-    weights = _map_weights(spec, fam.weight_names(spec), tensors, dtype, str(path))
+    weights = _map_weights(spec, fam, tensors, dtype, str(path))
     return LoadedModel(spec=spec, weights=weights, tokenizer_dir=str(path) if _has_tokenizer(path) else None,
                        source=str(path))
 
@@ -126,11 +126,15 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) found")
 
 
-def _map_weights(spec: ModelSpec, names: dict[str, str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+def _map_weights(spec: ModelSpec, fam: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                  where: str) -> dict[str, torch.Tensor]:
-    from adaskip.model.hf_llama import REQUIRED_LAYER_ROLES
-
-    required = {"embed", "final_norm"} | {layer_role(i, r) for i in range(spec.num_layers) for r in REQUIRED_LAYER_ROLES}
+    """Checkpoint tensors -> role-named weights of `dtype`, shapes checked against the spec. A family's
+    NORM_WEIGHT_OFFSET is added to every norm weight in float32 before the cast (Gemma's (1 + w) becomes a plain
+    RMSNorm weight; in fp32 this is exactly what Gemma computes)."""
+    names = fam.weight_names(spec)
+    norm_offset = float(getattr(fam, "NORM_WEIGHT_OFFSET", 0.0))
+    required = {"embed", "final_norm"} | {layer_role(i, r) for i in range(spec.num_layers)
+                                          for r in fam.REQUIRED_LAYER_ROLES}
     if not spec.tie_word_embeddings:
         required.add("lm_head")
     weights: dict[str, torch.Tensor] = {}
@@ -146,6 +150,8 @@ def _map_weights(spec: ModelSpec, names: dict[str, str], tensors: dict[str, torc
         want = _expected_shape(spec, role)
         if tuple(t.shape) != want:
             raise ModelLoadError(f"{where}: {hf_name} has shape {tuple(t.shape)}, the config implies {want}")
+        if norm_offset and role.endswith("norm"):
+            t = t.float() + norm_offset
         weights[role] = t.to(dtype).contiguous()
     if missing:
         raise ModelLoadError(f"{where}: checkpoint lacks {len(missing)} required weights, e.g. {missing[:3]}")
@@ -159,7 +165,8 @@ def _expected_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
     shapes = {"embed": (spec.vocab_size, d), "lm_head": (spec.vocab_size, d), "final_norm": (d,),
               "attn_norm": (d,), "ffn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
               "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (d,), "gate": (inter, d), "up": (inter, d),
-              "down": (d, inter), "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (d,)}
+              "down": (d, inter), "gate_bias": (inter,), "up_bias": (inter,), "down_bias": (d,),
+              "q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,), "attn_post_norm": (d,), "ffn_post_norm": (d,)}
     return shapes[name]
 
 
@@ -177,6 +184,6 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     except Exception as e:  # the GGUF reader raises a variety of errors for damaged files
         raise ModelLoadError(f"{path}: transformers could not read the GGUF weights: {e}") from e
     spec = fam.spec_from_config(model.config, name=path.stem)
-    weights = _map_weights(spec, fam.weight_names(spec), model.state_dict(), dtype, str(path))
+    weights = _map_weights(spec, fam, model.state_dict(), dtype, str(path))
     return LoadedModel(spec=spec, weights=weights, tokenizer_dir=str(path.parent),
                        tokenizer_kwargs={"gguf_file": path.name}, source=str(path))

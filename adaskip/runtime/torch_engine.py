@@ -8,13 +8,15 @@ KV cache at all.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from adaskip.errors import InputError
-from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin, uses_local_rope
 from adaskip.model.spec import LoadedModel, ModelSpec
+from adaskip.plan import Compensation
 from adaskip.runtime.engine import StepOutput
 from adaskip.similarity import io_similarity
 
@@ -46,19 +48,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+# the gated FFN's activation by ModelSpec.activation
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class TorchEngine:
     """Engine protocol implementation in plain PyTorch (CPU or CUDA)."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], compensation: Compensation | None = None):
         self.spec = spec
         self.w = weights
         self.dtype = weights["embed"].dtype
         self.inv_freq = inv_frequencies(spec)
+        self.inv_freq_local = inv_frequencies(spec, local=True)  # sliding-window layers' RoPE (if it differs)
+        self.act = ACTIVATIONS[spec.activation]
         self.lm_head = weights.get("lm_head", weights["embed"])
+        # the plan's per-channel stand-ins for skipped sublayers (Compensation: the rule), as [D] tensors
+        self.compensation = {j: (torch.tensor(a, dtype=self.dtype), torch.tensor(b, dtype=self.dtype))
+                             for j, (a, b) in (compensation.sublayers.items() if compensation else ())}
+        # called as observer(j, h, h_out, valid) for every sublayer that ran (calibration fits read the stream)
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     @classmethod
-    def from_loaded(cls, model: LoadedModel) -> "TorchEngine":
-        return cls(model.spec, model.weights)
+    def from_loaded(cls, model: LoadedModel, compensation: Compensation | None = None) -> "TorchEngine":
+        return cls(model.spec, model.weights, compensation)
 
     # -- Engine protocol ---------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> KVCache:
@@ -86,13 +102,17 @@ class TorchEngine:
             raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
         cache.valid[:, start:start + seq] = valid
         masks: dict[int | None, torch.Tensor | None] = {}
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        ropes = {False: rope_cos_sin(self.inv_freq, positions)}  # uses_local_rope -> (cos, sin)
+        if any(uses_local_rope(spec, i) for i in range(spec.num_layers)):
+            ropes[True] = rope_cos_sin(self.inv_freq_local, positions)
         skip = skip.bool()
         scales = scales.to(self.dtype)
         sims = torch.full((batch, spec.num_sublayers), math.nan)
         ratios = torch.full((batch, spec.num_sublayers), math.nan)
 
         h = F.embedding(ids, self.w["embed"])
+        if spec.embed_scale != 1.0:  # scaled in the model dtype, as Gemma does
+            h = h * torch.tensor(spec.embed_scale, dtype=self.dtype)
         for i in range(spec.num_layers):
             window = spec.attention_windows[i]
             if window not in masks:
@@ -100,19 +120,21 @@ class TorchEngine:
             for j, block in ((2 * i, "attention"), (2 * i + 1, "ffn")):
                 run = ~skip[:, j]
                 if not run.any():
-                    h = h * scales[:, j, None, None]  # skipped: h' = scale * h, no weights read
+                    h = self._skipped(h, j, scales)  # no weights read
                     continue
                 if block == "attention":
                     if not run.all():
                         raise ValueError(f"attention of layer {i} must be skipped for all rows of a batch or none")
-                    out = h + self._attention(i, h, cos, sin, cache, start, masks[window])
+                    out = h + self._attention(i, h, *ropes[uses_local_rope(spec, i)], cache, start, masks[window])
                 elif run.all():
                     out = h + self._ffn(i, h)
                 else:  # per-request online decisions: compute the FFN only for the rows that run it
-                    out = h * scales[:, j, None, None]
+                    out = self._skipped(h, j, scales)
                     out[run] = h[run] + self._ffn(i, h[run])
                 if want_stats:
                     sims[run, j], ratios[run, j] = io_similarity(h[run], out[run], valid[run])
+                if self.observer is not None:
+                    self.observer(j, h[run], out[run], valid[run])
                 h = out
 
         cache.length += seq
@@ -120,6 +142,14 @@ class TorchEngine:
         h = h if all_logits else h[:, -1]
         h = rms_norm(h, self.w["final_norm"], spec.norm_eps)
         return StepOutput(logits=F.linear(h, self.lm_head).float(), similarity=sims, norm_ratio=ratios)
+
+    def _skipped(self, h: torch.Tensor, j: int, scales: torch.Tensor) -> torch.Tensor:
+        """A skipped sublayer's output: per-channel scale * h + shift where the plan has a compensation for it,
+        else the per-row scalar (the paper's norm ratio, or an online FFN's decode ratio)."""
+        if j in self.compensation:
+            scale, shift = self.compensation[j]
+            return h * scale + shift
+        return h * scales[:, j, None, None]
 
     @staticmethod
     def _mask(keys_valid: torch.Tensor, start: int, seq: int, window: int | None) -> torch.Tensor | None:
@@ -149,6 +179,9 @@ class TorchEngine:
         q = self._linear(x, i, "q").view(batch, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = self._linear(x, i, "k").view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         v = self._linear(x, i, "v").view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        if spec.qk_norm:  # per head, before RoPE
+            q = rms_norm(q, self.w[f"layers.{i}.q_norm"], spec.norm_eps)
+            k = rms_norm(k, self.w[f"layers.{i}.k_norm"], spec.norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache.k[i] is not None:
             cache.k[i][:, :, start:start + seq] = k
@@ -160,10 +193,16 @@ class TorchEngine:
         elif mask is not None:
             mask = mask[..., :seq]
         causal = mask is None and seq > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.attn_scale,
                                              enable_gqa=spec.num_heads != spec.num_kv_heads)
-        return self._linear(out.transpose(1, 2).reshape(batch, seq, -1), i, "o")
+        out = self._linear(out.transpose(1, 2).reshape(batch, seq, -1), i, "o")
+        return self._post_norm(out, i, "attn_post_norm")
 
     def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w[f"layers.{i}.ffn_norm"], self.spec.norm_eps)
-        return self._linear(F.silu(self._linear(x, i, "gate")) * self._linear(x, i, "up"), i, "down")
+        out = self._linear(self.act(self._linear(x, i, "gate")) * self._linear(x, i, "up"), i, "down")
+        return self._post_norm(out, i, "ffn_post_norm")
+
+    def _post_norm(self, out: torch.Tensor, i: int, role: str) -> torch.Tensor:
+        """Sandwich norm of a block's output (spec.post_norms), inside the sublayer: h' = h + post_norm(block)."""
+        return rms_norm(out, self.w[f"layers.{i}.{role}"], self.spec.norm_eps) if self.spec.post_norms else out
