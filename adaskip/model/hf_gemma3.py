@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaskip.errors import ModelLoadError
+from adaskip.model.hf_llama import shape_fields
 from adaskip.model.rope import parse_rope_parameters
 from adaskip.model.spec import ModelSpec, layer_role
 
@@ -75,7 +76,6 @@ def _layer_ropes(config: Any) -> tuple[tuple[float, dict | None], tuple[float, d
 def spec_from_config(config: Any, name: str = "") -> ModelSpec:
     _refuse_unsupported(config)
     num_layers = int(config.num_hidden_layers)
-    heads = int(config.num_attention_heads)
     layer_types = list(config.layer_types)
     if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise ModelLoadError(f"gemma3_text: layer_types {layer_types} do not give one of sliding_attention / "
@@ -87,18 +87,9 @@ def spec_from_config(config: Any, name: str = "") -> ModelSpec:
     (theta, scaling), (local_theta, local_scaling) = _layer_ropes(config)
     has_local = any(sliding) and (local_theta, local_scaling) != (theta, scaling)
     return ModelSpec(
-        family=config.model_type,
-        num_layers=num_layers,
-        hidden_size=int(config.hidden_size),
-        num_heads=heads,
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-        intermediate_size=int(config.intermediate_size),
-        vocab_size=int(config.vocab_size),
-        max_position_embeddings=int(config.max_position_embeddings),
+        **shape_fields(config),
         rope_theta=theta,
         rope_scaling=scaling,
-        norm_eps=float(config.rms_norm_eps),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
         activation=_ACTIVATIONS[getattr(config, "hidden_activation", None) or config.hidden_act],
         attention_windows=tuple(int(window) if s else None for s in sliding),

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from adaskip.errors import ModelLoadError
+from adaskip.model.rope import parse_rope_parameters
 from adaskip.model.spec import ModelSpec, layer_role
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm.weight",
@@ -35,21 +34,10 @@ _LAYER_NAMES = {
 
 def _rope(config: Any) -> tuple[float, dict[str, Any] | None]:
     params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if rope_type == "default":
-        return theta, None
-    scaling: dict[str, Any] = {"type": rope_type, "factor": float(params["factor"])}
-    if rope_type == "llama3":
-        scaling.update(
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    return theta, scaling
+    try:
+        return parse_rope_parameters(params, getattr(config, "rope_theta", 10000.0))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _windows(config: Any, num_layers: int) -> tuple[int | None, ...]:
@@ -68,12 +56,24 @@ def spec_from_config(config: Any, name: str = "") -> ModelSpec:
         raise ModelLoadError(f"activation {act!r} is not supported for {config.model_type} (supported: silu)")
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         raise ModelLoadError("pretraining_tp > 1 checkpoints are not supported")
-    num_layers = int(config.num_hidden_layers)
-    heads = int(config.num_attention_heads)
     theta, scaling = _rope(config)
     return ModelSpec(
+        **shape_fields(config),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        activation="silu",
+        attention_windows=_windows(config, int(config.num_hidden_layers)),
+        name=name,
+    )
+
+
+def shape_fields(config: Any) -> dict[str, Any]:
+    """The ModelSpec fields every Hugging Face decoder config spells the same way (sizes, heads, eps)."""
+    heads = int(config.num_attention_heads)
+    return dict(
         family=config.model_type,
-        num_layers=num_layers,
+        num_layers=int(config.num_hidden_layers),
         hidden_size=int(config.hidden_size),
         num_heads=heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
@@ -81,13 +81,7 @@ def spec_from_config(config: Any, name: str = "") -> ModelSpec:
         intermediate_size=int(config.intermediate_size),
         vocab_size=int(config.vocab_size),
         max_position_embeddings=int(config.max_position_embeddings),
-        rope_theta=theta,
-        rope_scaling=scaling,
         norm_eps=float(config.rms_norm_eps),
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        activation="silu",
-        attention_windows=_windows(config, num_layers),
-        name=name,
     )
 
 
