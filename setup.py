@@ -27,14 +27,14 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "tensorrt": ["tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings"],  # builds engines CPU-only
-        "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]"],
+        "tensorrt": ["tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116"],  # builds engines CPU-only
+        "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0"],
         "eval": ["rouge-score"],
         "bench": ["onnxruntime-genai"],
         "test": [
             "pytest>=8",
-            "tensorrt-rtx-cu13-libs", "tensorrt-rtx-cu13-bindings",
-            "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]",
+            "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
+            "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0",
             "rouge-score",
         ],
     },

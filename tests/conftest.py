@@ -147,3 +147,14 @@ def long_text() -> str:
     from adaskip.builder.corpus import builtin_text
 
     return builtin_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2_k8_engine(smollm2_dir, tmp_path_factory) -> Path:
+    """The real SmolLM2 ORT engine with the stored K=8 e2e plan, built once for every test that serves or embeds it."""
+    from adaskip.builder.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("smollm2-k8-engine") / "smollm2-k8"
+    build(BuildOptions(model="smollm2-135m", output=str(out),
+                       plan=str(Path(__file__).parent / "data" / "smollm2-k8-e2e-plan.json"), progress=False))
+    return out

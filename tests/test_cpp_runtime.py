@@ -69,13 +69,8 @@ def build(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(build, tmp_path_factory) -> Path:
-    from adaskip.builder.build import BuildOptions
-    from adaskip.builder.build import build as build_engine
-
-    out = tmp_path_factory.mktemp("cpp-engine") / "smollm2-k8"
-    build_engine(BuildOptions(model="smollm2-135m", output=str(out), plan=str(PLAN), progress=False))
-    return out
+def engine(build, smollm2_k8_engine) -> Path:  # `build` first: the C++ build runs in the background meanwhile
+    return smollm2_k8_engine
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from adaskip.builder import cli as build_cli
 from adaskip.deploy import cli as deploy_cli
 from adaskip.deploy import serve as serve_cli
 from adaskip.deploy.triton_repo import MODEL_TEMPLATE
 
-DATA = Path(__file__).parent / "data"
 MODEL, STREAM_MODEL = "adaskip", "adaskip_stream"
 SHORT = ["The capital of France is", "Water boils at", "1, 2, 3, 4,", "Once upon a time", "The sky is blue because",
          "def add(a, b):", "My favourite food is", "The largest planet is"]
@@ -44,11 +42,8 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("triton") / "smollm2-k8"
-    assert build_cli.main(["--model", "smollm2-135m", "--plan", str(DATA / "smollm2-k8-e2e-plan.json"),
-                           "--output", str(out), "-q"]) == 0
-    return out
+def engine(smollm2_k8_engine) -> Path:
+    return smollm2_k8_engine
 
 
 @pytest.fixture(scope="module")

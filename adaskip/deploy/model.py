@@ -77,13 +77,6 @@ class TritonPythonModel:
         self.runtime = load_runtime(engine, threads=threads or None)
         self.generator = self.runtime.generator
         self.context = self.generator.context_len
-        # KV bytes per position the skipped attention sublayers do not allocate: the per-request saving is reported
-        # for the request's own prompt + max_tokens positions (what `adaskip-run` reports for it), not for the
-        # padded batch it happened to share
-        spec, dtype = self.runtime.engine.spec, getattr(self.runtime.engine, "dtype", None)
-        skipped_layers = spec.num_layers - len(self.runtime.policy.cached_layers())
-        self.kv_saved_per_position = (2 * skipped_layers * spec.num_kv_heads * spec.head_dim
-                                      * torch.empty(0, dtype=dtype or torch.float32).element_size())
         pb_utils.Logger.log_info(f"adaskip: serving {engine} ({self.runtime.engine_dir.backend} backend, plan "
                                  f"{self.runtime.policy.plan.method} K={len(self.runtime.policy.plan.skip)}, "
                                  f"{'decoupled' if self.decoupled else 'request/response'}, "
@@ -175,7 +168,6 @@ class TritonPythonModel:
 
     def _final_response(self, result: Any, job: Job) -> Any:
         s, streamed = result.summary(), job.stream
-        kv_saved = self.kv_saved_per_position * (result.prompt_tokens + job.params.max_new_tokens)
         return pb_utils.InferenceResponse(output_tensors=[
             self._tensor("text_output", ["" if streamed else result.text]),  # streamed text came as deltas
             self._tensor("output_ids", [] if streamed else result.tokens),
@@ -184,7 +176,7 @@ class TritonPythonModel:
             self._tensor("prefill_skipped", s["prefill_skipped"]),
             self._tensor("decode_skipped_offline", s["decode_skipped_offline"]),
             self._tensor("decode_skipped_online", s["decode_skipped_online"]),
-            self._tensor("kv_bytes_saved", [kv_saved]),
+            self._tensor("kv_bytes_saved", [s["kv_bytes_saved"]]),  # the request's own positions, as if alone
         ])
 
     def _send(self, job: Job, response: Any, final: bool = False) -> None:

@@ -146,6 +146,9 @@ def _repo_models(repo: Path) -> list[str]:
     return sorted(models)
 
 
+SERVABLE_BACKENDS = ("ort", "torch", "tensorrt")  # what adaskip's runtime loads (tensorrt: on a GPU server)
+
+
 def write_model_repository(engine: str | Path, repo: str | Path, opts: TritonModelOptions,
                            force: bool = False) -> Path:
     """Add model `opts.name` serving `engine` to the repository `repo` (created if missing); returns the model dir.
@@ -154,6 +157,9 @@ def write_model_repository(engine: str | Path, repo: str | Path, opts: TritonMod
     leaves the repository as it was. `force` replaces an earlier model of the same name, nothing else."""
     opts.validate()
     ed = open_engine_dir(engine)  # refuse a corrupt or foreign engine before copying anything
+    if ed.backend not in SERVABLE_BACKENDS:  # fail here, not later inside tritonserver at model load
+        raise InputError(f"{ed.root}: a {ed.backend!r} engine dir cannot be served by the Python backend model "
+                         f"(servable: {', '.join(SERVABLE_BACKENDS)})")
     engine_root = ed.root.resolve()
     python_env = resolve_python_env(opts.python_env)
     repo = Path(repo).absolute()

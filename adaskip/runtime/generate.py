@@ -198,8 +198,10 @@ class Generator:
         results[:] = [GenerationResult(prompt_tokens=len(p), truncated_prompt=t) for p, t in checked]
         capacity = width + params.max_new_tokens
         cache = engine.new_cache(batch, capacity, policy.cached_layers())
-        row_kv = cache.nbytes() // batch
-        full_kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * capacity * _dtype_bytes(engine)
+        # KV bytes per position of one row, with and without the skipped attention; each request is charged for its
+        # own prompt + max_new_tokens positions, not the padded batch width, so it reports what it would alone
+        row_kv_per_pos = cache.nbytes() // (batch * capacity)
+        full_kv_per_pos = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _dtype_bytes(engine)
 
         t0 = time.perf_counter()
         prefill = [policy.prefill_mask(s) for s in states]
@@ -261,7 +263,8 @@ class Generator:
             if len(r.text) > len(texts[b]) and r.text.startswith(texts[b]):  # flush what was held back
                 yield TokenEvent(row=b, token=None, text=r.text[len(texts[b]):])
             r.online_skipped = sorted(states[b].online)
-            r.kv_bytes, r.kv_bytes_full = row_kv, full_kv
+            positions = r.prompt_tokens + params.max_new_tokens
+            r.kv_bytes, r.kv_bytes_full = row_kv_per_pos * positions, full_kv_per_pos * positions
 
     @staticmethod
     def _sample(out: StepOutput, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:

@@ -43,6 +43,9 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
         from adaskip.tensorrt.engine import TrtEngine
 
         engine = TrtEngine.from_engine_dir(ed)
+    elif ed.backend == "trtllm-checkpoint":
+        raise EngineDirError(f"{ed.root} is a TensorRT-LLM checkpoint, not an engine adaskip runs: build it with "
+                             f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
     else:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
