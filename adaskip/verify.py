@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
     prompt_tokens = min(a.prompt_tokens, ed.spec.max_position_embeddings - a.decode_steps)
     prompts = verification_prompts(tokenizer, a.prompts, prompt_tokens)
-    report = compare_engines(TorchEngine.from_loaded(reference_model), runtime.engine, runtime.policy, prompts,
+    report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.compensation), runtime.engine, runtime.policy, prompts,
                              a.decode_steps, atol)
     if a.json:
         print(json.dumps({**asdict(report), "passed": report.passed, "backend": ed.backend,

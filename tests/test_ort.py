@@ -229,3 +229,33 @@ def test_int4_quantizes_the_ort_variant_too(tiny_root, tmp_path):
     engine = OrtGqaEngine(out / "model.onnx", model.spec, threads=2)
     report = compare_engines(TorchEngine.from_loaded(model), engine, policy, [[5, 6, 7, 8]], 3, atol=None)
     assert report.steps == 4 and 0.0 <= report.token_agreement <= 1.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["decode", "e2e"])
+def test_per_channel_compensation_is_baked_into_the_graph(tiny_root, tmp_path, variant, mode):
+    """A plan's per-channel stand-ins (scale * h + shift) run in the graph exactly as in the reference engine, for
+    sublayers removed at export (e2e) and for conditional ones (decode mode); a wrong channel count is refused."""
+    import dataclasses
+
+    from test_skipping import _plan_for
+
+    from adaskip.plan import Compensation
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    d = model.spec.hidden_size
+    g = torch.Generator().manual_seed(1)
+    vectors = {j: ((1 + 0.3 * torch.randn(d, generator=g)).tolist(), (0.2 * torch.randn(d, generator=g)).tolist())
+               for j in (3, 4)}
+    plan = dataclasses.replace(_plan_for(model, [3, 4], mode=mode), compensation=Compensation("channel-affine", vectors))
+    policy = SkipPolicy(plan)
+    engine, _ = _export(model, policy, tmp_path / "good", variant)
+    torch.manual_seed(0)
+    prompts = torch.randint(0, 320, (2, 12)).tolist()
+    report = compare_engines(TorchEngine.from_loaded(model, plan.compensation), engine, policy, prompts, 6, atol=TOL)
+    assert report.passed and report.max_logit_diff <= TOL and report.token_agreement == 1.0
+    plain = compare_engines(TorchEngine.from_loaded(model), engine, policy, prompts, 2, atol=TOL)
+    assert plain.max_logit_diff > 10 * TOL  # the stand-ins really change the output
+    short = dataclasses.replace(plan, compensation=Compensation("channel-affine", {3: ([1.0], [0.0])}))
+    with pytest.raises(InputError, match="channels"):
+        build_onnx(model.spec, model.weights, SkipPolicy(short), variant=variant)

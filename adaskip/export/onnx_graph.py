@@ -299,6 +299,23 @@ class GraphBuilder:
         self._prenormed[(full, norm)] = normed
         return full
 
+    def _stand_in(self, g: _Graph, h: str, j: int, scale: str) -> str:
+        """What skipped sublayer j outputs (adaskip.plan.Compensation is the rule): the plan's per-channel
+        scale * h + shift, baked into the graph, where it has one; otherwise the runtime's scalar scale * h."""
+        comp = self.policy.compensation
+        if comp is None or j not in comp.sublayers:
+            return g.op("Mul", h, scale)
+        vec_scale, vec_shift = comp.sublayers[j]
+        if len(vec_scale) != self.spec.hidden_size or len(vec_shift) != self.spec.hidden_size:
+            raise InputError(f"the plan's compensation for sublayer {j} has {len(vec_scale)} channels; the model has "
+                             f"{self.spec.hidden_size}")
+        names = (f"stand_in.{j}.scale", f"stand_in.{j}.shift")
+        if names[0] not in self._weights_added:
+            self.g.weight(names[0], np.asarray(vec_scale, np.float32))
+            self.g.weight(names[1], np.asarray(vec_shift, np.float32))
+            self._weights_added.update(names)
+        return g.op("Add", g.op("Mul", h, names[0]), names[1])
+
     def _sublayer(self, j: int, h: str, block: Callable[[_Graph, str, int], tuple[str, list[str]]]) -> tuple:
         g, i, role = self.g, j // 2, self.roles[j]
         if role == "always":
@@ -312,11 +329,11 @@ class GraphBuilder:
         scale = g.op("Reshape", g.op("Gather", "scale", g.const(j), axis=1), g.const([-1, 1, 1]))
         if role == "never":
             self._stats.append(self._nan(2))
-            return g.op("Mul", h, scale), []
+            return self._stand_in(g, h, j, scale), []
         skip_col = g.op("Gather", "skip", g.const(j), axis=1)
         cond = g.op("Cast", g.op("ReduceMin", g.op("Cast", skip_col, to=TensorProto.INT32), keepdims=0), to=BOOL)
         then_g, else_g = _Graph(self.g.root), _Graph(self.g.root)
-        scaled_t = then_g.op("Mul", h, scale)
+        scaled_t = self._stand_in(then_g, h, j, scale)
         then_extra = []
         if j % 2 == 0 and i in self.cached:  # a skipped cached attention stores zeros it will never read again
             then_extra = [then_g.op("ConstantOfShape", self.shape_new_k), then_g.op("ConstantOfShape", self.shape_new_v)]
@@ -328,7 +345,7 @@ class GraphBuilder:
         delta, extra = block(else_g, h, i)
         full = else_g.op("Add", h, delta)
         stats = else_g.op("Identity", full) if flat else self._similarity(else_g, [(h, full)])
-        mixed = else_g.op("Where", else_g.op("Reshape", skip_col, g.const([-1, 1, 1])), else_g.op("Mul", h, scale), full)
+        mixed = else_g.op("Where", else_g.op("Reshape", skip_col, g.const([-1, 1, 1])), self._stand_in(else_g, h, j, scale), full)
         else_outs = [mixed, stats] + [else_g.op("Identity", e) for e in extra]
         types = [FLOAT] * len(then_outs)
         outs = g.op("If", cond, n_out=len(then_outs), hint=f"sub{j}",

@@ -28,7 +28,7 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
 
     ed = open_engine_dir(path)
     if ed.backend == "torch":
-        engine: Any = TorchEngine(ed.spec, load_checked_weights(ed))
+        engine: Any = TorchEngine(ed.spec, load_checked_weights(ed), ed.plan.compensation)
     elif ed.backend == "ort":
         from adaskip.export.onnx_graph import GRAPH_INTERFACE
         from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
