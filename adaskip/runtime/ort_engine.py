@@ -44,12 +44,15 @@ class OrtKVCache(_BufferCache):
         self.length = 0
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = False):
+    """Spinning stays off by default: with several sessions in one process (or a busy machine) spinning threads
+    doubled decode time here. A process that runs one engine alone may turn it on (`spinning=True`): every
+    parallel kernel then skips waking its worker threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning doubles decode time when shared
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     env = os.environ.get("ADASKIP_THREADS", "0") or "0"
     if not env.isdigit():
@@ -62,12 +65,12 @@ def session_options(threads: int | None = None):
 class OrtEngine:
     dtype = torch.float32
 
-    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None):
+    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         self.spec = spec
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(threads),
+            self.session = ort.InferenceSession(str(model_path), session_options(threads, spinning),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineDirError(f"ONNX Runtime cannot load {model_path}: {e}") from None
