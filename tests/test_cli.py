@@ -323,6 +323,7 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
                        "--decode-tokens", "2", "--no-hf", "--no-genai", "--calib-prompts", "1", "--calib-tokens", "16",
                        "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
-    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-adaskip-k1"]
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-spin", "ort-adaskip-k1"]
+    assert "spinning on" in data["columns"][2]["note"]  # the like-for-like column for onnxruntime-genai
     assert set(data["results"]["ort"]) == {"16", "32"} and data["results"]["ort"]["16"]["ttft"] > 0
     assert "| ort-adaskip-k1 |" in (out / "benchmarks.md").read_text() and (out / "benchmarks.png").exists()
