@@ -259,3 +259,11 @@ def test_per_channel_compensation_is_baked_into_the_graph(tiny_root, tmp_path, v
     short = dataclasses.replace(plan, compensation=Compensation("channel-affine", {3: ([1.0], [0.0])}))
     with pytest.raises(InputError, match="channels"):
         build_onnx(model.spec, model.weights, SkipPolicy(short), variant=variant)
+
+
+def test_sessions_do_not_spin_unless_asked():
+    from adaskip.runtime.ort_engine import session_options
+
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(2, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(2, spinning=True).get_session_config_entry("session.inter_op.allow_spinning") == "0"

@@ -264,6 +264,16 @@ def test_cli_writes_an_engine_dir_that_is_a_trtllm_checkpoint(tiny_chat_model, t
     # an existing output is never overwritten without --force
     assert build_cli.main(args + ["-q", "--plan", str(out / "plan.json")]) == 2
     assert "already exists (pass --force" in capsys.readouterr().err
+    # it is a checkpoint for trtllm-build, not something adaskip runs or serves: both say so before doing anything
+    from adaskip.deploy.triton_repo import TritonModelOptions, write_model_repository
+    from adaskip.errors import EngineDirError, InputError
+    from adaskip.runtime.loader import load_runtime
+
+    with pytest.raises(EngineDirError, match="trtllm-build"):
+        load_runtime(out)
+    with pytest.raises(InputError, match="cannot be served"):
+        write_model_repository(out, tmp_path / "repo", TritonModelOptions())
+    assert not (tmp_path / "repo").exists()
 
 
 def test_cli_refuses_a_sliding_window_model_before_writing_anything(tiny_root, smollm2_dir, tmp_path, capsys):
