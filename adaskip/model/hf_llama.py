@@ -12,7 +12,7 @@ from adaskip.errors import ModelLoadError
 from adaskip.model.rope import parse_rope_parameters
 from adaskip.model.spec import ModelSpec, layer_role
 
-_LAYER_NAMES = {
+LAYER_NAMES = {  # role -> name inside model.layers.<i>; other families override entries
     "attn_norm": "input_layernorm.weight",
     "q": "self_attn.q_proj.weight",
     "k": "self_attn.k_proj.weight",
@@ -85,11 +85,11 @@ def shape_fields(config: Any) -> dict[str, Any]:
     )
 
 
-def weight_names(spec: ModelSpec) -> dict[str, str]:
+def weight_names(spec: ModelSpec, layer_names: dict[str, str] = LAYER_NAMES) -> dict[str, str]:
     """role -> checkpoint name. Optional roles (biases, lm_head when tied) are looked up but may be absent."""
     names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
     for i in range(spec.num_layers):
-        for role, suffix in _LAYER_NAMES.items():
+        for role, suffix in layer_names.items():
             names[layer_role(i, role)] = f"model.layers.{i}.{suffix}"
     return names
 

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-windows", type=int, default=1, help="calibration windows of the greedy KL selection")
     p.add_argument("--kl-tokens", type=int, default=512)
     p.add_argument("--kl-candidates", type=int, default=16, help="most similar sublayers the KL selection tries")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default="auto",
+                   help="task prompts in the chat template or as plain text ending in 'Answer:' (auto: chat when "
+                        "the tokenizer has a template, plain for built-in base models)")
     p.add_argument("--out", required=True, help="output folder (results, caches, quality.md/json/png)")
     p.add_argument("--doc", help="also write the report here (e.g. docs/quality.md), its plot beside it")
     p.add_argument("--notes", help="markdown file appended to the report (the human reading of the numbers)")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_tokens=args.calib_tokens, window=args.window, summary_tokens=args.summary_tokens,
         lm_tokens=args.lm_tokens, study_windows=args.study_windows, study_tokens=args.study_tokens,
         kl_windows=args.kl_windows, kl_tokens=args.kl_tokens, kl_candidates=args.kl_candidates,
-        progress=not args.quiet)
+        prompt_format=args.prompt_format, progress=not args.quiet)
     notes = ""
     if args.notes:
         try:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     study = ev.study if ev.study is not None else _cached_study(ev)
     records = list(ev.records.values())
     meta = {"model": opts.model, "layers": ev.spec.num_layers, "fingerprint": ev.model.fingerprint,
-            "contexts": sorted({r["context"] for r in records}), "commands": commands,
+            "contexts": sorted({r["context"] for r in records}), "commands": commands, "chat_prompts": ev.chat,
             "options": {k: getattr(opts, k) for k in ("samples", "seed", "calib_prompts", "calib_tokens", "window",
                                                       "summary_tokens", "lm_tokens")}}
     data = report.write_outputs(records, out, meta, study, Path(args.doc) if args.doc else None, notes)

@@ -35,6 +35,7 @@ from adaskip.builder.build import eos_token_ids, load_tokenizer
 from adaskip.builder.corpus import CalibrationSet, load_calibration
 from adaskip.errors import InputError, PlanError
 from adaskip.model import LoadedModel, load_model
+from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.plan import (DEFAULT_WINDOW, MODES, Calibration, SkipPlan, adaskip_plan, baseline_plan,
                           rank_by_similarity)
 from adaskip.policy import SkipPolicy
@@ -125,6 +126,7 @@ class EvalOptions:
     kl_windows: int = 1
     kl_tokens: int = 512
     kl_candidates: int = 16
+    prompt_format: str = "auto"  # auto | chat | plain (see prompt_is_chat)
     progress: bool = True
 
     def validate(self) -> None:
@@ -140,6 +142,8 @@ class EvalOptions:
             raise InputError(f"--contexts must be at least {tasks.MIN_CONTEXT} tokens")
         if self.samples < 1:
             raise InputError("--samples must be at least 1")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}; got {self.prompt_format!r}")
         for name in self.methods:
             parse_method(name, best=("norm-ratio", "similarity"))
         for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
@@ -154,7 +158,23 @@ class EvalOptions:
                                                "lm_tokens", "study_windows", "study_tokens", "kl_windows",
                                                "kl_tokens", "kl_candidates")}
         keep["model"], keep["format"] = fingerprint, 1
+        if self.prompt_format != "auto":  # only when set, so records of earlier runs keep their file
+            keep["prompt_format"] = self.prompt_format
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def prompt_is_chat(prompt_format: str, model_source: str, tokenizer: Any) -> bool:
+    """Whether task prompts use the chat template. `auto`: when the tokenizer has one, unless the model is a built-in
+    base model whose template we attached only so that `--chat` works (base models answer plain prompts)."""
+    if prompt_format != "auto":
+        return prompt_format == "chat"
+    builtin = BUILTIN_MODELS.get(model_source)
+    if builtin is not None and not builtin.instruction_tuned:
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 # -- exact work sharing --------------------------------------------------------------------------------------------
@@ -277,6 +297,7 @@ class Evaluator:
         self.out = Path(opts.out)
         self.model = model or load_model(opts.model)
         self.tok = tokenizer or load_tokenizer(self.model)
+        self.chat = prompt_is_chat(opts.prompt_format, opts.model, self.tok)
         self.spec = self.model.spec
         self.eos = tuple(eos_token_ids(self.model, self.tok)) if self.model.tokenizer_dir else ()
         self.base_engine = TorchEngine.from_loaded(self.model)
@@ -351,7 +372,8 @@ class Evaluator:
         while len(prompts) < o.calib_prompts:
             t = kinds[i % len(kinds)]
             try:
-                s = tasks.GENERATORS[t](self.tok, o.calib_tokens, seed=o.seed + 1_000_003, index=i)
+                s = tasks.GENERATORS[t](self.tok, o.calib_tokens, seed=o.seed + 1_000_003, index=i,
+                                        chat=self.chat)
             except InputError as e:
                 raise InputError(f"task calibration at --calib-tokens {o.calib_tokens}: {e}") from None
             prompts.append((s.prefix + s.queries[0].suffix)[:o.calib_tokens])
@@ -500,7 +522,7 @@ class Evaluator:
         out = []
         for t in o.tasks:
             kw = {"lm_tokens": o.lm_tokens, "max_new_tokens": o.summary_tokens} if t == "summary" else {}
-            out += tasks.make_samples(self.tok, t, context, o.samples, seed=o.seed, **kw)
+            out += tasks.make_samples(self.tok, t, context, o.samples, seed=o.seed, chat=self.chat, **kw)
         return out
 
     # -- evaluation ----------------------------------------------------------------------------------------------

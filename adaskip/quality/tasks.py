@@ -79,11 +79,15 @@ def region_paragraphs(region: tuple[float, float]) -> list[str]:
 
 
 class _Encoder:
-    """Token-level assembly helpers around one tokenizer (chat template when the model has one)."""
+    """Token-level assembly helpers around one tokenizer. `chat`: wrap prompts in the chat template (default: when
+    the tokenizer has one); plain prompts end in "Answer:", which suits base models."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, chat: bool | None = None):
         self.tok = tokenizer
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat and not has_template:
+            raise InputError("chat-formatted prompts need a tokenizer with a chat template")
+        self.chat = has_template if chat is None else chat
         if self.chat:
             marker = "\x00DOC\x00"
             text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
@@ -174,11 +178,12 @@ def _haystack_sample(e: _Encoder, task: str, context: int, seed: int, index: int
                   max_new_tokens=max_new_tokens, meta={"needles": placed, "haystack_tokens": n_fill})
 
 
-def passkey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, depth: float | None = None) -> Sample:
+def passkey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, depth: float | None = None,
+            chat: bool | None = None) -> Sample:
     """One 5-digit pass key hidden in real text at `depth` (0 = start, 1 = end; default: random from the seed),
     in Mohtashami & Jaggi's wording."""
     _check(context, "passkey")
-    e, rng = _Encoder(tokenizer), _rng(seed, "passkey/needle", context, index)
+    e, rng = _Encoder(tokenizer, chat), _rng(seed, "passkey/needle", context, index)
     key, drawn = _digits(rng, 5), rng.uniform(0.05, 0.95)
     depth = drawn if depth is None else depth
     if not 0.0 <= depth <= 1.0:
@@ -191,10 +196,11 @@ def passkey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, depth: 
                             max_new_tokens=8)
 
 
-def multikey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, keys: int = 4) -> Sample:
+def multikey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, keys: int = 4,
+             chat: bool | None = None) -> Sample:
     """RULER's multi-key needle: `keys` needles with different keys and values; each key is asked once."""
     _check(context, "multikey")
-    e, rng = _Encoder(tokenizer), _rng(seed, "multikey/needle", context, index)
+    e, rng = _Encoder(tokenizer, chat), _rng(seed, "multikey/needle", context, index)
     names = rng.sample(WORDS, keys)
     values = [_digits(rng, 5) for _ in names]
     depths = [(i + rng.uniform(0.1, 0.9)) / keys for i in range(keys)]
@@ -208,10 +214,11 @@ def multikey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, keys: 
     return _haystack_sample(e, "multikey", context, seed, index, intro, needles, queries, max_new_tokens=8)
 
 
-def kv(tokenizer: Any, context: int, seed: int = 0, index: int = 0, pairs: int = 4, asked: int = 3) -> Sample:
+def kv(tokenizer: Any, context: int, seed: int = 0, index: int = 0, pairs: int = 4, asked: int = 3,
+       chat: bool | None = None) -> Sample:
     """Key-value retrieval: a JSON object of `pairs` key-value pairs inside real text; `asked` of its keys are asked."""
     _check(context, "kv")
-    e, rng = _Encoder(tokenizer), _rng(seed, "kv/needle", context, index)
+    e, rng = _Encoder(tokenizer, chat), _rng(seed, "kv/needle", context, index)
     names = [f"{a}-{b}" for a, b in zip(rng.sample(WORDS, pairs), rng.sample(WORDS, pairs))]
     values = [_digits(rng, 5) for _ in names]
     block = "{" + ", ".join(f'"{k}": "{v}"' for k, v in zip(names, values)) + "}"
@@ -226,11 +233,11 @@ def kv(tokenizer: Any, context: int, seed: int = 0, index: int = 0, pairs: int =
 
 
 def summary(tokenizer: Any, context: int, seed: int = 0, index: int = 0, lm_tokens: int = 32,
-            max_new_tokens: int = 48) -> Sample:
+            max_new_tokens: int = 48, chat: bool | None = None) -> Sample:
     """A long real document to summarize (scored against the full model's summary), whose last `lm_tokens` real
     tokens double as the language-modelling target (perplexity, KL), teacher-forced after the prefix."""
     _check(context, "summary")
-    e, rng = _Encoder(tokenizer), _rng(seed, "summary", context, index)
+    e, rng = _Encoder(tokenizer, chat), _rng(seed, "summary", context, index)
     head = e.lead + e.enc(e.head + "Read the following text.\n\n")
     question = e.enc("\n\nSummarize the text above in three sentences." + e.tail)
     n_doc = context - len(head) - len(question)
