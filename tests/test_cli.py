@@ -326,4 +326,6 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-spin", "ort-adaskip-k1"]
     assert "spinning on" in data["columns"][2]["note"]  # the like-for-like column for onnxruntime-genai
     assert set(data["results"]["ort"]) == {"16", "32"} and data["results"]["ort"]["16"]["ttft"] > 0
+    flops = {c["name"]: c["prefill_flops"]["32"] for c in data["columns"]}
+    assert data["gemm_gflops"] > 0 and 0 < flops["ort-adaskip-k1"] < flops["ort"] == flops["torch-reference"]
     assert "| ort-adaskip-k1 |" in (out / "benchmarks.md").read_text() and (out / "benchmarks.png").exists()
