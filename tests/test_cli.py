@@ -329,3 +329,29 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     flops = {c["name"]: c["prefill_flops"]["32"] for c in data["columns"]}
     assert data["gemm_gflops"] > 0 and 0 < flops["ort-adaskip-k1"] < flops["ort"] == flops["torch-reference"]
     assert "| ort-adaskip-k1 |" in (out / "benchmarks.md").read_text() and (out / "benchmarks.png").exists()
+
+
+def test_build_with_a_fitted_stand_in_and_its_engine_matches_the_reference(tiny_chat_model, tmp_path, capsys):
+    """--stand-in channel-affine: the calibration pass also fits per-channel maps; the plan carries them for exactly
+    its offline set, and the ORT engine (which bakes them in) matches the reference engine that applies them."""
+    from adaskip import verify
+
+    out = tmp_path / "affine"
+    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "3", "--mode", "e2e", "--stand-in",
+                           "channel-affine", "-o", str(out)] + QUICK) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["version"] == 2 and plan["compensation"]["rule"] == "channel-affine"
+    assert sorted(int(j) for j in plan["compensation"]["sublayers"]) == sorted(plan["skip"])
+    capsys.readouterr()
+    assert verify.main(["--engine", str(out), "--prompts", "2", "--prompt-tokens", "24", "--decode-steps", "8",
+                        "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_logit_diff"] <= 1e-4 and report["token_agreement"] == 1.0
+    m = ["--model", str(tiny_chat_model), "-o", str(tmp_path / "x")] + QUICK
+    _fails(build_cli.main, m + ["--method", "early-exit", "--skip", "1", "--stand-in", "channel-affine"], capsys,
+           "applies to AdaSkip plans")
+    _fails(build_cli.main, m + ["--skip", "1", "--stand-in", "channel-affine", "--backend", "trtllm-checkpoint"],
+           capsys, "norm-ratio stand-in only")
+    _fails(build_cli.main, m + ["--plan", str(out / "plan.json"), "--stand-in", "channel-scale"], capsys,
+           "drop --stand-in")
+    assert not (tmp_path / "x").exists()

@@ -15,12 +15,15 @@ from adaskip.builder.plot import importance_plot
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
 from adaskip.errors import InputError, ModelLoadError, PlanError
 from adaskip.model import LoadedModel, load_model
-from adaskip.plan import (DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan, now_utc,
-                          rank_by_similarity)
+from adaskip.plan import (COMPENSATION_RULES, DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan,
+                          now_utc, rank_by_similarity)
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
 
 BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
+# stand-ins for a skipped sublayer (adaskip/quality/compensation.py): the paper's scalar norm ratio, or one fitted on
+# the calibration pass (per-token ratio, per-channel scale, per-channel affine a * h + b)
+STAND_INS = COMPENSATION_RULES
 # ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
 # trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
 # tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/tensorrt/)
@@ -40,6 +43,7 @@ class BuildOptions:
     context_len: int | None = None  # for the cost model; default min(4096, the model's context)
     window: int = DEFAULT_WINDOW
     online: bool = True
+    stand_in: str = "norm-ratio"  # what replaces a skipped sublayer: the paper's rule or a fitted per-channel map
     plan: str | None = None  # reuse an existing plan instead of calibrating
     backend: str = "ort"
     dtype: str = "float32"
@@ -64,7 +68,8 @@ class BuildOptions:
         if self.plan is not None:
             given = [f for f, v in (("--skip", self.skip), ("--alpha", self.alpha)) if v is not None]
             given += [f for f, v, d in (("--method", self.method, "adaskip"), ("--mode", self.mode, "e2e"),
-                                         ("--window", self.window, DEFAULT_WINDOW), ("--calib", self.calib, None))
+                                         ("--window", self.window, DEFAULT_WINDOW), ("--calib", self.calib, None),
+                                         ("--stand-in", self.stand_in, "norm-ratio"))
                       if v != d]
             if given:
                 raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
@@ -75,6 +80,12 @@ class BuildOptions:
                 raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
             if self.skip is not None and self.skip < 0:
                 raise InputError(f"--skip must be >= 0; got {self.skip}")
+        if self.stand_in not in STAND_INS:
+            raise InputError(f"--stand-in must be one of {', '.join(STAND_INS)}; got {self.stand_in!r}")
+        if self.stand_in != "norm-ratio" and self.method != "adaskip":
+            raise InputError("--stand-in applies to AdaSkip plans; baselines skip whole layers with no stand-in")
+        if self.stand_in != "norm-ratio" and self.backend == "trtllm-checkpoint":
+            raise InputError("the TensorRT-LLM checkpoint supports the paper's norm-ratio stand-in only")
         if self.graph_variant not in ("auto", "ort", "portable"):
             raise InputError(f"--graph-variant must be auto, ort or portable; got {self.graph_variant!r}")
         if self.quantize is not None and (self.quantize != "int4" or self.backend != "ort"):
@@ -136,7 +147,15 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
                         f"sublayers); got {opts.skip}")
     data = load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens, opts.calib)
     _log(f"calibrating on {len(data.prompts)} prompts x {opts.calib_tokens} tokens from {data.source}", opts)
-    calib = calibrate(TorchEngine.from_loaded(model), data, progress=opts.progress)
+    engine = TorchEngine.from_loaded(model)
+    scales, compensation = None, None
+    if opts.stand_in == "norm-ratio":
+        calib = calibrate(engine, data, progress=opts.progress)
+    else:  # the same pass also sums the per-channel statistics the stand-in is fitted on
+        from adaskip.quality import compensation as comp
+
+        calib, stats = comp.collect(engine, data, progress=opts.progress)
+        scales, compensation = comp.fit(opts.stand_in, stats, calib)
     if opts.alpha is not None:
         ranking = rank_by_similarity(calib.similarity)
         phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[opts.mode]
@@ -146,7 +165,7 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
         k = opts.skip
         selection = {"rule": "k", "k": k}
     return adaskip_plan(calib, k, opts.mode, model.fingerprint, spec.name, window=opts.window, online=opts.online,
-                        selection=selection)
+                        selection=selection, scales=scales, compensation=compensation)
 
 
 def build(opts: BuildOptions) -> BuildReport:

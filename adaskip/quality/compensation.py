@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from adaskip.builder.calibrate import calibrate
 from adaskip.builder.corpus import CalibrationSet
-from adaskip.plan import Calibration, Compensation
+from adaskip.plan import COMPENSATION_RULES, Calibration, Compensation
 from adaskip.quality.metrics import kl_divergence
 from adaskip.runtime.torch_engine import TorchEngine
 
-RULES = ("norm-ratio", "token-ratio", "channel-scale", "channel-affine")
+RULES = COMPENSATION_RULES  # the stand-ins a plan can name (adaskip/plan.py)
 SINK_TOKENS = 1  # leading tokens of each prompt left out of the channel fits
 RIDGE = 1e-6  # relative regularizer of the per-channel variance (channels that never move keep scale 1)
 
