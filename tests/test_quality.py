@@ -74,7 +74,8 @@ def test_task_generators_are_deterministic_and_seeded(smollm2_tokenizer, task):
     assert key(a)[0] != key(a)[1]  # two documents of one seed differ too
 
 
-@pytest.mark.parametrize("task,context", [("passkey", 512), ("multikey", 1024), ("kv", 768), ("summary", 1024)])
+@pytest.mark.parametrize("task,context", [("passkey", 512), ("multikey", 1024), ("kv", 768), ("summary", 1024),
+                                          ("passkey", 8192), ("multikey", 4096), ("summary", 8192)])
 def test_prompt_lengths(smollm2_tokenizer, task, context):
     for s in tasks.make_samples(smollm2_tokenizer, task, context, 2, seed=1):
         lengths = [len(s.prefix) + len(q.suffix) for q in s.queries]
