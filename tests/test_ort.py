@@ -267,3 +267,37 @@ def test_sessions_do_not_spin_unless_asked():
     assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(2, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(2, spinning=True).get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+def test_chunked_prefill_equals_one_pass(tiny_root, tmp_path):
+    """The ORT variant prefills a long prompt in chunks: same logits and tokens as one pass; padded batches and
+    stats requests take one pass."""
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    from test_skipping import _plan_for
+
+    policy = SkipPolicy(_plan_for(model, [2, 5], window=3))
+    out = tmp_path / "g"
+    out.mkdir()
+    save_onnx(build_onnx(model.spec, model.weights, policy, variant="ort"), out)
+    whole = OrtGqaEngine(out / "model.onnx", model.spec, threads=2, prefill_chunk=None)
+    chunked = OrtGqaEngine(out / "model.onnx", model.spec, threads=2, prefill_chunk=7)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, 300, (40,)).tolist()
+    n = model.spec.num_sublayers
+    logits = []
+    for engine in (whole, chunked):
+        cache = engine.new_cache(1, 48, policy.cached_layers())
+        ids = torch.tensor([prompt])
+        res = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
+                             torch.ones(1, n), want_stats=False)
+        assert cache.length == 40 and int(cache.lengths[0]) == 40
+        logits.append(res.logits)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=())
+    ref = Generator(TorchEngine.from_loaded(model), policy).generate([prompt, prompt[:9]], params)
+    got = Generator(chunked, policy).generate([prompt], params)[0]
+    assert got.tokens == ref[0].tokens
+    assert [r.tokens for r in Generator(chunked, policy).generate([prompt, prompt[:9]], params)] == \
+        [r.tokens for r in ref]  # unequal rows: one pass
+    with pytest.raises(InputError, match="prefill_chunk"):
+        OrtGqaEngine(out / "model.onnx", model.spec, prefill_chunk=0)
