@@ -182,15 +182,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                          f"{spec.max_position_embeddings}")
     tokenizer = load_tokenizer(model)
     corpus = tokenizer.encode(builtin_text(), add_special_tokens=False)
+    budgets = _ints(args.budgets, "--budgets") if args.budgets else []
+    calib = None  # only AdaSkip columns need one
     if args.calibration:
         source_plan = SkipPlan.load(args.calibration)
         source_plan.check_model(model.fingerprint, spec.num_layers)
         calib = source_plan.calibration
-    else:
+    elif budgets:
         calib = calibrate(TorchEngine.from_loaded(model),
                           load_calibration(tokenizer, args.calib_prompts, args.calib_tokens))
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
-    budgets = _ints(args.budgets, "--budgets") if args.budgets else []
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
     try:
         return _measure(args, model, calib, nothing, budgets, contexts, corpus, work)
