@@ -269,10 +269,11 @@ def test_sessions_do_not_spin_unless_asked():
     assert session_options(2, spinning=True).get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
-def test_chunked_prefill_equals_one_pass(tiny_root, tmp_path):
-    """The ORT variant prefills a long prompt in chunks: same logits and tokens as one pass; padded batches and
-    stats requests take one pass."""
-    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma3"])
+def test_chunked_prefill_equals_one_pass(kind, tiny_root, tmp_path):
+    """The ORT variant prefills a long prompt in chunks: same logits and tokens as one pass (sliding windows of 8
+    across 7-token chunks too); padded batches and stats requests take one pass."""
+    model = load_model(str(make_tiny_hf(kind, tiny_root)))
     from test_skipping import _plan_for
 
     policy = SkipPolicy(_plan_for(model, [2, 5], window=3))

@@ -153,8 +153,9 @@ class OrtEngine:
 
 
 # Prompt tokens per GroupQueryAttention forward in prefill. Chunking skips the attention work above the causal
-# diagonal between chunks and bounds the activations' memory; measured with adaskip-bench (docs/benchmarks.md).
-PREFILL_CHUNK = 2048  # vs one pass, SmolLM2 here: 4k prefill -5%, 8k -13% (1024: -4%, -10%)
+# diagonal between chunks and bounds the activations' memory. Measured on SmolLM2 here (2 threads, medians of 3)
+# against one pass: 4k prefill -5%, 8k -13% (1024-token chunks: -4%, -10%).
+PREFILL_CHUNK = 2048
 
 
 class GqaKVCache(_BufferCache):
