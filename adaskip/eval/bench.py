@@ -138,7 +138,8 @@ def _prefill_flops(spec: Any, context: int, skipped: list[int]) -> float:
     from adaskip.builder import cost
 
     costs, fixed = cost.sublayer_flops(spec, context, "prefill")
-    return sum(c for j, c in enumerate(costs) if j not in set(skipped)) + fixed
+    removed = set(skipped)
+    return sum(c for j, c in enumerate(costs) if j not in removed) + fixed
 
 
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
