@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from adaskip.builder import cli as build_cli
+from adaskip.model import load_model
 from adaskip.runtime import cli as run_cli
 
 QUICK = ["--calib-prompts", "2", "--calib-tokens", "64", "-q"]
@@ -326,9 +327,30 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-spin", "ort-adaskip-k1"]
     assert "spinning on" in data["columns"][2]["note"]  # the like-for-like column for onnxruntime-genai
     assert set(data["results"]["ort"]) == {"16", "32"} and data["results"]["ort"]["16"]["ttft"] > 0
-    flops = {c["name"]: c["prefill_flops"]["32"] for c in data["columns"]}
+    flops = {c["name"]: sum(c["prefill_flops"]["32"].values()) for c in data["columns"]}
     assert data["gemm_gflops"] > 0 and 0 < flops["ort-adaskip-k1"] < flops["ort"] == flops["torch-reference"]
-    assert "| ort-adaskip-k1 |" in (out / "benchmarks.md").read_text() and (out / "benchmarks.png").exists()
+    # the attention kernel is timed at each context where the model's head size lets the graph use it
+    head_ok = load_model(str(tiny_chat_model)).spec.head_dim % 16 == 0
+    assert all((g is not None and g > 0) == head_ok for g in data["attention_gflops"].values())
+    md = (out / "benchmarks.md").read_text()
+    assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists()
+    assert ("GroupQueryAttention alone, causal over 32 tokens" in md) == head_ok
+
+
+def test_bench_times_the_attention_kernel_across_prefill_chunks(monkeypatch):
+    """The kernel-bound column's attention rate: GroupQueryAttention run over a causal prompt in the engine's
+    chunks (here 3 chunks of 16), and refused (None) for a head size the kernel cannot take."""
+    from types import SimpleNamespace
+
+    from adaskip.eval import bench
+    from adaskip.runtime import ort_engine
+
+    monkeypatch.setattr(ort_engine, "PREFILL_CHUNK", 16)
+    assert bench._attention_gflops(SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16), 1, 40) > 0
+    assert bench._attention_gflops(SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=8), 1, 40) is None
+    flops = {"matmul": 4e9, "attention": 1e9}
+    assert bench._kernel_bound(flops, 200.0, 100.0) == pytest.approx(0.03)
+    assert bench._kernel_bound(flops, 200.0, None) is None
 
 
 def test_build_with_a_fitted_stand_in_and_its_engine_matches_the_reference(tiny_chat_model, tmp_path, capsys):

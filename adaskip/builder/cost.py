@@ -11,6 +11,18 @@ def _attention_span(window: int | None, context: int) -> int:
     return min(window, context) if window else context
 
 
+def _attention_core(spec: ModelSpec, i: int, context_len: int, phase: str) -> int:
+    """FLOPs of layer i's QK^T and AV products (2 * heads * head_dim each per query-key pair)."""
+    span = _attention_span(spec.attention_windows[i], context_len)
+    if phase == "prefill":  # causal: query t attends to min(t, span) keys
+        pairs = span * (span + 1) // 2 + (context_len - span) * span
+    elif phase == "decode":
+        pairs = span
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    return 4 * spec.num_heads * spec.head_dim * pairs
+
+
 def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[float], float]:
     """(per-sublayer FLOPs, fixed FLOPs outside sublayers) for one prefill of `context_len` tokens or one decode
     step with `context_len` tokens of past."""
@@ -18,19 +30,22 @@ def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[
     proj = 2 * d * (spec.num_heads * hd * 2 + spec.num_kv_heads * hd * 2)  # q, o + k, v per token
     ffn = 2 * 3 * d * spec.intermediate_size
     head = 2 * d * spec.vocab_size  # logits for the last position only
+    tokens = context_len if phase == "prefill" else 1
     out: list[float] = []
     for i in range(spec.num_layers):
-        span = _attention_span(spec.attention_windows[i], context_len)
-        if phase == "prefill":
-            # causal: query t attends to min(t, span) keys; QK^T and AV each 2 * heads * hd per pair
-            pairs = span * (span + 1) // 2 + (context_len - span) * span  # sum over t of min(t, span)
-            attn = context_len * proj + 4 * spec.num_heads * hd * pairs
-            out += [float(attn), float(context_len * ffn)]
-        elif phase == "decode":
-            out += [float(proj + 4 * spec.num_heads * hd * span), float(ffn)]
-        else:
-            raise ValueError(f"unknown phase {phase!r}")
+        out += [float(tokens * proj + _attention_core(spec, i, context_len, phase)), float(tokens * ffn)]
     return out, float(head)
+
+
+def prefill_split(spec: ModelSpec, context_len: int, skipped: list[int]) -> tuple[float, float]:
+    """(matrix-product FLOPs of the weights, attention QK^T/AV FLOPs) of one prefill with `skipped` sublayers
+    removed: the two kinds run in different kernels at different speeds."""
+    costs, fixed = sublayer_flops(spec, context_len, "prefill")
+    removed = set(skipped)
+    attention = sum(_attention_core(spec, i, context_len, "prefill") for i in range(spec.num_layers)
+                    if 2 * i not in removed)
+    total = sum(c for j, c in enumerate(costs) if j not in removed) + fixed
+    return total - attention, float(attention)
 
 
 def ideal_speedup(spec: ModelSpec, skipped: list[int], context_len: int, phase: str) -> float:

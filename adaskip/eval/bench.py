@@ -5,7 +5,8 @@ the same engine with AdaSkip e2e plans at the given budgets, onnxruntime-genai f
 `--quantize int4` engine) on the same model. Every repeat runs every column once, in a rotating order, on the same
 real-text prompt, so slow drifts of a shared machine hit all columns alike; we report medians and ratios against
 our unskipped ORT engine, with the ideal speedup (the FLOPs the plan removes) beside each AdaSkip column.
-Run with OMP_WAIT_POLICY=PASSIVE; our sessions have intra-op spinning off.
+Run with OMP_WAIT_POLICY=PASSIVE; every ONNX Runtime session has intra-op spinning off except the `-spin`
+pair (ours and onnxruntime-genai's with spinning on, as onnxruntime-genai runs by default).
 """
 
 from __future__ import annotations
@@ -71,11 +72,8 @@ def _hf_column(path: str) -> Column:
     return Column("transformers", run, note="sdpa, fp32")
 
 
-def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Column | None:
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        return None
+def _genai_build(hf_dir: str, precision: str, work: Path) -> Path | None:
+    """onnxruntime-genai's own model builder on the same Hugging Face checkpoint (its CPU defaults)."""
     out = work / f"genai-{precision}"
     proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", str(out),
                            "-p", precision, "-e", "cpu"], capture_output=True, text=True)
@@ -83,11 +81,26 @@ def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Colu
         print(f"adaskip-bench: onnxruntime-genai {precision} build failed: {proc.stderr.strip()[-300:]}",
               file=sys.stderr)
         return None
-    cfg_path = out / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    model = og.Model(str(out))
+    return out
+
+
+def _genai_column(built: Path, name: str, threads: int, spinning: bool) -> Column:
+    """One onnxruntime-genai model over a built folder. Its genai_config.json passes unknown session_options keys to
+    ONNX Runtime as config entries, so spinning is set the same way as in our sessions; each setting gets its own
+    folder (links to the built files, its own config) because a model reads the config of its folder."""
+    import onnxruntime_genai as og
+
+    folder = built.parent / name
+    folder.mkdir()
+    for f in built.iterdir():
+        if f.name != "genai_config.json":
+            (folder / f.name).symlink_to(f.resolve())
+    cfg = json.loads((built / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["session_options"].update({
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+        "session.intra_op.allow_spinning": "1" if spinning else "0"})
+    (folder / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    model = og.Model(str(folder))
 
     def run(prompt: list[int], steps: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
@@ -101,7 +114,22 @@ def _genai_column(hf_dir: str, precision: str, work: Path, threads: int) -> Colu
             gen.generate_next_token()
         return t1 - t0, (time.perf_counter() - t1) / steps
 
-    return Column(f"ort-genai-{precision}", run, note="GroupQueryAttention, shared KV buffer (its defaults)")
+    return Column(name, run, note="GroupQueryAttention, shared KV buffer (its builder's defaults); "
+                  + ("intra-op spinning on, its default" if spinning else "intra-op spinning off, as ours"))
+
+
+def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_spinning: bool) -> list[Column]:
+    """onnxruntime-genai at `precision` with spinning off (like our sessions) and, if asked, on (its default)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return []
+    built = _genai_build(hf_dir, precision, work)
+    if built is None:
+        return []
+    name = f"ort-genai-{precision}"
+    return [_genai_column(built, name, threads, spinning=False)] + (
+        [_genai_column(built, f"{name}-spin", threads, spinning=True)] if with_spinning else [])
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
@@ -119,7 +147,7 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
         quantize_int4(out)
     engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
     return _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
-                             policy, note=f"{variant} graph" + ("; intra-op spinning on, as onnxruntime-genai runs"
+                             policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
                                                                  if spinning else ""))
 
 
@@ -131,15 +159,6 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values or min(values) < 0:
         raise InputError(f"{flag} takes comma-separated non-negative integers; got {text!r}")
     return values
-
-
-def _prefill_flops(spec: Any, context: int, skipped: list[int]) -> float:
-    """The cost model's FLOPs of one prefill (last-position logits) with `skipped` sublayers removed."""
-    from adaskip.builder import cost
-
-    costs, fixed = cost.sublayer_flops(spec, context, "prefill")
-    removed = set(skipped)
-    return sum(c for j, c in enumerate(costs) if j not in removed) + fixed
 
 
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
@@ -164,6 +183,57 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
         sess.run(None, {"x": x})
         best = min(best, time.perf_counter() - t0)
     return 2.0 * rows * d * f / best / 1e9
+
+
+def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -> float | None:
+    """ONNX Runtime's GroupQueryAttention alone over a causal prompt of `context` tokens with the model's head shape,
+    in the engine's prefill chunks (best of `repeats`): the attention kernel's throughput, the other half of the
+    prefill roofline. None where the model's graph cannot use the kernel."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from adaskip.runtime.ort_engine import PREFILL_CHUNK, session_options
+
+    if spec.head_dim % 16:
+        return None
+    heads, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    ins = [helper.make_tensor_value_info("qkv", f32, [1, "s", (heads + 2 * kvh) * hd]),
+           helper.make_tensor_value_info("past_key", f32, [1, kvh, context, hd]),
+           helper.make_tensor_value_info("past_value", f32, [1, kvh, context, hd]),
+           helper.make_tensor_value_info("seqlens_k", i32, [1]), helper.make_tensor_value_info("total", i32, []),
+           helper.make_tensor_value_info("cos", f32, [context, hd // 2]),
+           helper.make_tensor_value_info("sin", f32, [context, hd // 2]),
+           helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "s"])]
+    outs = [helper.make_tensor_value_info(n, f32, None) for n in ("out", "present_key", "present_value")]
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "cos",
+                                                    "sin", "position_ids"], [o.name for o in outs],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=kvh, do_rotary=1)
+    model = helper.make_model(helper.make_graph([node], "attention", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((1, context, (heads + 2 * kvh) * hd)).astype(np.float32)
+    angles = np.arange(context)[:, None] * np.geomspace(1.0, 1e-4, hd // 2)[None]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    best = float("inf")
+    for rep in range(repeats + 1):  # the first run warms the session up and is not counted
+        kv = [np.zeros((1, kvh, context, hd), np.float32) for _ in range(2)]
+        t0 = time.perf_counter()
+        for start in range(0, context, PREFILL_CHUNK):
+            n = min(PREFILL_CHUNK, context - start)
+            binding = sess.io_binding()
+            feeds = {"qkv": qkv[:, start:start + n], "past_key": kv[0], "past_value": kv[1],
+                     "seqlens_k": np.array([start + n - 1], np.int32), "total": np.array(start + n, np.int32),
+                     "cos": cos, "sin": sin, "position_ids": np.arange(start, start + n)[None]}
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_output("out", "cpu")
+            for name, buf in (("present_key", kv[0]), ("present_value", kv[1])):  # in place, as in the engine
+                binding.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            sess.run_with_iobinding(binding)
+        best = min(best, time.perf_counter() - t0) if rep else best
+    return 4 * heads * hd * (context * (context + 1) // 2) / best / 1e9
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,8 +282,8 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
         columns.append(_hf_column(model.source))
     columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
     columns.append(_ort_column("ort", model, nothing, work, args.threads))
-    # onnxruntime-genai 0.18 cannot turn intra-op spinning off: the same engine with spinning on compares like for like
-    columns.append(_ort_column("ort-spin", model, nothing, work, args.threads, spinning=True))
+    if args.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
+        columns.append(_ort_column("ort-spin", model, nothing, work, args.threads, spinning=True))
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
@@ -223,15 +293,14 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
         col.skipped = list(plan.skip)
         columns.append(col)
     if not args.no_genai:
-        genai = _genai_column(model.source, "fp32", work, args.threads)
-        columns += [genai] if genai else []
+        columns += _genai_columns(model.source, "fp32", work, args.threads, args.spinning_pair)
     if args.int4:
         columns.append(_ort_column("ort-int4", model, nothing, work, args.threads, quantize=True))
         if not args.no_genai:
-            genai4 = _genai_column(model.source, "int4", work, args.threads)
-            columns += [genai4] if genai4 else []
+            columns += _genai_columns(model.source, "int4", work, args.threads, with_spinning=False)
 
     gemm = _gemm_gflops(spec, args.threads)
+    attention = {ctx: _attention_gflops(spec, args.threads, ctx) for ctx in contexts}
     results: dict[str, dict[int, dict[str, list[float]]]] = {c.name: {} for c in columns}
     for ctx in contexts:
         prompt = corpus[:ctx]
@@ -247,41 +316,58 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
     return {"model": args.model, "threads": args.threads, "repeats": args.repeats,
             "decode_tokens": args.decode_tokens, "contexts": contexts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "gemm_gflops": gemm,
+            "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
             "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal,
-                         "prefill_flops": {str(ctx): _prefill_flops(spec, ctx, c.skipped) for ctx in contexts}}
+                         "prefill_flops": {str(ctx): dict(zip(("matmul", "attention"),
+                                                              cost.prefill_split(spec, ctx, c.skipped)))
+                                           for ctx in contexts}}
                         for c in columns],
             "results": {name: {str(ctx): {k: statistics.median(v) for k, v in d.items()} | {"raw": d}
                                for ctx, d in per_ctx.items()} for name, per_ctx in results.items()}}
 
 
+def _kernel_bound(flops: dict[str, float], gemm: float, attention: float | None) -> float | None:
+    """Seconds a prefill takes if every weight product ran at the measured MatMul rate and attention at the measured
+    GroupQueryAttention rate, with nothing else costing time: the fastest these kernels allow."""
+    return None if attention is None else (flops["matmul"] / gemm + flops["attention"] / attention) / 1e9
+
+
 def render_markdown(data: dict[str, Any]) -> str:
-    res, cols = data["results"], data["columns"]
+    res, cols, gemm = data["results"], data["columns"], data["gemm_gflops"]
     lines = [f"# Benchmarks: {data['model']}", "",
              f"Generated by `adaskip-bench` ({data['threads']} threads, OMP_WAIT_POLICY={data['omp_wait_policy']}, "
-             f"our ONNX Runtime sessions with intra-op spinning off except `ort-spin`, the same engine with spinning "
-             f"on, because onnxruntime-genai 0.18 offers no way to turn its spinning off). Medians of "
+             f"every ONNX Runtime session, ours and onnxruntime-genai's, with intra-op spinning off, except the "
+             f"`-spin` columns: both engines with spinning on, onnxruntime-genai's default). Medians of "
              f"{data['repeats']} repeats; every "
              f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
              f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
              f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model). GFLOP/s = the "
-             f"cost model's prefill FLOPs for the column's plan / TTFT; for scale, one fp32 MatMul of the model's FFN "
-             f"shape runs at {data['gemm_gflops']:.0f} GFLOP/s in ONNX Runtime on this machine, the roofline a "
-             f"compute-bound prefill can approach.", ""]
+             f"cost model's prefill FLOPs for the column's plan / TTFT. Kernel bound = the prefill time if the "
+             f"plan's weight products ran at the measured rate of one fp32 MatMul of the model's FFN shape in ONNX "
+             f"Runtime ({gemm:.0f} GFLOP/s on this machine) and its attention at the measured rate of ONNX Runtime's "
+             f"GroupQueryAttention alone (given per context), with nothing else costing time.", ""]
     for ctx in data["contexts"]:
         key = str(ctx)
         base = res["ort"][key]
-        lines += [f"## {ctx} tokens of context", "",
-                  "| column | TTFT (s) | prefill speedup | ideal | GFLOP/s | decode (ms/token) | decode speedup | "
-                  "ideal | note |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        attention = data["attention_gflops"].get(key)
+        lines += [f"## {ctx} tokens of context", ""]
+        if attention is not None:
+            lines += [f"GroupQueryAttention alone, causal over {ctx} tokens in the engine's prefill chunks: "
+                      f"{attention:.0f} GFLOP/s.", ""]
+        lines += ["| column | TTFT (s) | prefill speedup | ideal | GFLOP/s | kernel bound (s) | decode (ms/token) | "
+                  "decode speedup | ideal | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for col in cols:
             r = res[col["name"]][key]
             ideal = col["ideal"].get(ctx) or col["ideal"].get(key) or {}
             ip = f"{ideal['prefill']:.3f}" if ideal else ""
             idd = f"{ideal['decode']:.3f}" if ideal else ""
-            gflops = col["prefill_flops"][key] / r["ttft"] / 1e9
+            flops = col["prefill_flops"][key]
+            gflops = (flops["matmul"] + flops["attention"]) / r["ttft"] / 1e9
+            bound = _kernel_bound(flops, gemm, attention)
             lines.append(f"| {col['name']} | {r['ttft']:.3f} | {base['ttft'] / r['ttft']:.3f} | {ip} | {gflops:.0f} | "
-                         f"{r['decode'] * 1000:.2f} | {base['decode'] / r['decode']:.3f} | {idd} | {col['note']} |")
+                         f"{'' if bound is None else f'{bound:.3f}'} | {r['decode'] * 1000:.2f} | "
+                         f"{base['decode'] / r['decode']:.3f} | {idd} | {col['note']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -329,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-genai", action="store_true")
+    p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
+                   help="leave out ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 
