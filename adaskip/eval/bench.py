@@ -192,9 +192,10 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from adaskip.export.onnx_graph import gqa_supports
     from adaskip.runtime.ort_engine import PREFILL_CHUNK, session_options
 
-    if spec.head_dim % 16:
+    if not gqa_supports(spec):
         return None
     heads, kvh, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32

@@ -537,12 +537,17 @@ _ACTIVATIONS: dict[str, Callable[[_Graph, str], str]] = {
 }
 
 
+def gqa_supports(spec: ModelSpec) -> bool:
+    """ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16."""
+    return spec.head_dim % 16 == 0
+
+
 def ort_variant_supported(spec: ModelSpec, policy: SkipPolicy) -> bool:
     """The ORT variant keeps KV in a shared in-place buffer: a conditional attention that owns a cache
     (SkipDecode's set growing in decode) cannot write through an If branch, so such plans use the portable graph.
-    ONNX Runtime's GroupQueryAttention also needs a head size that is a multiple of 16."""
+    It also needs GroupQueryAttention to take the model's heads (gqa_supports)."""
     roles, cached = policy.sublayer_roles(), set(policy.cached_layers())
-    return spec.head_dim % 16 == 0 and not any(roles[2 * i] == "dynamic" for i in cached)
+    return gqa_supports(spec) and not any(roles[2 * i] == "dynamic" for i in cached)
 
 
 def _subgraph(g: _Graph, name: str, outs: list[str], types: list[int]) -> onnx.GraphProto:
