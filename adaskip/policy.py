@@ -111,6 +111,12 @@ class SkipPolicy:
                 roles.append("dynamic")
         return roles
 
+    def prefill_tail_start(self) -> int:
+        """First sublayer of the prefill tail (last_token_tail) for every prefill this policy can ask for: after the
+        last attention that is not removed outright (a "dynamic" one may run)."""
+        roles = self.sublayer_roles()
+        return last_token_tail([i for i in range(self.plan.num_layers) if roles[2 * i] != "never"])
+
     def wants_decode_stats(self, state: RequestState) -> bool:
         """Whether the next decode step's similarity stats will be used (only while the window is open)."""
         return self.learns_online and not state.learned
@@ -137,3 +143,15 @@ class SkipPolicy:
     def window_means(self, state: RequestState) -> dict[int, float]:
         """FFN j -> mean decode similarity recorded so far (for reporting and tests)."""
         return {j: state.sim_sum[j] / state.count[j] for j in state.count}
+
+
+def last_token_tail(attention_layers: list[int]) -> int:
+    """The first sublayer from which a prefill needs only each row's last token, given the layers whose attention
+    runs in it: the FFN right after the last of them (0 when none runs).
+
+    Holds for a prefill that returns the last position's logits only and no similarity stats: every K/V the cache
+    keeps is computed by then, and no attention after it reads the other tokens' rows, so those rows of every later
+    sublayer feed nothing. AdaSkip tends to skip late attention, which lengthens this tail: its FFNs then run for one
+    token instead of the whole prompt. Engines that honour it: the torch engine and the ORT graph variant.
+    """
+    return 2 * max(attention_layers) + 1 if attention_layers else 0

@@ -2,6 +2,8 @@
 
 Both engines get identical inputs every step: prefill, then greedy decode steps teacher-forced with the reference's
 tokens, under the same SkipPolicy state (fed with the reference's stats), so any difference is the backend's own.
+Prefill is compared both ways an engine runs it: as the Generator runs it (no stats, the last-token tail) and with
+similarity stats (every token).
 Per step, polygraphy's comparator checks logits and the similarity stats against the tolerance; we report the
 largest differences and how often the candidate's greedy token agrees with the reference's.
 """
@@ -20,6 +22,7 @@ import torch
 from adaskip.cli_common import main_wrapper
 from adaskip.errors import EngineDirError, InputError
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.engine import StepOutput
 from adaskip.runtime.generate import stack_masks
 
 
@@ -54,9 +57,20 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
         caches = [e.new_cache(1, len(ids) + decode_steps, policy.cached_layers()) for e in (reference, candidate)]
         state = policy.new_request()
         skip, scales = stack_masks([policy.prefill_mask(state)])
-        outs = [e.prefill(x, torch.ones_like(x, dtype=torch.bool), c, skip, scales)
-                for e, c in zip((reference, candidate), caches)]
-        prompt_worst = {"logits": 0.0, "stats": 0.0, "agree": 0}
+        valid = torch.ones_like(x, dtype=torch.bool)
+        # each engine prefills twice: as the Generator does (no stats, the last-token tail) into the cache decode
+        # goes on with, and with stats (every token) into a spare cache; each pass is compared with the same pass
+        outs, measured = [], []
+        for engine, cache in zip((reference, candidate), caches):
+            fast = engine.prefill(x, valid, cache, skip, scales, want_stats=False)
+            spare = engine.new_cache(1, len(ids) + decode_steps, policy.cached_layers())
+            measured.append(engine.prefill(x, valid, spare, skip, scales))
+            outs.append(StepOutput(logits=fast.logits, similarity=measured[-1].similarity,
+                                   norm_ratio=measured[-1].norm_ratio))
+        extra = compare(*[IterationResult(outputs={"logits": o.logits.numpy()}, runner_name=name)
+                          for o, name in zip(measured, ("reference", "candidate"))])["logits"]
+        report.failed_steps += 0 if bool(extra) else 1
+        prompt_worst = {"logits": float(extra.max_absdiff), "stats": 0.0, "agree": 0}
         for step in range(decode_steps + 1):
             ref, cand = outs
             sims_r, sims_c = ref.similarity.numpy(), cand.similarity.numpy()

@@ -302,3 +302,67 @@ def test_chunked_prefill_equals_one_pass(kind, tiny_root, tmp_path):
         [r.tokens for r in ref]  # unequal rows: one pass
     with pytest.raises(InputError, match="prefill_chunk"):
         OrtGqaEngine(out / "model.onnx", model.spec, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_prefill_tail_runs_for_the_last_token_and_changes_nothing(tiny_root, tmp_path, backend, monkeypatch):
+    """Attention of layers 2 and 3 skipped: from layer 1's FFN on, a prefill without stats computes each row's last
+    token only (last_token_tail); logits, the KV cache and the tokens that follow equal the full prefill's (stats
+    on), for a padded batch of unequal prompts and, in the ORT variant, across prefill chunks."""
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    from test_skipping import _plan_for
+
+    policy = SkipPolicy(_plan_for(model, [4, 6], window=2))  # FFNs dynamic: the online If branches run in the tail
+    assert policy.prefill_tail_start() == 3
+    if backend == "torch":
+        engine = TorchEngine.from_loaded(model)
+        rows: list[tuple[int, int]] = []  # (layer, tokens) of each FFN computed
+        ffn = TorchEngine._ffn
+        monkeypatch.setattr(TorchEngine, "_ffn", lambda self, i, h: rows.append((i, h.shape[1])) or ffn(self, i, h))
+    else:
+        import adaskip.runtime.ort_engine as ort_engine
+
+        def profiled(*args, **kwargs):  # ONNX Runtime's profiler records every kernel's input shapes
+            so = plain_options(*args, **kwargs)
+            so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "profile")
+            return so
+
+        plain_options = ort_engine.session_options
+        monkeypatch.setattr(ort_engine, "session_options", profiled)
+        engine, _ = _export(model, policy, tmp_path, "ort")
+        engine.prefill_chunk = 7
+        graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+        branches = [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        gate = {node.name: int(node.input[1].split(".")[1]) for g in [graph] + branches for node in g.node
+                if node.op_type == "MatMul" and node.input[1].endswith(".gate.T")}  # node -> layer
+    reference = TorchEngine.from_loaded(model)
+    n = model.spec.num_sublayers
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 20))
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :6] = False  # left padding: a 14-token prompt next to a 20-token one
+    skip, scales = torch.zeros(2, n, dtype=torch.bool), torch.full((2, n), 1.1)
+    skip[:, [4, 6]] = True
+    for batch in ([0, 1], [0]):  # the single row takes the ORT engine's chunked path
+        ref_cache = reference.new_cache(len(batch), 24, policy.cached_layers())
+        ref = reference.prefill(ids[batch], valid[batch], ref_cache, skip[batch], scales[batch])
+        cache = engine.new_cache(len(batch), 24, policy.cached_layers())
+        if backend == "torch":
+            rows.clear()
+        out = engine.prefill(ids[batch], valid[batch], cache, skip[batch], scales[batch], want_stats=False)
+        if backend == "torch":
+            assert rows == [(0, 20), (1, 1), (2, 1), (3, 1)]
+        assert (out.logits - ref.logits).abs().max() <= 1e-5
+        for _ in range(3):  # decode goes on from the tail-prefilled cache exactly as from the full one
+            token = ref.logits.argmax(-1)
+            ref = reference.decode(token, ref_cache, skip[batch], scales[batch])
+            out = engine.decode(token, cache, skip[batch], scales[batch])
+            assert (out.logits - ref.logits).abs().max() <= 1e-5
+    if backend == "ort":  # the gate products' input shapes over both prefills and the decode steps
+        events = json.loads(Path(engine.session.end_profiling()).read_text())
+        shapes = {(gate[e["name"][:-len("_kernel_time")]], tuple(e["args"]["input_type_shape"][0]["float"]))
+                  for e in events if e.get("cat") == "Node" and e["name"][:-len("_kernel_time")] in gate}
+        # layer 0: the whole prompt (one pass of 20 for unequal rows, chunks of 7 + 7 + 6 for one row), then decode
+        assert shapes == {(0, (2, 20, 64)), (0, (1, 7, 64)), (0, (1, 6, 64))} | {
+            (i, (b, 1, 64)) for i in range(4) for b in (1, 2)}
+

@@ -113,6 +113,23 @@ def test_cost_model_and_alpha_selection():
         cost.k_for_alpha(SPEC, ranking, 1e12, 1024, "prefill")
 
 
+def test_prefill_cost_counts_the_tail_for_one_token():
+    """The engines run the sublayers after the last attention for the last token only (last_token_tail): the cost
+    model counts them so, which makes skipping late attention worth more than its own FLOPs."""
+    ctx, d, f, hd = 1024, SPEC.hidden_size, SPEC.intermediate_size, SPEC.head_dim
+    proj = 2 * d * (SPEC.num_heads * hd * 2 + SPEC.num_kv_heads * hd * 2)
+    ffn, head = 2 * 3 * d * f, 2 * d * SPEC.vocab_size
+    core = 4 * SPEC.num_heads * hd * ctx * (ctx + 1) // 2
+    assert cost.prefill_split(SPEC, ctx, []) == (head + 4 * ctx * proj + (3 * ctx + 1) * ffn, 4 * core)
+    assert cost.prefill_split(SPEC, ctx, [], tail=False) == (head + 4 * ctx * (proj + ffn), 4 * core)  # other engines
+    # attention of layers 2 and 3 skipped: layer 1's FFN onwards runs for one token
+    assert cost.prefill_split(SPEC, ctx, [4, 6]) == (head + 2 * ctx * proj + (ctx + 3) * ffn, 2 * core)
+    flops, fixed = cost.sublayer_flops(SPEC, ctx, "prefill")
+    naive = (sum(flops) + fixed) / (sum(flops) + fixed - flops[4] - flops[6])
+    assert cost.ideal_speedup(SPEC, [4, 6], ctx, "prefill") > naive
+    assert cost.ideal_speedup(SPEC, [], ctx, "prefill") == 1.0
+
+
 def test_malformed_plans_get_plan_errors_not_tracebacks():
     good = adaskip_plan(calib(SIMS), 2, "decode", "sha256:abc", "m").to_dict()
     cases = {

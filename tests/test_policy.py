@@ -146,3 +146,16 @@ def test_sublayer_roles_tell_an_exporter_what_can_be_baked_in():
     assert static.sublayer_roles() == ["always"] * 4 + ["never", "always", "always", "never"]
     sd = SkipPolicy(baseline_plan("skipdecode", 4, 3, "decode", "fp"))  # grows over layers 1..3 in decode
     assert sd.sublayer_roles() == ["always", "always"] + ["dynamic"] * 6
+
+
+def test_prefill_tail_starts_after_the_last_attention_that_can_run():
+    from adaskip.policy import last_token_tail
+
+    assert last_token_tail([0, 1, 2, 3]) == 7  # only the last FFN
+    assert last_token_tail([0, 2]) == 5  # layer 2's FFN and everything of layer 3
+    assert last_token_tail([]) == 0  # no attention at all: every sublayer is row-wise
+    e2e = SkipPolicy(baseline_plan("early-exit", 4, 2, "e2e", "fp"))  # layers 2, 3 removed outright
+    assert e2e.prefill_tail_start() == 3
+    # decode mode: prefill runs every attention (the offline ones are "dynamic"), so the tail is the last FFN
+    assert SkipPolicy(baseline_plan("early-exit", 4, 2, "decode", "fp")).prefill_tail_start() == 7
+    assert SkipPolicy(baseline_plan("early-exit", 4, 4, "e2e", "fp")).prefill_tail_start() == 0

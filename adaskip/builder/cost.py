@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from adaskip.errors import PlanError
 from adaskip.model.spec import ModelSpec
+from adaskip.policy import last_token_tail
 
 
 def _attention_span(window: int | None, context: int) -> int:
@@ -23,13 +24,17 @@ def _attention_core(spec: ModelSpec, i: int, context_len: int, phase: str) -> in
     return 4 * spec.num_heads * spec.head_dim * pairs
 
 
-def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[float], float]:
-    """(per-sublayer FLOPs, fixed FLOPs outside sublayers) for one prefill of `context_len` tokens or one decode
-    step with `context_len` tokens of past."""
+def _per_token(spec: ModelSpec) -> tuple[float, float]:
+    """Weight-product FLOPs per token of an attention sublayer (q, k, v, o) and of an FFN."""
     d, hd = spec.hidden_size, spec.head_dim
-    proj = 2 * d * (spec.num_heads * hd * 2 + spec.num_kv_heads * hd * 2)  # q, o + k, v per token
-    ffn = 2 * 3 * d * spec.intermediate_size
-    head = 2 * d * spec.vocab_size  # logits for the last position only
+    return 2.0 * d * (spec.num_heads * hd * 2 + spec.num_kv_heads * hd * 2), 2.0 * 3 * d * spec.intermediate_size
+
+
+def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[float], float]:
+    """(per-sublayer FLOPs, fixed FLOPs outside sublayers) for one prefill of `context_len` tokens (every token
+    through every sublayer) or one decode step with `context_len` tokens of past."""
+    proj, ffn = _per_token(spec)
+    head = 2 * spec.hidden_size * spec.vocab_size  # logits for the last position only
     tokens = context_len if phase == "prefill" else 1
     out: list[float] = []
     for i in range(spec.num_layers):
@@ -37,18 +42,32 @@ def sublayer_flops(spec: ModelSpec, context_len: int, phase: str) -> tuple[list[
     return out, float(head)
 
 
-def prefill_split(spec: ModelSpec, context_len: int, skipped: list[int]) -> tuple[float, float]:
+def prefill_split(spec: ModelSpec, context_len: int, skipped: list[int], tail: bool = True) -> tuple[float, float]:
     """(matrix-product FLOPs of the weights, attention QK^T/AV FLOPs) of one prefill with `skipped` sublayers
-    removed: the two kinds run in different kernels at different speeds."""
-    costs, fixed = sublayer_flops(spec, context_len, "prefill")
+    removed, as our engines run it: the sublayers of the prefill tail (adaskip.policy.last_token_tail) for the last
+    token only (tail=False: every token through every sublayer, as other engines run it). The two kinds run in
+    different kernels at different speeds."""
     removed = set(skipped)
-    attention = sum(_attention_core(spec, i, context_len, "prefill") for i in range(spec.num_layers)
-                    if 2 * i not in removed)
-    total = sum(c for j, c in enumerate(costs) if j not in removed) + fixed
-    return total - attention, float(attention)
+    proj, ffn = _per_token(spec)
+    runs = [i for i in range(spec.num_layers) if 2 * i not in removed]
+    tail_start = last_token_tail(runs) if tail else spec.num_sublayers
+    matmul, attention = 2.0 * spec.hidden_size * spec.vocab_size, 0.0
+    for j in range(spec.num_sublayers):
+        if j in removed:
+            continue
+        tokens = 1 if j >= tail_start else context_len
+        if j % 2 == 0:  # an attention that runs precedes the tail
+            matmul += context_len * proj
+            attention += _attention_core(spec, j // 2, context_len, "prefill")
+        else:
+            matmul += tokens * ffn
+    return matmul, attention
 
 
 def ideal_speedup(spec: ModelSpec, skipped: list[int], context_len: int, phase: str) -> float:
+    """FLOPs of the unskipped model / FLOPs with `skipped` removed, in one prefill or one decode step."""
+    if phase == "prefill":
+        return sum(prefill_split(spec, context_len, [])) / sum(prefill_split(spec, context_len, skipped))
     costs, fixed = sublayer_flops(spec, context_len, phase)
     total = sum(costs) + fixed
     return total / (total - sum(costs[j] for j in set(skipped)))

@@ -38,6 +38,7 @@ class Column:
     ideal: dict[int, dict[str, float]] = field(default_factory=dict)  # context -> {"prefill": x, "decode": x}
     note: str = ""
     skipped: list[int] = field(default_factory=list)  # sublayers its plan removes (for its prefill FLOPs)
+    last_token_tail: bool = True  # runs a prefill's tail for the last token only (our engines; not HF, not genai)
 
 
 def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Column:
@@ -69,7 +70,7 @@ def _hf_column(path: str) -> Column:
             past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         return t1 - t0, (time.perf_counter() - t1) / steps
 
-    return Column("transformers", run, note="sdpa, fp32")
+    return Column("transformers", run, note="sdpa, fp32", last_token_tail=False)
 
 
 def _genai_build(hf_dir: str, precision: str, work: Path) -> Path | None:
@@ -115,7 +116,8 @@ def _genai_column(built: Path, name: str, threads: int, spinning: bool) -> Colum
         return t1 - t0, (time.perf_counter() - t1) / steps
 
     return Column(name, run, note="GroupQueryAttention, shared KV buffer (its builder's defaults); "
-                  + ("intra-op spinning on, its default" if spinning else "intra-op spinning off, as ours"))
+                  + ("intra-op spinning on, its default" if spinning else "intra-op spinning off, as ours"),
+                  last_token_tail=False)
 
 
 def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_spinning: bool) -> list[Column]:
@@ -326,7 +328,8 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
             "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
             "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal,
                          "prefill_flops": {str(ctx): dict(zip(("matmul", "attention"),
-                                                              cost.prefill_split(spec, ctx, c.skipped)))
+                                                              cost.prefill_split(spec, ctx, c.skipped,
+                                                                                 c.last_token_tail)))
                                            for ctx in contexts}}
                         for c in columns],
             "results": {name: {str(ctx): {k: statistics.median(v) for k, v in d.items()} | {"raw": d}
@@ -348,8 +351,10 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['repeats']} repeats; every "
              f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
              f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
-             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model). GFLOP/s = the "
-             f"cost model's prefill FLOPs for the column's plan / TTFT. Kernel bound = the prefill time if the "
+             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model; our engines run "
+             f"the sublayers after a prompt's last attention for its last token only, and so does the model's ideal). "
+             f"GFLOP/s = the cost model's prefill FLOPs for the column's plan, as that engine runs it, / TTFT. Kernel "
+             f"bound = the prefill time if the "
              f"plan's weight products ran at the measured rate of one fp32 MatMul of the model's FFN shape in ONNX "
              f"Runtime and its attention at the measured rate of ONNX Runtime's GroupQueryAttention alone over the "
              f"context (both given per context: the best of one measurement per repeat), with nothing else costing "

@@ -12,6 +12,11 @@ only the new tokens' K/V; the runtime writes them into its buffer in place. Atte
 part and the new part separately and joined in one softmax, with grouped query heads folded into the query rows so
 K/V are never expanded. Prefill passes an empty buffer (S = 0).
 
+Prefill tail (ort variant): after the last attention that can run, the residual stream is cut down to each row's
+last token (or kept whole when stats are wanted), so the remaining FFNs and the LM head compute one token per row
+(adaskip.policy.last_token_tail). The portable graph computes every token (TensorRT's conditionals would need
+branch outputs of different shapes).
+
 Sliding-window layers (spec.attention_windows) get a banded bias by position in the portable graph and
 GroupQueryAttention's local_window_size in the ort one; layers with their own RoPE base (spec.local_rope_theta) read
 a second cos/sin table. Sandwich norms, q/k norms, embedding scale, attention scale and activation come from the spec.
@@ -435,8 +440,12 @@ class GraphBuilder:
         if spec.embed_scale != 1.0:  # scaled in float32, as the reference does
             h = g.op("Mul", h, g.const(spec.embed_scale, np.float32))
         kv_outputs = []
+        # the ort variant runs the prefill tail for each row's last token only (adaskip.policy.last_token_tail)
+        tail = self.policy.prefill_tail_start() if self.variant == "ort" else None
         for i in range(spec.num_layers):
             for j, block in ((2 * i, self._attention), (2 * i + 1, self._ffn)):
+                if j == tail:
+                    h = self._enter_tail(h)
                 h, extra = self._sublayer(j, h, block)
                 if extra:
                     out_k, out_v = self._kv_output_names(i)
@@ -455,11 +464,8 @@ class GraphBuilder:
             logits = g.op("Gemm", flat, head, transB=1)
             g.op("Reshape", logits, g.op("Concat", dim_b, self.dim_t, g.const([spec.vocab_size]), axis=0),
                  outputs=["logits"])
-        elif self.variant == "ort":  # right padding: each row's last token sits at its own index
-            rows = g.op("Mul", g.op("Range", g.const(0), g.op("Squeeze", dim_b, g.const([0])), g.const(1)),
-                        g.op("Squeeze", self.dim_t, g.const([0])))
-            flat = g.op("Reshape", h, g.const([-1, spec.hidden_size]))
-            last = g.op("Gather", flat, g.op("Add", rows, "last_index"), axis=0)
+        elif self.variant == "ort":  # right padding: each row's last token sits at its own index in the tail
+            last = g.op("GatherND", h, g.op("Unsqueeze", self.head_row, g.const([1])), batch_dims=1)  # [B, D]
             # MatMul on a [hidden, vocab] head: ONNX Runtime's MatMul ran the decode-time LM head ~1.8 ms faster
             # than Gemm(transB) for SmolLM2. A tied head is transposed once at session load (constant folding):
             # one more vocab x hidden copy in memory, as onnxruntime-genai's graphs also keep
@@ -514,6 +520,29 @@ class GraphBuilder:
         model.ir_version = IR_VERSION
         return model
 
+
+    def _enter_tail(self, h: str) -> str:
+        """The rows of the residual stream the rest of the graph computes: each row's last token (`last_index`),
+        or every token when stats are wanted (they average over all of them; a decode step has one token anyway).
+        Sets the tail's token validity and the index of each row's last token among the tail rows."""
+        g = self.g
+        self._flush_stats()  # the stats so far average over every token
+        every, last = _Graph(g.root), _Graph(g.root)
+        t = every.op("Squeeze", self.dim_t, g.const([0]))
+        positions = every.op("Unsqueeze", every.op("Range", g.const(0), t, g.const(1)), g.const([0]))
+        every_out = every.op("Expand", positions, every.op("Concat", self.dim_b, self.dim_t, axis=0))
+        last_out = last.op("Unsqueeze", "last_index", g.const([1]))
+        rows = g.op("If", "want_stats", hint="tail_rows",
+                    then_branch=_subgraph(every, "every_token", [every_out], [INT64]),
+                    else_branch=_subgraph(last, "last_token", [last_out], [INT64]))
+        index = g.op("Unsqueeze", rows, g.const([2]))  # [B, R, 1]
+        tail_h = g.op("GatherND", h, index, batch_dims=1)
+        for (x, role), normed in list(self._prenormed.items()):  # a norm fused with the sum: row-wise, gathered too
+            if x == h:
+                self._prenormed[(tail_h, role)] = g.op("GatherND", normed, index, batch_dims=1)
+        self.valid_f = g.op("GatherND", self.valid_f, index, batch_dims=1)
+        self.head_row = g.op("Where", "want_stats", "last_index", g.const(0))
+        return tail_h
 
     def _kv_output_names(self, i: int) -> tuple[str, str]:
         if self.variant == "ort":
@@ -574,7 +603,7 @@ def save_onnx(model: onnx.ModelProto, out_dir, check: bool = True) -> dict:
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     kv = sorted(int(i.name.rsplit("_", 1)[1]) for i in model.graph.input if i.name.startswith("past_key_"))
     variant = "ort" if any(op.domain == "com.microsoft" for op in model.opset_import) else "portable"
-    ifs = sum(1 for node in model.graph.node if node.op_type == "If" and not node.output[0].startswith("stats"))
+    ifs = sum(1 for node in model.graph.node if node.op_type == "If" and node.output[0].startswith("sub"))  # sublayers
     return {"file": MODEL_FILE, "data": DATA_FILE, "opset": OPSET, "interface": GRAPH_INTERFACE, "variant": variant,
             "kv_layers": kv, "conditionals": ifs}
 

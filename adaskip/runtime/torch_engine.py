@@ -17,6 +17,7 @@ from adaskip.errors import InputError
 from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin, uses_local_rope
 from adaskip.model.spec import LoadedModel, ModelSpec
 from adaskip.plan import Compensation
+from adaskip.policy import last_token_tail
 from adaskip.runtime.engine import StepOutput
 from adaskip.similarity import io_similarity
 
@@ -110,6 +111,11 @@ class TorchEngine:
         sims = torch.full((batch, spec.num_sublayers), math.nan)
         ratios = torch.full((batch, spec.num_sublayers), math.nan)
 
+        # a prefill for the last logits alone computes the tail for the last token only (an observer reads every row)
+        tail = None
+        if seq > 1 and not (want_stats or all_logits) and self.observer is None:
+            tail = last_token_tail([i for i in range(spec.num_layers) if not skip[:, 2 * i].all()])
+
         h = F.embedding(ids, self.w["embed"])
         if spec.embed_scale != 1.0:  # scaled in the model dtype, as Gemma does
             h = h * torch.tensor(spec.embed_scale, dtype=self.dtype)
@@ -118,6 +124,8 @@ class TorchEngine:
             if window not in masks:
                 masks[window] = self._mask(cache.valid[:, :start + seq], start, seq, window)
             for j, block in ((2 * i, "attention"), (2 * i + 1, "ffn")):
+                if j == tail:  # left padding: every row's last token is the last column
+                    h = h[:, -1:]
                 run = ~skip[:, j]
                 if not run.any():
                     h = self._skipped(h, j, scales)  # no weights read
