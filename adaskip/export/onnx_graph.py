@@ -520,7 +520,6 @@ class GraphBuilder:
         model.ir_version = IR_VERSION
         return model
 
-
     def _enter_tail(self, h: str) -> str:
         """The rows of the residual stream the rest of the graph computes: each row's last token (`last_index`),
         or every token when stats are wanted (they average over all of them; a decode step has one token anyway).
