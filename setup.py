@@ -39,12 +39,12 @@ setup(
         ],
     },
     entry_points={"console_scripts": [
-        "adaskip-build=adaskip.builder.cli:main",
-        "adaskip-run=adaskip.runtime.cli:main",
-        "adaskip-verify=adaskip.verify:main",
+        "adaskip-build=adaskip.cli.build:main",
+        "adaskip-run=adaskip.cli.run:main",
+        "adaskip-verify=adaskip.eval.verify:main",
         "adaskip-bench=adaskip.eval.bench:main",
-        "adaskip-eval=adaskip.quality.cli:main",
-        "adaskip-deploy=adaskip.deploy.cli:main",
+        "adaskip-eval=adaskip.cli.eval:main",
+        "adaskip-deploy=adaskip.cli.deploy:main",
         "adaskip-serve=adaskip.deploy.serve:main",
     ]},
 )

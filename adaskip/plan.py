@@ -86,7 +86,7 @@ class Compensation:
         sublayer j in `sublayers`:  h' = scale_j * h + shift_j   (per channel: scale_j, shift_j have the hidden size)
         any other skipped sublayer: h' = plan.scales[j] * h      (a scalar: the paper's norm ratio, or `token-ratio`)
 
-    Fitted training-free on calibration data (adaskip.quality.compensation). Vectors are kept for the offline skip set
+    Fitted training-free on calibration data (adaskip.calibrate.compensation). Vectors are kept for the offline skip set
     only; FFNs skipped online keep the scalar decode-window ratio.
     """
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adaskip.builder import cost
-from adaskip.builder.build import eos_token_ids, load_tokenizer
-from adaskip.builder.calibrate import calibrate
-from adaskip.builder.corpus import load_calibration
+from adaskip import cost
+from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
+from adaskip.calibrate.importance import calibrate
+from adaskip.calibrate.corpus import load_calibration
 from adaskip.builder.plot import importance_plot
-from adaskip.cli_common import quiet_libraries
+from adaskip.cli.common import quiet_libraries
 from adaskip.model import load_model
 from adaskip.plan import adaskip_plan
 from adaskip.policy import SkipPolicy

@@ -126,7 +126,7 @@ def tiny_chat_model(tmp_path_factory, smollm2_dir) -> Path:
 
 def long_text() -> str:
     """Real long English text shipped with every CPython (PSF License): the language reference topics."""
-    from adaskip.builder.corpus import builtin_text
+    from adaskip.calibrate.corpus import builtin_text
 
     return builtin_text()
 

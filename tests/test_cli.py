@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from adaskip.builder import cli as build_cli
-from adaskip.export.onnx_graph import gqa_supports
+from adaskip.cli import build as build_cli
+from adaskip.export.onnx.graph import gqa_supports
 from adaskip.model import load_model
-from adaskip.runtime import cli as run_cli
+from adaskip.cli import run as run_cli
 
 QUICK = ["--calib-prompts", "2", "--calib-tokens", "64", "-q"]
 
@@ -277,7 +277,7 @@ def test_ort_and_torch_engines_generate_the_same_text(engine, torch_engine, caps
 
 
 def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_model, tmp_path, capsys):
-    from adaskip import verify
+    from adaskip.eval import verify
 
     assert verify.main(["--engine", str(engine), "--prompts", "2", "--prompt-tokens", "32", "--decode-steps", "4",
                         "--json"]) == 0
@@ -295,7 +295,7 @@ def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_
 
 
 def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, tmp_path, capsys):
-    from adaskip import verify
+    from adaskip.eval import verify
 
     out = tmp_path / "q4"
     assert build_cli.main(["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--quantize", "int4",
@@ -314,7 +314,7 @@ def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, 
 
 
 def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, tiny_chat_model, tmp_path, capsys):
-    from adaskip import verify
+    from adaskip.eval import verify
     from adaskip.eval import bench
 
     _fails(verify.main, ["--engine", str(engine), "--decode-steps", "5000"], capsys, "--decode-steps must leave room")
@@ -344,7 +344,7 @@ def test_bench_times_the_attention_kernel_across_prefill_chunks(monkeypatch):
     from types import SimpleNamespace
 
     from adaskip.eval import bench
-    from adaskip.runtime import ort_engine
+    from adaskip.runtime import ort_engines as ort_engine
 
     monkeypatch.setattr(ort_engine, "PREFILL_CHUNK", 16)
     assert bench._attention_gflops(SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16), 1, 40) > 0
@@ -357,7 +357,7 @@ def test_bench_times_the_attention_kernel_across_prefill_chunks(monkeypatch):
 def test_build_with_a_fitted_stand_in_and_its_engine_matches_the_reference(tiny_chat_model, tmp_path, capsys):
     """--stand-in channel-affine: the calibration pass also fits per-channel maps; the plan carries them for exactly
     its offline set, and the ORT engine (which bakes them in) matches the reference engine that applies them."""
-    from adaskip import verify
+    from adaskip.eval import verify
 
     out = tmp_path / "affine"
     assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "3", "--mode", "e2e", "--stand-in",

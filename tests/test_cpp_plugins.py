@@ -169,7 +169,7 @@ def test_cpu_matches_onnx_function_on_onnxruntime(cpu_lib: ctypes.CDLL) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from adaskip.plugins import similarity_onnx as so
+    from adaskip.export.onnx import similarity_op as so
 
     node = helper.make_node(so.OP, ["h_in", "h_out", "valid"], ["similarity", "norm_ratio"], domain=so.DOMAIN)
     graph = helper.make_graph(

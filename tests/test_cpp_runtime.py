@@ -113,8 +113,8 @@ def _trace(name: str, plan, steps: int, seed: int) -> dict:
     level = [rng.uniform(0.975, 1.0) for _ in range(n)]
     state = policy.new_request()
     pre = policy.prefill_mask(state)
-    record = {"prefill": {"skip": list(pre.skip), "scales": list(pre.scales)}, "cached_layers": policy.cached_layers(),
-              "roles": policy.sublayer_roles(), "learns_online": policy.learns_online, "decode": []}
+    record = {"prefill": {"skip": list(pre.skip), "scales": list(pre.scales)}, "cached_layers": policy.layout.cached_layers,
+              "roles": policy.layout.roles, "learns_online": policy.learns_online, "decode": []}
     stats = []
     for _ in range(steps):
         mask, wants = policy.decode_mask(state), policy.wants_decode_stats(state)
@@ -350,7 +350,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
 def test_cpp_constants_follow_the_python_formats():
     """The versions the C++ runtime accepts are the ones the Python toolchain writes."""
     from adaskip.engine_dir import ENGINE_VERSION
-    from adaskip.export.onnx_graph import GRAPH_INTERFACE
+    from adaskip.export.onnx.graph import GRAPH_INTERFACE
     from adaskip.plan import PLAN_VERSIONS
 
     runtime_h = (ROOT / "cpp/runtime/include/adaskip/runtime.h").read_text()

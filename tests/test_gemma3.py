@@ -17,15 +17,15 @@ import torch
 from conftest import make_tiny_hf
 
 from adaskip.errors import ModelLoadError
-from adaskip.export.onnx_graph import build_onnx, save_onnx
+from adaskip.export.onnx.graph import build_onnx, save_onnx
 from adaskip.model import ModelSpec, load_model
 from adaskip.model.spec import V2_DEFAULTS
 from adaskip.plan import baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
-from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
+from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
-from adaskip.verify import compare_engines
+from adaskip.eval.verify import compare_engines
 
 TOL = 1e-4
 VARIANTS = ["portable", "ort"]

@@ -11,14 +11,14 @@ import torch
 from conftest import long_text, make_tiny_hf
 
 from adaskip.errors import InputError
-from adaskip.export.onnx_graph import build_onnx, save_onnx
+from adaskip.export.onnx.graph import build_onnx, save_onnx
 from adaskip.model import load_model
 from adaskip.plan import SkipPlan, baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
-from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
+from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
-from adaskip.verify import compare_engines
+from adaskip.eval.verify import compare_engines
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-4
@@ -95,7 +95,7 @@ def test_smollm2_graph_structure_for_a_k8_plan(smollm2, k8_plan, tmp_path, varia
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     inputs = {i.name for i in graph.input}
     assert all(f"past_key_{i}" not in inputs and f"past_value_{i}" not in inputs for i in skipped_attn)
-    roles = policy.sublayer_roles()
+    roles = policy.layout.roles
     sublayer_ifs = [n for n in graph.node if n.op_type == "If" and n.output[0].startswith("sub")]
     assert info["conditionals"] == roles.count("dynamic") == len(sublayer_ifs)
     weights = {t.name for t in graph.initializer}
@@ -160,7 +160,7 @@ def test_rows_with_different_ffn_masks_equal_their_solo_runs(tiny_root, tmp_path
     scales = torch.full((2, n), 1.1)
 
     def run(rows):
-        cache = engine.new_cache(len(rows), 12, policy.cached_layers())
+        cache = engine.new_cache(len(rows), 12, policy.layout.cached_layers)
         out = engine.prefill(ids[rows], torch.ones(len(rows), 9, dtype=torch.bool), cache, masks[rows], scales[rows])
         step = engine.decode(out.logits.argmax(-1), cache, masks[rows], scales[rows])
         return out, step
@@ -190,7 +190,7 @@ def test_left_padded_batches_match_solo_runs_in_both_variants(tiny_root, tmp_pat
 
 
 def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
-    from adaskip.export.onnx_graph import ort_variant_supported
+    from adaskip.export.onnx.graph import ort_variant_supported
 
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
     growing = SkipPolicy(baseline_plan("skipdecode", 4, 2, "decode", model.fingerprint))
@@ -208,7 +208,7 @@ def test_stats_only_when_asked(tiny_root, tmp_path, variant):
     n = model.spec.num_sublayers
     ids = torch.randint(0, 320, (1, 6))
     for want in (True, False):
-        cache = engine.new_cache(1, 8, policy.cached_layers())
+        cache = engine.new_cache(1, 8, policy.layout.cached_layers)
         out = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
                              torch.ones(1, n), want_stats=want)
         assert bool(torch.isnan(out.similarity).all()) != want
@@ -216,7 +216,7 @@ def test_stats_only_when_asked(tiny_root, tmp_path, variant):
 
 
 def test_int4_quantizes_the_ort_variant_too(tiny_root, tmp_path):
-    from adaskip.export.onnx_graph import quantize_int4
+    from adaskip.export.onnx.graph import quantize_int4
 
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
     policy = _no_skip(model)
@@ -262,7 +262,7 @@ def test_per_channel_compensation_is_baked_into_the_graph(tiny_root, tmp_path, v
 
 
 def test_sessions_do_not_spin_unless_asked():
-    from adaskip.runtime.ort_engine import session_options
+    from adaskip.runtime.ort_engines import session_options
 
     assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(2, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
@@ -287,7 +287,7 @@ def test_chunked_prefill_equals_one_pass(kind, tiny_root, tmp_path):
     n = model.spec.num_sublayers
     logits = []
     for engine in (whole, chunked):
-        cache = engine.new_cache(1, 48, policy.cached_layers())
+        cache = engine.new_cache(1, 48, policy.layout.cached_layers)
         ids = torch.tensor([prompt])
         res = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
                              torch.ones(1, n), want_stats=False)
@@ -313,14 +313,14 @@ def test_prefill_tail_runs_for_the_last_token_and_changes_nothing(tiny_root, tmp
     from test_skipping import _plan_for
 
     policy = SkipPolicy(_plan_for(model, [4, 6], window=2))  # FFNs dynamic: the online If branches run in the tail
-    assert policy.prefill_tail_start() == 3
+    assert policy.layout.prefill_tail_start == 3
     if backend == "torch":
         engine = TorchEngine.from_loaded(model)
         rows: list[tuple[int, int]] = []  # (layer, tokens) of each FFN computed
         ffn = TorchEngine._ffn
         monkeypatch.setattr(TorchEngine, "_ffn", lambda self, i, h: rows.append((i, h.shape[1])) or ffn(self, i, h))
     else:
-        import adaskip.runtime.ort_engine as ort_engine
+        import adaskip.runtime.ort_engines as ort_engine
 
         def profiled(*args, **kwargs):  # ONNX Runtime's profiler records every kernel's input shapes
             so = plain_options(*args, **kwargs)
@@ -344,9 +344,9 @@ def test_prefill_tail_runs_for_the_last_token_and_changes_nothing(tiny_root, tmp
     skip, scales = torch.zeros(2, n, dtype=torch.bool), torch.full((2, n), 1.1)
     skip[:, [4, 6]] = True
     for batch in ([0, 1], [0]):  # the single row takes the ORT engine's chunked path
-        ref_cache = reference.new_cache(len(batch), 24, policy.cached_layers())
+        ref_cache = reference.new_cache(len(batch), 24, policy.layout.cached_layers)
         ref = reference.prefill(ids[batch], valid[batch], ref_cache, skip[batch], scales[batch])
-        cache = engine.new_cache(len(batch), 24, policy.cached_layers())
+        cache = engine.new_cache(len(batch), 24, policy.layout.cached_layers)
         if backend == "torch":
             rows.clear()
         out = engine.prefill(ids[batch], valid[batch], cache, skip[batch], scales[batch], want_stats=False)

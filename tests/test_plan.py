@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adaskip.builder import cost
+from adaskip import cost
 from adaskip.errors import PlanError
 from adaskip.model.spec import ModelSpec
 from adaskip.plan import (Calibration, SkipPlan, adaskip_plan, baseline_layers, baseline_plan, rank_by_similarity,

@@ -96,14 +96,14 @@ def test_k0_works_and_never_skips():
     assert policy.prefill_mask(st).skipped == []
     run_window(policy, st, {1: 1.0, 3: 1.0})
     assert policy.decode_mask(st).skipped == []
-    assert policy.cached_layers() == [0, 1, 2, 3]
+    assert list(policy.layout.cached_layers) == [0, 1, 2, 3]
 
 
 def test_layer0_attention_skip_has_no_cache_and_no_crash():
     sims = [0.999] + SIMS[1:]
     policy = SkipPolicy(adaskip_plan(calib(sims), 1, "e2e", "fp"))
     assert policy.plan.skip == [0]
-    assert policy.cached_layers() == [1, 2, 3]
+    assert list(policy.layout.cached_layers) == [1, 2, 3]
 
 
 def test_batch_rows_learn_independently():
@@ -128,7 +128,7 @@ def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_mode():
     st = sd.new_request()
     assert sd.prefill_mask(st).skipped == []
     assert sd.decode_mask(st).skipped == [2, 3]  # step 1: layer 1
-    assert sd.cached_layers() == [0] + list(range(2, 32))
+    assert list(sd.layout.cached_layers) == [0] + list(range(2, 32))
     for _ in range(511):
         sd.observe_decode(st, [NAN] * 64, [NAN] * 64)
     assert sd.decode_mask(st).skipped == list(range(2, 18))  # step 512: layers 1..8
@@ -138,24 +138,24 @@ def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_mode():
 
 def test_sublayer_roles_tell_an_exporter_what_can_be_baked_in():
     e2e = SkipPolicy(adaskip_plan(calib(SIMS), 2, "e2e", "fp"))  # offline {4, 7}, online on FFNs 1, 3, 5
-    assert e2e.sublayer_roles() == ["always", "dynamic", "always", "dynamic", "never", "dynamic", "always", "never"]
+    assert list(e2e.layout.roles) == ["always", "dynamic", "always", "dynamic", "never", "dynamic", "always", "never"]
     dec = SkipPolicy(adaskip_plan(calib(SIMS), 2, "decode", "fp"))  # prefill runs all
-    assert dec.sublayer_roles() == ["always", "dynamic", "always", "dynamic", "dynamic", "dynamic", "always",
+    assert list(dec.layout.roles) == ["always", "dynamic", "always", "dynamic", "dynamic", "dynamic", "always",
                                     "dynamic"]
     static = SkipPolicy(adaskip_plan(calib(SIMS), 2, "prefill", "fp"))  # no online step
-    assert static.sublayer_roles() == ["always"] * 4 + ["never", "always", "always", "never"]
+    assert list(static.layout.roles) == ["always"] * 4 + ["never", "always", "always", "never"]
     sd = SkipPolicy(baseline_plan("skipdecode", 4, 3, "decode", "fp"))  # grows over layers 1..3 in decode
-    assert sd.sublayer_roles() == ["always", "always"] + ["dynamic"] * 6
+    assert list(sd.layout.roles) == ["always", "always"] + ["dynamic"] * 6
 
 
 def test_prefill_tail_starts_after_the_last_attention_that_can_run():
-    from adaskip.policy import last_token_tail
+    from adaskip.layout import last_token_tail
 
     assert last_token_tail([0, 1, 2, 3]) == 7  # only the last FFN
     assert last_token_tail([0, 2]) == 5  # layer 2's FFN and everything of layer 3
     assert last_token_tail([]) == 0  # no attention at all: every sublayer is row-wise
     e2e = SkipPolicy(baseline_plan("early-exit", 4, 2, "e2e", "fp"))  # layers 2, 3 removed outright
-    assert e2e.prefill_tail_start() == 3
+    assert e2e.layout.prefill_tail_start == 3
     # decode mode: prefill runs every attention (the offline ones are "dynamic"), so the tail is the last FFN
-    assert SkipPolicy(baseline_plan("early-exit", 4, 2, "decode", "fp")).prefill_tail_start() == 7
-    assert SkipPolicy(baseline_plan("early-exit", 4, 4, "e2e", "fp")).prefill_tail_start() == 0
+    assert SkipPolicy(baseline_plan("early-exit", 4, 2, "decode", "fp")).layout.prefill_tail_start == 7
+    assert SkipPolicy(baseline_plan("early-exit", 4, 4, "e2e", "fp")).layout.prefill_tail_start == 0

@@ -11,9 +11,9 @@ import torch
 
 from adaskip.errors import InputError, PlanError
 from adaskip.plan import Calibration, Compensation, SkipPlan, adaskip_plan
-from adaskip.quality import compensation as comp
-from adaskip.quality import metrics, report, tasks
-from adaskip.quality.runner import PrefixCache, mask_schedule, parse_method, prompt_is_chat
+from adaskip.calibrate import compensation as comp
+from adaskip.eval import metrics, report, tasks
+from adaskip.eval.runner import PrefixCache, mask_schedule, parse_method, prompt_is_chat
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -54,11 +54,11 @@ def test_kl_divergence_hand_cases():
     p = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
     q = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    kl = metrics.kl_divergence(p, q)
+    kl = comp.kl_divergence(p, q)
     assert kl[0].item() == pytest.approx(expected) and kl[1].item() == pytest.approx(0.0, abs=1e-12)
-    assert metrics.kl_divergence(q, p)[0].item() != pytest.approx(expected)  # not symmetric
+    assert comp.kl_divergence(q, p)[0].item() != pytest.approx(expected)  # not symmetric
     logits = torch.randn(5, 11)
-    assert metrics.kl_divergence(logits, logits + 3.0).abs().max().item() < 1e-12  # logits shift: same softmax
+    assert comp.kl_divergence(logits, logits + 3.0).abs().max().item() < 1e-12  # logits shift: same softmax
 
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_summary_sample_carries_real_lm_target(smollm2_tokenizer):
 
 
 def test_eval_text_is_not_calibration_text(smollm2_tokenizer):
-    from adaskip.builder.corpus import builtin_text
+    from adaskip.calibrate.corpus import builtin_text
 
     corpus = builtin_text()
     assert tasks.TASK_REGION[1] <= tasks.HELDOUT_REGION[0]  # task and held-out regions are disjoint
@@ -349,7 +349,7 @@ def test_method_names():
 # -- end to end ------------------------------------------------------------------------------------------------------
 
 def _eval(argv: list[str]) -> int:
-    from adaskip.quality.cli import main
+    from adaskip.cli.eval import main
 
     return main(argv)
 

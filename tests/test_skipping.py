@@ -101,8 +101,8 @@ def test_decode_mode_prefill_runs_everything_but_caches_only_live_layers(tiny_ro
 
 
 def test_calibration_averages_per_request_then_over_requests(tiny_root):
-    from adaskip.builder.calibrate import calibrate
-    from adaskip.builder.corpus import CalibrationSet
+    from adaskip.calibrate.importance import calibrate
+    from adaskip.calibrate.corpus import CalibrationSet
 
     model = _tiny(tiny_root)
     engine = TorchEngine.from_loaded(model)

@@ -15,17 +15,17 @@ import torch
 from conftest import make_tiny_hf
 from onnx import TensorProto, helper
 
-from adaskip.builder.cli import main as build_main
+from adaskip.cli.build import main as build_main
 from adaskip.engine_dir import open_engine_dir
 from adaskip.errors import InputError
 from adaskip.model import load_model
 from adaskip.plan import Calibration, SkipPlan, adaskip_plan
-from adaskip.plugins import similarity_onnx
+from adaskip.export.onnx import similarity_op as similarity_onnx
 from adaskip.policy import SkipPolicy
-from adaskip.tensorrt.builder import ENGINE_FILE, TrtSettings, build_engine
-from adaskip.tensorrt.lib import TensorRTError, load_tensorrt
-from adaskip.tensorrt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, register_plugin, similarity_stats
-from adaskip.tensorrt.profiles import Limits, make_profiles
+from adaskip.export.tensorrt.builder import ENGINE_FILE, TrtSettings, build_engine
+from adaskip.runtime.trt.lib import TensorRTError, load_tensorrt
+from adaskip.runtime.trt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, register_plugin, similarity_stats
+from adaskip.runtime.trt.profiles import Limits, make_profiles
 
 DATA = Path(__file__).parent / "data"
 GPU = torch.cuda.is_available()
@@ -177,7 +177,7 @@ def tiny_build(tiny_model_dir, tiny_plan, tmp_path_factory):
 
 
 def _check_network(net: dict, policy: SkipPolicy) -> None:
-    roles = policy.sublayer_roles()
+    roles = policy.layout.roles
     running = roles.count("always") + roles.count("dynamic")
     # one IIfConditional per dynamic sublayer (j from the conditional's outputs, sub{j}_*)
     assert net["conditionals"]["sublayers"] == [j for j, r in enumerate(roles) if r == "dynamic"]
@@ -194,11 +194,11 @@ def _check_network(net: dict, policy: SkipPolicy) -> None:
     assert net["layer_types"]["PLUGIN_V3"] == running
     assert net["layer_types"]["CONDITION"] == net["conditionals"]["total"]
     # KV inputs and outputs only for live (cached) attention layers
-    assert net["kv_layers"] == policy.cached_layers()
+    assert net["kv_layers"] == policy.layout.cached_layers
     kv_in = sorted(n for n in net["inputs"] if n.startswith(("past_key_", "past_value_")))
-    assert kv_in == sorted(f"past_{kind}_{i}" for i in policy.cached_layers() for kind in ("key", "value"))
+    assert kv_in == sorted(f"past_{kind}_{i}" for i in policy.layout.cached_layers for kind in ("key", "value"))
     kv_out = sorted(n for n in net["outputs"] if n.startswith("new_"))
-    assert kv_out == sorted(f"new_{kind}_{i}" for i in policy.cached_layers() for kind in ("key", "value"))
+    assert kv_out == sorted(f"new_{kind}_{i}" for i in policy.layout.cached_layers for kind in ("key", "value"))
 
 
 def test_tiny_llama_engine_is_built_and_its_network_matches_the_plan(tiny_build, tiny_plan):
@@ -211,7 +211,7 @@ def test_tiny_llama_engine_is_built_and_its_network_matches_the_plan(tiny_build,
     assert ENGINE_FILE in ed.manifest["files"] and not (out / "model.onnx").exists()  # the engine carries the weights
     assert ed.manifest["build"]["graph"]["variant"] == "portable"
     policy = SkipPolicy(SkipPlan.load(tiny_plan))
-    assert policy.sublayer_roles() == ["always", "dynamic", "never", "dynamic", "always", "never", "always", "dynamic"]
+    assert list(policy.layout.roles) == ["always", "dynamic", "never", "dynamic", "always", "never", "always", "dynamic"]
     net = info["network"]
     _check_network(net, policy)
     assert net["kv_layers"] == [0, 2, 3]  # layer 1's attention is skipped offline: no KV at all
@@ -264,7 +264,7 @@ def test_smollm2_k8_engine_is_built_and_its_network_matches_the_plan(smollm2_bui
     ed = open_engine_dir(smollm2_build)
     info = ed.manifest["build"]["tensorrt"]
     policy = SkipPolicy(ed.plan)
-    roles = policy.sublayer_roles()
+    roles = policy.layout.roles
     net = info["network"]
     _check_network(net, policy)
     # the K=8 plan skips 8 attention sublayers offline (removed: no weights, no KV); every FFN may be skipped online
@@ -289,7 +289,7 @@ def test_smollm2_k8_engine_is_built_and_its_network_matches_the_plan(smollm2_bui
 
 def test_a_graph_the_parser_cannot_read_fails_with_its_message(tiny_model_dir, tiny_plan, tmp_path, monkeypatch,
                                                               capsys):
-    from adaskip.export import onnx_graph
+    from adaskip.export.onnx import graph as onnx_graph
 
     real = onnx_graph.build_onnx
 
@@ -359,7 +359,7 @@ def test_bad_tensorrt_options_fail_before_any_build(args, message, tiny_model_di
 def test_tiny_engine_matches_the_reference_on_gpu(tiny_build, tiny_model_dir):
     from adaskip.runtime.loader import load_runtime
     from adaskip.runtime.torch_engine import TorchEngine
-    from adaskip.verify import compare_engines
+    from adaskip.eval.verify import compare_engines
 
     rt = load_runtime(tiny_build[0])
     model = load_model(str(tiny_model_dir))

@@ -21,7 +21,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from adaskip.deploy import cli as deploy_cli
+from adaskip.cli import deploy as deploy_cli
 from adaskip.deploy import serve as serve_cli
 from adaskip.deploy.triton_repo import MODEL_TEMPLATE
 
@@ -139,7 +139,7 @@ def _expected(runtime, text: str, max_tokens: int, chat: bool = False, **samplin
 @pytest.fixture(scope="module")
 def long_prompt(runtime) -> tuple[str, object]:
     """A ~400-token real text on which the online FFN skipping fires within 24 new tokens (the window is 20)."""
-    from adaskip.builder.corpus import builtin_text
+    from adaskip.calibrate.corpus import builtin_text
 
     text = builtin_text()
     for start in (40000, 10000, 20000, 60000):

@@ -17,14 +17,14 @@ import pytest
 import torch
 from conftest import make_tiny_hf
 
-from adaskip.builder import cli as build_cli
+from adaskip.cli import build as build_cli
 from adaskip.errors import EngineDirError, InputError
-from adaskip.export import trtllm_checkpoint as tc
+from adaskip.export.trtllm import checkpoint as tc
 from adaskip.model import load_model
 from adaskip.plan import Calibration, SkipPlan, adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
-from adaskip.verify import compare_engines
+from adaskip.eval.verify import compare_engines
 
 DATA = Path(__file__).parent / "data"
 TOL = 1e-6
@@ -59,7 +59,7 @@ def _check_layout(ck: tc.TrtllmCheckpoint, out: Path, plan: SkipPlan) -> None:
     tc.validate_config(config)
     with safe_open(str(out / tc.WEIGHTS), "pt") as f:
         names = set(f.keys())
-    roles = SkipPolicy(plan).sublayer_roles()
+    roles = SkipPolicy(plan).layout.roles
     for i in range(ck.spec.num_layers):
         p = f"transformer.layers.{i}"
         attn = {f"{p}.input_layernorm.weight", f"{p}.attention.qkv.weight", f"{p}.attention.dense.weight"}
@@ -139,7 +139,7 @@ def test_tiny_llamas_round_trip_in_every_mode(kind, tiny_root, tmp_path):
         plan = adaskip_plan(calib, 3, mode, model.fingerprint, window=3)
         ck, info = _round_trip(model, plan, tmp_path / mode, prompts, decode_steps=6)
         _check_layout(ck, tmp_path / mode, plan)
-        roles = SkipPolicy(plan).sublayer_roles()
+        roles = SkipPolicy(plan).layout.roles
         assert info["conditionals"] == roles.count("dynamic")
         assert info["engine_io"] == (mode != "prefill")  # prefill mode: a static plan, a plain engine
     config = ck.config

@@ -8,25 +8,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaskip.builder import cost
-from adaskip.builder.calibrate import calibrate
-from adaskip.builder.corpus import load_calibration
+from adaskip import cost
+from adaskip.calibrate.importance import calibrate
+from adaskip.calibrate.corpus import load_calibration
 from adaskip.builder.plot import importance_plot
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
 from adaskip.errors import InputError, ModelLoadError, PlanError
 from adaskip.model import LoadedModel, load_model
+from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.plan import (COMPENSATION_RULES, DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan,
                           now_utc, rank_by_similarity)
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
 
 BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
-# stand-ins for a skipped sublayer (adaskip/quality/compensation.py): the paper's scalar norm ratio, or one fitted on
+# stand-ins for a skipped sublayer (adaskip/calibrate/compensation.py): the paper's scalar norm ratio, or one fitted on
 # the calibration pass (per-token ratio, per-channel scale, per-channel affine a * h + b)
 STAND_INS = COMPENSATION_RULES
 # ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
 # trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
-# tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/tensorrt/)
+# tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/export/tensorrt/)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class BuildOptions:
             raise InputError(f"--window must be >= 1; got {self.window}")
         if self.context_len is not None and self.context_len < 1:
             raise InputError(f"--context-len must be >= 1; got {self.context_len}")
-        from adaskip.tensorrt.builder import check_options  # TensorRT flags only with --backend tensorrt
+        from adaskip.export.tensorrt.builder import check_options  # TensorRT flags only with --backend tensorrt
 
         check_options(self)
 
@@ -110,28 +111,6 @@ class BuildReport:
 def _log(msg: str, opts: BuildOptions) -> None:
     if opts.progress:
         print(f"adaskip-build: {msg}", file=sys.stderr)
-
-
-def load_tokenizer(model: LoadedModel) -> Any:
-    from transformers import AutoTokenizer
-
-    if model.tokenizer_dir is None:
-        raise ModelLoadError(f"{model.source}: no tokenizer files found next to the model")
-    return AutoTokenizer.from_pretrained(model.tokenizer_dir, **model.tokenizer_kwargs)
-
-
-def eos_token_ids(model: LoadedModel, tokenizer: Any) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model.tokenizer_dir, **model.tokenizer_kwargs).eos_token_id
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    except (OSError, ValueError):
-        pass
-    return sorted(ids)
 
 
 def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPlan:
@@ -152,7 +131,7 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
     if opts.stand_in == "norm-ratio":
         calib = calibrate(engine, data, progress=opts.progress)
     else:  # the same pass also sums the per-channel statistics the stand-in is fitted on
-        from adaskip.quality import compensation as comp
+        from adaskip.calibrate import compensation as comp
 
         calib, stats = comp.collect(engine, data, progress=opts.progress)
         scales, compensation = comp.fit(opts.stand_in, stats, calib)
@@ -186,11 +165,11 @@ def build(opts: BuildOptions) -> BuildReport:
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
     if opts.backend == "trtllm-checkpoint":  # refuse an unsupported family before calibrating, not after
-        from adaskip.export.trtllm_checkpoint import check_supported
+        from adaskip.export.trtllm.checkpoint import check_supported
 
         check_supported(spec, model.weights)
     if opts.backend == "tensorrt":  # limits vs the model's context: before calibrating, not after
-        from adaskip.tensorrt.builder import check_options
+        from adaskip.export.tensorrt.builder import check_options
 
         check_options(opts, spec)
     plan = make_plan(opts, model, tokenizer)
@@ -206,13 +185,13 @@ def build(opts: BuildOptions) -> BuildReport:
         if opts.backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
         elif opts.backend == "trtllm-checkpoint":
-            from adaskip.export.trtllm_checkpoint import write_checkpoint
+            from adaskip.export.trtllm.checkpoint import write_checkpoint
 
             build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint)
             _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
                  f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:
-            from adaskip.export.onnx_graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
+            from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
 
             policy = SkipPolicy(plan)
             variant = opts.graph_variant
@@ -227,7 +206,7 @@ def build(opts: BuildOptions) -> BuildReport:
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)
             if opts.backend == "tensorrt":
-                from adaskip.tensorrt.builder import build_into
+                from adaskip.export.tensorrt.builder import build_into
 
                 build_into(tmp, build_info, opts, spec.max_position_embeddings, lambda msg: _log(msg, opts))
         tokenizer.save_pretrained(str(tmp / TOKENIZER))

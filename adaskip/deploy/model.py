@@ -52,7 +52,7 @@ class TritonPythonModel:
         import torch
 
         from adaskip import __version__
-        from adaskip.cli_common import quiet_libraries
+        from adaskip.cli.common import quiet_libraries
 
         quiet_libraries()
         self.config = json.loads(args["model_config"])

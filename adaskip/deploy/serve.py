@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from adaskip.cli_common import main_wrapper
+from adaskip.cli.common import main_wrapper
 from adaskip.errors import AdaskipError, InputError
 from adaskip.deploy.triton_repo import CONFIG
 

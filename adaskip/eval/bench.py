@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from adaskip.cli_common import main_wrapper
+from adaskip.cli.common import main_wrapper
 from adaskip.errors import InputError
 
 
@@ -136,9 +136,9 @@ def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_s
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
                 spinning: bool = False) -> Column:
-    from adaskip.export.onnx_graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
+    from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
     from adaskip.policy import SkipPolicy
-    from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
+    from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
 
     out = work / name
     out.mkdir()
@@ -169,7 +169,7 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from adaskip.runtime.ort_engine import session_options
+    from adaskip.runtime.ort_engines import session_options
 
     d, f = spec.hidden_size, spec.intermediate_size
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((d, f)).astype(np.float32), "w")
@@ -194,8 +194,8 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from adaskip.export.onnx_graph import gqa_supports
-    from adaskip.runtime.ort_engine import PREFILL_CHUNK, session_options
+    from adaskip.export.onnx.graph import gqa_supports
+    from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 
     if not gqa_supports(spec):
         return None
@@ -240,9 +240,9 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from adaskip.builder.build import load_tokenizer
-    from adaskip.builder.calibrate import calibrate
-    from adaskip.builder.corpus import builtin_text, load_calibration
+    from adaskip.model.tokenizer import load_tokenizer
+    from adaskip.calibrate.importance import calibrate
+    from adaskip.calibrate.corpus import builtin_text, load_calibration
     from adaskip.model import load_model
     from adaskip.plan import SkipPlan, baseline_plan
     from adaskip.runtime.torch_engine import TorchEngine
@@ -274,7 +274,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
-    from adaskip.builder import cost
+    from adaskip import cost
     from adaskip.plan import adaskip_plan
     from adaskip.policy import SkipPolicy
     from adaskip.runtime.torch_engine import TorchEngine

@@ -1,1 +1,2 @@
-"""Exporters: the ONNX graph (ONNX Runtime, TensorRT's ONNX parser)."""
+"""Exporters: the ONNX graph (onnx/: ONNX Runtime and TensorRT's parser), the TensorRT engine built from it
+(tensorrt/), and the TensorRT-LLM checkpoint (trtllm/)."""

@@ -1,1 +1,2 @@
-"""Runtime: engines (torch reference; graph backends later) and the Generator on top."""
+"""Runtime: engines behind one protocol (torch reference, ONNX Runtime graphs, TensorRT), the step loop between
+SkipPolicy and an engine, and the Generator on top."""

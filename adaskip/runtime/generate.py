@@ -197,7 +197,7 @@ class Generator:
         states: list[RequestState] = [policy.new_request() for _ in range(batch)]
         results[:] = [GenerationResult(prompt_tokens=len(p), truncated_prompt=t) for p, t in checked]
         capacity = width + params.max_new_tokens
-        cache = engine.new_cache(batch, capacity, policy.cached_layers())
+        cache = engine.new_cache(batch, capacity, policy.layout.cached_layers)
         # KV bytes per position of one row, with and without the skipped attention; each request is charged for its
         # own prompt + max_new_tokens positions, not the padded batch width, so it reports what it would alone
         row_kv_per_pos = cache.nbytes() // (batch * capacity)

@@ -30,8 +30,8 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
     if ed.backend == "torch":
         engine: Any = TorchEngine(ed.spec, load_checked_weights(ed), ed.plan.compensation)
     elif ed.backend == "ort":
-        from adaskip.export.onnx_graph import GRAPH_INTERFACE
-        from adaskip.runtime.ort_engine import OrtEngine, OrtGqaEngine
+        from adaskip.export.onnx.graph import GRAPH_INTERFACE
+        from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
 
         graph = ed.manifest["build"].get("graph", {})
         if graph.get("interface") != GRAPH_INTERFACE:
@@ -40,7 +40,7 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
         engine_cls = OrtGqaEngine if graph.get("variant") == "ort" else OrtEngine
         engine = engine_cls(ed.root / graph["file"], ed.spec, threads=threads)
     elif ed.backend == "tensorrt":  # an NVIDIA GPU and the TensorRT flavour the engine was built with
-        from adaskip.tensorrt.engine import TrtEngine
+        from adaskip.runtime.trt.engine import TrtEngine
 
         engine = TrtEngine.from_engine_dir(ed)
     elif ed.backend == "trtllm-checkpoint":

@@ -17,7 +17,7 @@ from adaskip.errors import InputError
 from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin, uses_local_rope
 from adaskip.model.spec import LoadedModel, ModelSpec
 from adaskip.plan import Compensation
-from adaskip.policy import last_token_tail
+from adaskip.layout import last_token_tail
 from adaskip.runtime.engine import StepOutput
 from adaskip.similarity import io_similarity
 

@@ -1,4 +1,4 @@
-// The exported "ort" graph variant on ONNX Runtime's C++ API: the graph interface adaskip/runtime/ort_engine.py's
+// The exported "ort" graph variant on ONNX Runtime's C++ API: the graph interface adaskip/runtime/ort_engines.py's
 // OrtGqaEngine drives, for one request row. The KV cache is a BNSH buffer of the request's capacity per cached
 // layer, bound as both past_key_i and present_key_i: GroupQueryAttention appends the new tokens in place, so no
 // step copies the cache.

@@ -1,7 +1,7 @@
 // TensorRT IPluginV3 wrapper of the CUDA IOSimilarity kernel.
 //
 // Plugin "IOSimilarity", version "1", namespace "" — the ONNX node ai.adaskip::IOSimilarity resolves to it by name
-// (the ONNX parser looks custom ops up in the plugin registry), and the Python-side plugin in adaskip/tensorrt/
+// (the ONNX parser looks custom ops up in the plugin registry), and the Python-side plugin in adaskip/runtime/trt/plugin.py
 // registers the same triple, so an engine built with either deserializes with either.
 //
 //   inputs : h_in [B,T,D], h_out [B,T,D] (fp32 | fp16 | bf16, same type), valid [B,T] (fp32 or the input type)

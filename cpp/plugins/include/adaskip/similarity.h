@@ -6,7 +6,7 @@
 //   similarity = sum_t valid_t * cos_t / max(sum_t valid_t, 1)
 //   norm_ratio = sqrt(sum_t valid_t * |h_out_t|^2 / max(sum_t valid_t * |h_in_t|^2, eps))
 //
-// The same rule as adaskip/similarity.py and the ONNX function in adaskip/plugins/similarity_onnx.py. `valid` is
+// The same rule as adaskip/similarity.py and the ONNX function in adaskip/export/onnx/similarity_op.py. `valid` is
 // used as a weight (multiplied in, like the ONNX body), so 0/1 masks select tokens and the results agree with the
 // ONNX function for every finite input.
 //

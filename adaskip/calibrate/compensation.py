@@ -1,0 +1,166 @@
+"""Training-free stand-ins for skipped sublayers, and a selection rule that looks at a skip's effect on the output.
+
+The paper replaces a skipped sublayer by r * h with r = ||h'||_F / ||h||_F over the whole prompt, a ratio dominated
+by the few tokens of very large norm (the first token's attention sink). Fitted on the same calibration pass:
+
+  token-ratio     scalar: the mean over tokens of ||h'_t|| / ||h_t||
+  channel-scale   per channel c: s_c = sum_t h_tc h'_tc / sum_t h_tc^2          (least squares, h' ~ s * h)
+  channel-affine  per channel c: h'_c ~ a_c h_c + b_c                            (least squares with intercept)
+
+Channel fits leave out each prompt's first token (the attention sink, whose huge activations would otherwise set
+the fit of the channels it occupies); applying them to it is harmless because sink channels pass through nearly
+unchanged. The selection rule `kl_greedy_order` adds, one at a time, the sublayer whose skip (with its stand-in)
+moves the final next-token distribution least (KL from the full model on calibration text), given those already
+skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adaskip.calibrate.importance import calibrate
+from adaskip.calibrate.corpus import CalibrationSet
+from adaskip.plan import COMPENSATION_RULES, Calibration, Compensation
+from adaskip.runtime.torch_engine import TorchEngine
+
+RULES = COMPENSATION_RULES  # the stand-ins a plan can name (adaskip/plan.py)
+SINK_TOKENS = 1  # leading tokens of each prompt left out of the channel fits
+RIDGE = 1e-6  # relative regularizer of the per-channel variance (channels that never move keep scale 1)
+
+
+@dataclass
+class ChannelStats:
+    """Per sublayer j, float64 sums over calibration tokens of h (input) and o (output) per channel."""
+
+    n: torch.Tensor  # [S] tokens in the channel fits
+    h: torch.Tensor  # [S, D] sum h
+    o: torch.Tensor  # [S, D] sum o
+    hh: torch.Tensor  # [S, D] sum h^2
+    ho: torch.Tensor  # [S, D] sum h * o
+    ratio: torch.Tensor  # [S] sum over all tokens of ||o_t|| / ||h_t||
+    ratio_n: torch.Tensor  # [S] tokens in `ratio`
+
+    @classmethod
+    def zeros(cls, sublayers: int, hidden: int) -> "ChannelStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        return cls(z(sublayers), z(sublayers, hidden), z(sublayers, hidden), z(sublayers, hidden),
+                   z(sublayers, hidden), z(sublayers), z(sublayers))
+
+    def observe(self, j: int, h: torch.Tensor, out: torch.Tensor, valid: torch.Tensor) -> None:
+        """Engine observer: h, out [B, T, D], valid [B, T]."""
+        h, out = h.double(), out.double()
+        keep = valid.clone()
+        norms_h, norms_o = h.norm(dim=-1), out.norm(dim=-1)
+        self.ratio[j] += (norms_o / norms_h.clamp_min(1e-12))[valid].sum()
+        self.ratio_n[j] += valid.sum()
+        for b in range(keep.shape[0]):  # drop each row's first real tokens (left padding comes before them)
+            first = torch.nonzero(keep[b]).flatten()[:SINK_TOKENS]
+            keep[b, first] = False
+        hs, os_ = h[keep], out[keep]
+        self.n[j] += hs.shape[0]
+        self.h[j] += hs.sum(0)
+        self.o[j] += os_.sum(0)
+        self.hh[j] += (hs * hs).sum(0)
+        self.ho[j] += (hs * os_).sum(0)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> "ChannelStats":
+        return cls(**d)
+
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P) per position, in nats: both [N, V] -> [N] (>= 0, 0 when the distributions agree)."""
+    ref = torch.log_softmax(reference_logits.double(), -1)
+    other = torch.log_softmax(logits.double(), -1)
+    return (ref.exp() * (ref - other)).sum(-1).clamp_min(0.0)
+
+def collect(engine: TorchEngine, data: CalibrationSet, progress: bool = True) -> tuple[Calibration, ChannelStats]:
+    """One calibration pass: the plan's similarity / norm-ratio statistics and the channel sums, together."""
+    stats = ChannelStats.zeros(engine.spec.num_sublayers, engine.spec.hidden_size)
+    previous, engine.observer = engine.observer, stats.observe
+    try:
+        calib = calibrate(engine, data, progress=progress)
+    finally:
+        engine.observer = previous
+    return calib, stats
+
+
+def fit(rule: str, stats: ChannelStats, calib: Calibration) -> tuple[list[float], Compensation | None]:
+    """(scalar scales per sublayer, per-channel compensation or None) for a stand-in rule."""
+    if rule not in RULES:
+        raise ValueError(f"unknown compensation rule {rule!r}; choose from {', '.join(RULES)}")
+    if rule == "norm-ratio":
+        return list(calib.norm_ratio), None
+    token = (stats.ratio / stats.ratio_n.clamp_min(1)).tolist()
+    if rule == "token-ratio":
+        return token, Compensation("token-ratio")
+    n = stats.n.clamp_min(1)[:, None]
+    if rule == "channel-scale":
+        scale = stats.ho / (stats.hh + RIDGE * stats.hh.mean(-1, keepdim=True)).clamp_min(1e-30)
+        shift = torch.zeros_like(scale)
+    else:
+        mh, mo = stats.h / n, stats.o / n
+        var = stats.hh / n - mh * mh
+        cov = stats.ho / n - mh * mo
+        scale = cov / (var + RIDGE * var.mean(-1, keepdim=True)).clamp_min(1e-30)
+        shift = mo - scale * mh
+    sub = {j: (scale[j].tolist(), shift[j].tolist()) for j in range(scale.shape[0]) if stats.n[j] > 0}
+    return token, Compensation(rule, sub)
+
+
+def _logits(engine: TorchEngine, ids: list[int], skip: list[int], scales: list[float]) -> torch.Tensor:
+    n = engine.spec.num_sublayers
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, skip] = True
+    x = torch.tensor([ids])
+    cache = engine.new_cache(1, len(ids), cached_layers=[])
+    out = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, mask, torch.tensor([scales]),
+                         all_logits=True, want_stats=False)
+    return out.logits[0]
+
+
+def mean_kl(model_weights: Any, spec: Any, windows: list[list[int]], reference: list[torch.Tensor],
+            skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
+    """Mean next-token KL(full || skipped) over every position of `windows` (prefill mode: one forward each)."""
+    comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
+        if compensation else None
+    engine = TorchEngine(spec, model_weights, comp)
+    kls = [kl_divergence(ref, _logits(engine, ids, skip, scales)) for ids, ref in zip(windows, reference)]
+    return float(torch.cat(kls).mean())
+
+
+def reference_logits(engine: TorchEngine, windows: list[list[int]]) -> list[torch.Tensor]:
+    return [_logits(engine, ids, [], [1.0] * engine.spec.num_sublayers) for ids in windows]
+
+
+def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candidates: list[int],
+                    scales: list[float], compensation: Compensation | None, progress: bool = True) -> list[int]:
+    """Greedy selection: repeatedly add the candidate whose skip (with its stand-in) gives the lowest mean KL from
+    the full model on `windows`, given the sublayers already chosen. Returns the first k choices in order."""
+    ref = reference_logits(engine, windows)
+    chosen: list[int] = []
+    total = sum(len(candidates) - i for i in range(min(k, len(candidates))))
+    bar = tqdm(total=total, desc="kl-greedy selection", unit="forward", disable=not progress, file=sys.stderr)
+    try:
+        while len(chosen) < min(k, len(candidates)):
+            best, best_kl = None, float("inf")
+            for j in candidates:
+                if j in chosen:
+                    continue
+                kl = mean_kl(engine.w, engine.spec, windows, ref, chosen + [j], scales, compensation)
+                bar.update(1)
+                if kl < best_kl:
+                    best, best_kl = j, kl
+            chosen.append(best)
+    finally:
+        bar.close()
+    return chosen

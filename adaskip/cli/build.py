@@ -1,0 +1,84 @@
+"""adaskip-build: calibrate which sublayers a model can skip and write an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaskip.builder.build import BACKENDS, STAND_INS, BuildOptions, build
+from adaskip.cli.common import main_wrapper
+from adaskip.model.builtin import BUILTIN_MODELS
+from adaskip.plan import METHODS, MODES
+from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adaskip-build", description="Calibrate AdaSkip sublayer skipping for a model and build an engine dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help=f"HF model dir, .gguf file, hub id in the local cache, or built-in: {', '.join(BUILTIN_MODELS)}")
+    p.add_argument("--output", "-o", required=True, help="engine directory to write (atomically)")
+    sel = p.add_argument_group("selection")
+    sel.add_argument("--method", choices=METHODS, default="adaskip", help="AdaSkip or a baseline of the paper")
+    sel.add_argument("--skip", type=int, help="K: sublayers to skip (adaskip) or whole layers k (baselines)")
+    sel.add_argument("--alpha", type=float, help="target ideal speedup (> 1); K is derived from the cost model")
+    sel.add_argument("--mode", choices=MODES, default="e2e", help="which phases skip (see README)")
+    sel.add_argument("--context-len", type=int,
+                     help="context length the cost model assumes (default: 4096 or the model's context if shorter)")
+    sel.add_argument("--window", type=int, default=20, help="W: decode steps of online importance learning")
+    sel.add_argument("--no-online", action="store_true", help="disable online (decode-time) FFN learning")
+    sel.add_argument("--stand-in", choices=STAND_INS, default="norm-ratio",
+                     help="what replaces a skipped sublayer: the paper's norm ratio x input, or a map fitted on the "
+                          "calibration pass (channel-affine lowered held-out KL 14-25%% on SmolLM2; docs/eval.md)")
+    sel.add_argument("--plan", help="reuse an existing plan.json instead of calibrating (must match the model)")
+    cal = p.add_argument_group("calibration")
+    cal.add_argument("--calib", help="calibration data: .jsonl (one prompt per record) or text; default: built-in")
+    cal.add_argument("--calib-prompts", type=int, default=20, help="N: calibration prompts")
+    cal.add_argument("--calib-tokens", type=int, default=2048, help="tokens per calibration prompt")
+    out = p.add_argument_group("engine")
+    out.add_argument("--backend", choices=BACKENDS, default="ort",
+                     help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors); "
+                          "trtllm-checkpoint: TensorRT-LLM checkpoint + model class for trtllm-build; "
+                          "tensorrt: serialized TensorRT engine (built on CPU with TensorRT-RTX; runs on a GPU)")
+    out.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
+    out.add_argument("--quantize", choices=("int4",), help="ort backend: weight-only int4 linear layers (MatMulNBits)")
+    out.add_argument("--graph-variant", choices=("auto", "ort", "portable"), default="auto",
+                     help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
+                          "standard ops (what TensorRT parses); auto picks ort when the plan allows it")
+    out.add_argument("--force", action="store_true", help="replace an existing output directory")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_tensorrt_arguments(p)
+    return p
+
+
+@main_wrapper("adaskip-build")
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    report = build(BuildOptions(
+        model=a.model, output=a.output, method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, calib=a.calib,
+        calib_prompts=a.calib_prompts, calib_tokens=a.calib_tokens, context_len=a.context_len, window=a.window,
+        online=not a.no_online, stand_in=a.stand_in, plan=a.plan, backend=a.backend, dtype=a.dtype,
+        quantize=a.quantize, graph_variant=a.graph_variant, **tensorrt_options(a), force=a.force,
+        progress=not a.quiet))
+    plan = report.plan
+    names = [f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip]
+    e = report.expected
+    print(f"engine: {report.output}  ({report.seconds:.1f} s)")
+    print(f"plan: {plan.method}, mode {plan.mode}, K={plan.k} {plan.budget_unit}; skipped offline: "
+          f"{', '.join(names) or 'none'}")
+    if plan.compensation is not None:
+        print(f"stand-in: {plan.compensation.rule} (fitted on the calibration pass; the paper's is norm-ratio)")
+    if plan.beta is not None and plan.online_enabled:
+        print(f"online: W={plan.window}, beta={plan.beta:.5f} (FFNs with decode similarity >= beta join after W steps)")
+    print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
+          f"decode {e['decode']:.3f}x (before online skipping)")
+    if a.backend == "trtllm-checkpoint":
+        from adaskip.export.trtllm.checkpoint import trtllm_build_command
+
+        print(f"build it where TensorRT-LLM is installed: {trtllm_build_command(report.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

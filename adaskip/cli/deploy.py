@@ -1,0 +1,58 @@
+"""adaskip-deploy: turn an engine dir into something a serving system runs (today: a Triton model repository)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaskip.cli.common import main_wrapper
+from adaskip.deploy.triton_repo import TritonModelOptions, write_model_repository
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaskip-deploy", description="Deploy an adaskip engine dir to a serving system.")
+    sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    t = sub.add_parser("triton", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="write a Triton Inference Server model repository (Python backend)",
+                       description="Add a Python-backend model that serves ENGINE to the Triton model repository "
+                                   "REPO (created if missing). Serve it with `adaskip-serve --repo REPO`.")
+    d = TritonModelOptions()
+    t.add_argument("--engine", required=True, help="engine directory written by adaskip-build")
+    t.add_argument("--repo", required=True, help="model repository to write or add to")
+    t.add_argument("--model-name", default=d.name, help="the model's name in the repository")
+    t.add_argument("--instances", type=int, default=d.instances,
+                   help="model instances (processes), each with its own copy of the engine in memory")
+    t.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="most requests one generation batch holds (Triton dynamic batching); 0 = no batching")
+    t.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
+                   help="how long the dynamic batcher waits for more requests before a batch starts")
+    t.add_argument("--decoupled", action="store_true",
+                   help="decoupled transaction policy: token streaming over gRPC (HTTP infer refuses such models)")
+    t.add_argument("--threads", type=int, default=d.threads,
+                   help="ONNX Runtime threads per instance (0: ADASKIP_THREADS in the server's environment, or all "
+                        "cores)")
+    t.add_argument("--engine-mode", choices=("copy", "reference"), default=d.engine_mode,
+                   help="copy the engine into the model (hard links when on the same file system) or reference its "
+                        "absolute path")
+    t.add_argument("--python-env", default=d.python_env, metavar="auto|none|PATH",
+                   help="EXECUTION_ENV_PATH for the backend stub: 'auto' = the virtualenv running this command")
+    t.add_argument("--force", action="store_true", help="replace a model of the same name in the repository")
+    return p
+
+
+@main_wrapper("adaskip-deploy")
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    opts = TritonModelOptions(name=a.model_name, instances=a.instances, max_batch_size=a.max_batch_size,
+                              decoupled=a.decoupled, threads=a.threads, engine_mode=a.engine_mode,
+                              python_env=a.python_env, queue_delay_us=a.queue_delay_us)
+    model = write_model_repository(a.engine, a.repo, opts, force=a.force)
+    kind = "decoupled (streaming over gRPC)" if opts.decoupled else "request/response (HTTP and gRPC)"
+    print(f"model {opts.name}: {model} -- {kind}, {opts.instances} instance(s), max batch {opts.max_batch_size}, "
+          f"engine {'copied' if opts.engine_mode == 'copy' else 'referenced'}")
+    print(f"serve it: adaskip-serve --repo {model.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

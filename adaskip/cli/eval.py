@@ -1,0 +1,127 @@
+"""adaskip-eval: quality of every skipping method at equal budget, in every mode, on long-context tasks.
+
+    adaskip-eval --model smollm2-135m --methods adaskip,adaskip-best,early-exit,skipdecode,unified \\
+                 --budgets 1,2,4,6,8 --modes prefill,decode,e2e --contexts 1024,2048 --samples 2 --out eval-out
+
+Results are resumable: every finished document is one line of `results-<config>.jsonl` in --out, and the
+calibration, the compensation study and the full model's outputs are cached there too, so a rerun with more
+contexts or methods computes only what is missing, and the report covers every record of that configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from adaskip.cli.common import main_wrapper
+from adaskip.errors import InputError
+from adaskip.eval import report
+from adaskip.eval.runner import EvalOptions, Evaluator
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} must be a comma-separated list of integers; got {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaskip-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model source (built-in name, HF dir, .gguf, cached hub id)")
+    p.add_argument("--engine", help="also evaluate this built engine directory (its own plan) as one more row")
+    p.add_argument("--methods", default="adaskip,adaskip-best,early-exit,skipdecode,unified",
+                   help="comma-separated: adaskip[+MOD...], adaskip-best, early-exit, skipdecode, unified; MODs: "
+                        "token-ratio, channel-scale, channel-affine, kl, attn, ffn, no-online, task-calib")
+    p.add_argument("--budgets", default="1,2,4,6,8", help="K sublayers (baselines: K/2 layers, even K only)")
+    p.add_argument("--modes", default="prefill,decode,e2e")
+    p.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens")
+    p.add_argument("--tasks", default="passkey,multikey,kv,summary",
+                   help="summary documents also give the LM metrics (perplexity, KL)")
+    p.add_argument("--samples", type=int, default=2, help="documents per task and context")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-prompts", type=int, default=16)
+    p.add_argument("--calib-tokens", type=int, default=1024)
+    p.add_argument("--window", type=int, default=20, help="online decode window W")
+    p.add_argument("--summary-tokens", type=int, default=48, help="greedy tokens per summary")
+    p.add_argument("--lm-tokens", type=int, default=32, help="teacher-forced real tokens per document")
+    p.add_argument("--study-windows", type=int, default=2, help="held-out windows of the compensation study")
+    p.add_argument("--study-tokens", type=int, default=1024)
+    p.add_argument("--kl-windows", type=int, default=1, help="calibration windows of the greedy KL selection")
+    p.add_argument("--kl-tokens", type=int, default=512)
+    p.add_argument("--kl-candidates", type=int, default=16, help="most similar sublayers the KL selection tries")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default="auto",
+                   help="task prompts in the chat template or as plain text ending in 'Answer:' (auto: chat when "
+                        "the tokenizer has a template, plain for built-in base models)")
+    p.add_argument("--out", required=True, help="output folder (results, caches, quality.md/json/png)")
+    p.add_argument("--doc", help="also write the report here (e.g. docs/quality.md), its plot beside it")
+    p.add_argument("--notes", help="markdown file appended to the report (the human reading of the numbers)")
+    p.add_argument("--report-only", action="store_true",
+                   help="evaluate nothing: rewrite the report from the records already in --out")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@main_wrapper("adaskip-eval")
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    opts = EvalOptions(
+        model=args.model, out=args.out, engine=args.engine, methods=_words(args.methods),
+        budgets=_ints(args.budgets, "--budgets"), modes=_words(args.modes), contexts=_ints(args.contexts, "--contexts"),
+        tasks=_words(args.tasks), samples=args.samples, seed=args.seed, calib_prompts=args.calib_prompts,
+        calib_tokens=args.calib_tokens, window=args.window, summary_tokens=args.summary_tokens,
+        lm_tokens=args.lm_tokens, study_windows=args.study_windows, study_tokens=args.study_tokens,
+        kl_windows=args.kl_windows, kl_tokens=args.kl_tokens, kl_candidates=args.kl_candidates,
+        prompt_format=args.prompt_format, progress=not args.quiet)
+    notes = ""
+    if args.notes:
+        try:
+            notes = Path(args.notes).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--notes file {args.notes} does not exist") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    ev = Evaluator(opts)
+    command = "adaskip-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    commands_path = out / f"commands-{ev.digest}.json"
+    commands = json.loads(commands_path.read_text()) if commands_path.is_file() else []
+    if args.report_only:
+        if not ev.records:
+            raise InputError(f"--report-only: {out} holds no records of this configuration")
+    else:
+        if command not in commands:
+            commands.append(command)
+            commands_path.write_text(json.dumps(commands, indent=1))
+        ev.run()
+    study = ev.study if ev.study is not None else _cached_study(ev)
+    records = list(ev.records.values())
+    meta = {"model": opts.model, "layers": ev.spec.num_layers, "fingerprint": ev.model.fingerprint,
+            "contexts": sorted({r["context"] for r in records}), "commands": commands, "chat_prompts": ev.chat,
+            "options": {k: getattr(opts, k) for k in ("samples", "seed", "calib_prompts", "calib_tokens", "window",
+                                                      "summary_tokens", "lm_tokens")}}
+    data = report.write_outputs(records, out, meta, study, Path(args.doc) if args.doc else None, notes)
+    for context, vs in data["verdicts"].items():
+        print(report.markdown_table([r for r in data["per_context"] if r["context"] == context], with_context=True))
+        if vs:
+            print()
+            print(report.verdict_table(vs))
+    print(f"\nadaskip-eval: wrote {out / 'quality.md'}" + (f" and {args.doc}" if args.doc else ""), file=sys.stderr)
+    return 0
+
+
+def _cached_study(ev: Evaluator):
+    path = ev.out / f"study-{ev.digest}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,678 @@
+"""Every method x budget x mode through one engine: plans, the shared calibration, reference outputs, records.
+
+Equal budget (the paper's): AdaSkip skips K sublayers, a baseline k = K/2 whole layers. An odd K has no
+whole-layer equivalent, so baselines run only at even K (odd K rows are AdaSkip-only); Unified Skipping's rule
+(idx % (L // k) == 1) can skip more than k layers, and every row says how many sublayers it really skipped.
+
+Methods: `full` (nothing skipped: the ceiling and the reference), the baselines `early-exit`, `skipdecode`,
+`unified`, and AdaSkip variants `adaskip[+MOD...]` with MODs: a stand-in rule (`token-ratio`, `channel-scale`,
+`channel-affine`; default the paper's `norm-ratio`), `kl` (greedy KL selection instead of similarity), `attn` /
+`ffn` (ranking restricted to one kind), `no-online` (no online decode step), `task-calib` (offline importance from
+the task's own prompts instead of the built-in corpus). `adaskip-best` is the stand-in and selection rule that won
+the held-out study.
+
+Work sharing (exact, not approximations): a document's K/V is computed once per prefill mask and reused by its
+queries and by the modes that share that mask (PrefixCache); a generation whose masks cannot change (no online
+step within its length) is computed once per mask schedule; the full model's outputs are computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adaskip import cost
+from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
+from adaskip.calibrate.corpus import CalibrationSet, load_calibration
+from adaskip.errors import InputError, PlanError
+from adaskip.model import LoadedModel, load_model
+from adaskip.model.builtin import BUILTIN_MODELS
+from adaskip.plan import (DEFAULT_WINDOW, MODES, Calibration, SkipPlan, adaskip_plan, baseline_plan,
+                          rank_by_similarity)
+from adaskip.policy import SkipPolicy
+from adaskip.calibrate import compensation as comp
+from adaskip.eval import metrics, tasks
+from adaskip.runtime.engine import StepOutput
+from adaskip.runtime.generate import Generator, SamplingParams, stack_masks
+from adaskip.runtime.torch_engine import KVCache, TorchEngine
+
+BASELINES = ("early-exit", "skipdecode", "unified")
+RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
+                "channel-affine": "channel-affine"}
+MODIFIERS = ("kl", "attn", "ffn", "no-online", "task-calib")
+
+
+# -- methods -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    base: str  # "full", "adaskip" or a baseline
+    rule: str = "norm-ratio"  # stand-in for skipped sublayers (adaskip)
+    selection: str = "similarity"  # or "kl"
+    kind: str = "all"  # "attn" / "ffn": ranking restricted to one kind
+    online: bool = True
+    calibration: str = "builtin"  # or "task"
+
+    @property
+    def is_reference(self) -> bool:
+        return self.base == "adaskip" and self.rule == "norm-ratio" and self.selection == "similarity" and \
+            self.kind == "all" and self.online and self.calibration == "builtin"
+
+
+def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
+    """`adaskip+channel-affine+kl`, `early-exit`, `adaskip-best`, ... -> Method (clear error for anything else)."""
+    name = name.strip()
+    if name in ("full",) + BASELINES:
+        return Method(name, name)
+    if name == "adaskip-best":
+        if best is None:
+            raise InputError("adaskip-best needs the compensation study (it picks the winner)")
+        return Method(name, "adaskip", rule=best[0], selection=best[1])
+    parts = name.split("+")
+    if parts[0] != "adaskip":
+        raise InputError(f"unknown method {name!r}: use full, {', '.join(BASELINES)}, adaskip, adaskip-best or "
+                         f"adaskip+MOD[+MOD...] with MOD in {', '.join(list(RULE_ALIASES) + list(MODIFIERS))}")
+    kw: dict[str, Any] = {}
+    for mod in parts[1:]:
+        if mod in RULE_ALIASES:
+            kw["rule"] = RULE_ALIASES[mod]
+        elif mod == "kl":
+            kw["selection"] = "kl"
+        elif mod in ("attn", "ffn"):
+            kw["kind"] = mod
+        elif mod == "no-online":
+            kw["online"] = False
+        elif mod == "task-calib":
+            kw["calibration"] = "task"
+        else:
+            raise InputError(f"unknown modifier {mod!r} in method {name!r}; modifiers: "
+                             f"{', '.join(list(RULE_ALIASES) + list(MODIFIERS))}")
+    if kw.get("selection") == "kl" and "kind" in kw:
+        raise InputError(f"{name}: kl selection already ranks attention and FFN together; drop attn/ffn")
+    return Method(name, "adaskip", **kw)
+
+
+# -- options -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalOptions:
+    model: str
+    out: str
+    methods: list[str] = field(default_factory=lambda: ["adaskip", "adaskip-best", *BASELINES])
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    contexts: list[int] = field(default_factory=lambda: [1024, 2048])
+    tasks: list[str] = field(default_factory=lambda: list(tasks.TASKS))
+    samples: int = 2
+    seed: int = 0
+    engine: str | None = None  # an engine directory evaluated as one more row
+    calib_prompts: int = 16
+    calib_tokens: int = 1024
+    window: int = DEFAULT_WINDOW
+    summary_tokens: int = 48
+    lm_tokens: int = 32
+    study_windows: int = 2
+    study_tokens: int = 1024
+    kl_windows: int = 1
+    kl_tokens: int = 512
+    kl_candidates: int = 16
+    prompt_format: str = "auto"  # auto | chat | plain (see prompt_is_chat)
+    progress: bool = True
+
+    def validate(self) -> None:
+        for m in self.modes:
+            if m not in MODES:
+                raise InputError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        for t in self.tasks:
+            if t not in tasks.TASKS:
+                raise InputError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
+        if any(k < 0 for k in self.budgets) or not self.budgets:
+            raise InputError("--budgets must be non-negative integers (sublayers)")
+        if any(c < tasks.MIN_CONTEXT for c in self.contexts) or not self.contexts:
+            raise InputError(f"--contexts must be at least {tasks.MIN_CONTEXT} tokens")
+        if self.samples < 1:
+            raise InputError("--samples must be at least 1")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}; got {self.prompt_format!r}")
+        for name in self.methods:
+            parse_method(name, best=("norm-ratio", "similarity"))
+        for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
+                         ("--window", self.window), ("--calib-prompts", self.calib_prompts),
+                         ("--study-windows", self.study_windows), ("--kl-windows", self.kl_windows)):
+            if v < 1:
+                raise InputError(f"{label} must be at least 1")
+
+    def digest(self, fingerprint: str) -> str:
+        """What the records depend on beyond their own key (changing any of it starts a new results file)."""
+        keep = {k: getattr(self, k) for k in ("seed", "calib_prompts", "calib_tokens", "window", "summary_tokens",
+                                               "lm_tokens", "study_windows", "study_tokens", "kl_windows",
+                                               "kl_tokens", "kl_candidates")}
+        keep["model"], keep["format"] = fingerprint, 1
+        if self.prompt_format != "auto":  # only when set, so records of earlier runs keep their file
+            keep["prompt_format"] = self.prompt_format
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def prompt_is_chat(prompt_format: str, model_source: str, tokenizer: Any) -> bool:
+    """Whether task prompts use the chat template. `auto`: when the tokenizer has one, unless the model is a built-in
+    base model whose template we attached only so that `--chat` works (base models answer plain prompts)."""
+    if prompt_format != "auto":
+        return prompt_format == "chat"
+    builtin = BUILTIN_MODELS.get(model_source)
+    if builtin is not None and not builtin.instruction_tuned:
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+# -- exact work sharing --------------------------------------------------------------------------------------------
+
+class PrefixCache:
+    """An Engine wrapper that computes a registered document prefix once per prefill mask and copies its K/V into
+    each request's cache, then prefills only the request's own suffix (chunked prefill: same math as one pass)."""
+
+    def __init__(self, engine: TorchEngine, capacity: int = 16):
+        self.engine = engine
+        self.spec, self.dtype = engine.spec, engine.dtype
+        self.prefixes: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.full: dict[tuple, tuple[list, list, StepOutput]] = {}  # nothing skipped: shared by every plan
+        self.memo: OrderedDict[tuple, tuple[list, list, StepOutput]] = OrderedDict()  # LRU of skipping plans
+        self.capacity = capacity
+        self.comp_key = ""
+        self.hits = 0
+
+    def bind(self, engine: TorchEngine, comp_key: str) -> None:
+        """Run another plan's engine (same weights); `comp_key` names its per-channel stand-ins, which enter the
+        reuse key together with the skip set and the scales."""
+        self.engine, self.comp_key = engine, comp_key
+
+    def register(self, prefix: list[int]) -> None:
+        p = tuple(prefix)
+        self.prefixes[(len(p), hash(p))] = p
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> KVCache:
+        return self.engine.new_cache(batch, capacity, cached_layers)
+
+    def decode(self, *args: Any, **kwargs: Any) -> StepOutput:
+        return self.engine.decode(*args, **kwargs)
+
+    def _match(self, seq: tuple[int, ...]) -> tuple[int, ...] | None:
+        for (n, h), p in self.prefixes.items():
+            if n <= len(seq) and hash(seq[:n]) == h and seq[:n] == p:
+                return p
+        return None
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, skip: torch.Tensor,
+                scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
+        seq = tuple(ids[0].tolist()) if ids.shape[0] == 1 else ()
+        prefix = self._match(seq) if seq and cache.length == 0 and not all_logits and bool(valid.all()) else None
+        if prefix is None:
+            return self.engine.prefill(ids, valid, cache, skip, scales, all_logits, want_stats)
+        skipped = tuple(torch.nonzero(skip[0]).flatten().tolist())
+        runs = [i for i in range(self.spec.num_layers) if 2 * i not in skipped]
+        key = (prefix, skipped, tuple(scales[0].tolist()), self.comp_key) if skipped else (prefix,)
+        store = self.memo if skipped else self.full
+        if key not in store:
+            x = torch.tensor([prefix])
+            own = self.engine.new_cache(1, len(prefix), runs)
+            out = self.engine.prefill(x, torch.ones_like(x, dtype=torch.bool), own, skip, scales, want_stats=False)
+            store[key] = (own.k, own.v, out)
+            while len(self.memo) > self.capacity:
+                self.memo.popitem(last=False)
+        else:
+            self.hits += 1
+            if skipped:
+                self.memo.move_to_end(key)
+        k, v, out = store[key]
+        n = len(prefix)
+        work = self.engine.new_cache(1, len(seq), runs)
+        for i in runs:
+            work.k[i][:, :, :n], work.v[i][:, :, :n] = k[i], v[i]
+        work.valid[:, :n], work.length, work.next_pos[:] = True, n, n
+        if len(seq) > n:
+            rest = torch.tensor([seq[n:]])
+            out = self.engine.prefill(rest, torch.ones_like(rest, dtype=torch.bool), work, skip, scales,
+                                      want_stats=want_stats)
+        for i in cache.cached_layers:  # hand the K/V over to the caller's cache (its layers run in this prefill)
+            if work.k[i] is None:
+                raise RuntimeError(f"layer {i} is cached but its attention was skipped in prefill")
+            cache.k[i][:, :, :len(seq)], cache.v[i][:, :, :len(seq)] = work.k[i], work.v[i]
+        cache.valid[:, :len(seq)], cache.length, cache.next_pos[:] = True, len(seq), len(seq)
+        return out
+
+
+def mask_schedule(policy: SkipPolicy, decode_steps: int) -> tuple | None:
+    """Every mask a request of `decode_steps` decode steps sees, when they cannot depend on the request's own
+    online statistics (None otherwise): two requests with the same schedule and prompt give the same tokens."""
+    if policy.learns_online and decode_steps > policy.plan.window:
+        return None
+    state = policy.new_request()
+    masks = [policy.prefill_mask(state)]
+    for step in range(decode_steps):
+        state.decode_steps = step
+        masks.append(policy.decode_mask(state))
+    return tuple((m.skip, m.scales) for m in masks)
+
+
+# -- the evaluator -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One evaluated configuration: a method at a budget in a mode (the plan, its engine and policy)."""
+
+    method: Method
+    k: int  # budget in sublayers
+    mode: str
+    plan: SkipPlan
+    engine: Any
+    policy: SkipPolicy
+    label: str = ""
+
+    @property
+    def comp_key(self) -> str:
+        c = self.plan.compensation
+        return hashlib.sha1(json.dumps(c.to_dict()).encode()).hexdigest() if c else ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.label or self.method.name}|K={self.k}|{self.mode}"
+
+
+class Evaluator:
+    def __init__(self, opts: EvalOptions, model: LoadedModel | None = None, tokenizer: Any = None):
+        opts.validate()
+        self.opts = opts
+        self.out = Path(opts.out)
+        self.model = model or load_model(opts.model)
+        self.tok = tokenizer or load_tokenizer(self.model)
+        self.chat = prompt_is_chat(opts.prompt_format, opts.model, self.tok)
+        self.spec = self.model.spec
+        self.eos = tuple(eos_token_ids(self.model, self.tok)) if self.model.tokenizer_dir else ()
+        self.base_engine = TorchEngine.from_loaded(self.model)
+        self.digest = opts.digest(self.model.fingerprint)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / f"results-{self.digest}.jsonl"
+        self.records = self._load_records()
+        self._calib: dict[str, tuple[Calibration, comp.ChannelStats]] = {}
+        self._orders: dict[str, list[int]] = {}
+        self.study: dict[str, Any] | None = None
+        self.cache = PrefixCache(self.base_engine)
+        self._gen_memo: dict[tuple, str] = {}
+
+    def log(self, msg: str) -> None:
+        if self.opts.progress:
+            tqdm.write(f"adaskip-eval: {msg}", file=sys.stderr)
+
+    # -- persistence (resumable: every finished unit is one JSON line) ------------------------------------------
+    def _load_records(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        if self.results_path.is_file():
+            for line in self.results_path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupted run: recomputed
+                    continue
+                records[r["id"]] = r
+        return records
+
+    def _save(self, records: list[dict[str, Any]]) -> None:
+        with open(self.results_path, "a") as f:
+            for r in records:
+                self.records[r["id"]] = r
+                f.write(json.dumps(r) + "\n")
+
+    def _cached_json(self, name: str, compute) -> Any:
+        path = self.out / f"{name}-{self.digest}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        tmp.replace(path)
+        return value
+
+    # -- calibration (one per source, cached in the out dir) -----------------------------------------------------
+    def calibration(self, source: str) -> tuple[Calibration, comp.ChannelStats]:
+        if source in self._calib:
+            return self._calib[source]
+        path = self.out / f"calibration-{source}-{self.digest}.pt"
+        if path.is_file():
+            d = torch.load(path, weights_only=True)
+            c = (Calibration(**json.loads(d["calibration"])), comp.ChannelStats.from_dict(d["stats"]))
+        else:
+            data = self._calibration_data(source)
+            self.log(f"calibrating on {len(data.prompts)} prompts x {self.opts.calib_tokens} tokens ({data.source})")
+            c = comp.collect(self.base_engine, data, progress=self.opts.progress)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"calibration": json.dumps(asdict(c[0])), "stats": c[1].to_dict()}, tmp)
+            tmp.replace(path)
+        self._calib[source] = c
+        return c
+
+    def _calibration_data(self, source: str) -> CalibrationSet:
+        o = self.opts
+        if source == "builtin":
+            return load_calibration(self.tok, o.calib_prompts, o.calib_tokens)
+        # the task's own prompts, from seeds the evaluation never uses (the paper's same-task importance)
+        prompts: list[list[int]] = []
+        kinds = [t for t in o.tasks] or list(tasks.TASKS)
+        i = 0
+        while len(prompts) < o.calib_prompts:
+            t = kinds[i % len(kinds)]
+            try:
+                s = tasks.GENERATORS[t](self.tok, o.calib_tokens, seed=o.seed + 1_000_003, index=i,
+                                        chat=self.chat)
+            except InputError as e:
+                raise InputError(f"task calibration at --calib-tokens {o.calib_tokens}: {e}") from None
+            prompts.append((s.prefix + s.queries[0].suffix)[:o.calib_tokens])
+            i += 1
+        h = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        return CalibrationSet(prompts=prompts, source="task:" + ",".join(kinds), digest="sha256:" + h)
+
+    # -- compensation study on held-out text, and the greedy KL order --------------------------------------------
+    def run_study(self) -> dict[str, Any]:
+        """Held-out next-token KL of every stand-in rule (similarity ranking) and of the KL-greedy ranking with the
+        best rule, at every budget; picks adaskip-best."""
+        if self.study is not None:
+            return self.study
+        calib, stats = self.calibration("builtin")
+        o = self.opts
+        budgets = sorted({k for k in o.budgets if k > 0})
+
+        def compute() -> dict[str, Any]:
+            windows = tasks.heldout_windows(self.tok, o.study_windows, o.study_tokens, seed=o.seed)
+            self.log(f"compensation study: {len(comp.RULES)} rules x {len(budgets)} budgets on "
+                     f"{len(windows)} held-out windows of {o.study_tokens} tokens")
+            ref = comp.reference_logits(self.base_engine, windows)
+            ranking = rank_by_similarity(calib.similarity)
+            table: dict[str, dict[str, float]] = {}
+            bar = tqdm(total=len(comp.RULES) * len(budgets) + len(budgets), desc="study", unit="plan",
+                       disable=not o.progress, file=sys.stderr)
+            for rule in comp.RULES:
+                scales, c = comp.fit(rule, stats, calib)
+                table[f"{rule}/similarity"] = {}
+                for k in budgets:
+                    table[f"{rule}/similarity"][str(k)] = comp.mean_kl(
+                        self.model.weights, self.spec, windows, ref, ranking[:k], scales, c)
+                    bar.update(1)
+            bar.close()
+            best_rule = min(comp.RULES, key=lambda r: _mean(table[f"{r}/similarity"].values()))
+            order = self.kl_order(best_rule)
+            scales, c = comp.fit(best_rule, stats, calib)
+            table[f"{best_rule}/kl"] = {str(k): comp.mean_kl(self.model.weights, self.spec, windows, ref, order[:k],
+                                                             scales, c) for k in budgets}
+            sel = "kl" if _mean(table[f"{best_rule}/kl"].values()) < _mean(
+                table[f"{best_rule}/similarity"].values()) else "similarity"
+            return {"kl": table, "best": [best_rule, sel], "windows": len(windows), "tokens": o.study_tokens,
+                    "budgets": budgets}
+
+        self.study = self._cached_json("study", compute)
+        return self.study
+
+    def kl_order(self, rule: str, source: str = "builtin") -> list[int]:
+        key = f"{rule}/{source}"
+        if key in self._orders:
+            return self._orders[key]
+        calib, stats = self.calibration(source)
+        o = self.opts
+        k_max = min(max(o.budgets), self.spec.num_sublayers)
+
+        def compute() -> list[int]:
+            data = self._calibration_data(source)
+            windows = [p[:o.kl_tokens] for p in data.prompts[:o.kl_windows]]
+            scales, c = comp.fit(rule, stats, calib)
+            candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
+            self.log(f"greedy KL selection ({rule}) over {len(candidates)} candidates, K up to {k_max}")
+            return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
+                                        scales, c, progress=o.progress)
+
+        # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
+        for path in self.out.glob(f"kl-order-{rule}-{source}-K*-{self.digest}.json"):
+            longer = json.loads(path.read_text())
+            if len(longer) >= k_max and max(o.kl_candidates, len(longer)) == max(o.kl_candidates, k_max):
+                self._orders[key] = longer
+                return longer
+        self._orders[key] = self._cached_json(f"kl-order-{rule}-{source}-K{k_max}", compute)
+        return self._orders[key]
+
+    # -- plans ---------------------------------------------------------------------------------------------------
+    def plan_for(self, method: Method, k: int, mode: str) -> SkipPlan | None:
+        """The method's plan at budget K sublayers, or None when it has no equal-budget plan (odd K baselines)."""
+        L, fp, name = self.spec.num_layers, self.model.fingerprint, self.spec.name
+        if method.base == "full":
+            return baseline_plan("early-exit", L, 0, mode, fp, name)
+        if method.base in BASELINES:
+            if k % 2:
+                return None
+            try:
+                return baseline_plan(method.base, L, k // 2, mode, fp, name)
+            except PlanError:
+                return None
+        calib, stats = self.calibration(method.calibration)
+        scales, c = comp.fit(method.rule, stats, calib)
+        if method.selection == "kl":
+            order = self.kl_order(method.rule, method.calibration)
+        elif method.kind != "all":
+            parity = 0 if method.kind == "attn" else 1
+            order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
+        else:
+            order = None
+        if order is not None and k > len(order):
+            return None
+        return adaskip_plan(calib, k, mode, fp, name, window=self.opts.window, online=method.online,
+                            order=order, scales=scales, compensation=c,
+                            selection={"rule": method.selection, "kind": method.kind, "k": k,
+                                       "compensation": method.rule, "calibration": method.calibration})
+
+    def rows(self) -> list[Row]:
+        o = self.opts
+        best = None
+        if any(m == "adaskip-best" for m in o.methods):
+            best = tuple(self.run_study()["best"])
+        out: list[Row] = []
+        for name in o.methods:
+            m = parse_method(name, best)
+            budgets = [0] if m.base == "full" else o.budgets
+            for k in budgets:
+                for mode in o.modes:
+                    plan = self.plan_for(m, k, mode)
+                    if plan is None:
+                        continue
+                    engine = TorchEngine(self.spec, self.model.weights, plan.compensation)
+                    out.append(Row(m, k, mode, plan, engine, SkipPolicy(plan)))
+                    if m.base == "adaskip":  # reusable: adaskip-build --plan out/plans/<name>.json
+                        self._save_plan(plan, f"{m.name}-K{k}-{mode}")
+        return out
+
+    def _save_plan(self, plan: SkipPlan, name: str) -> None:
+        folder = self.out / "plans"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{name}.json.tmp"
+        plan.save(tmp)
+        tmp.replace(folder / f"{name}.json")
+
+    def engine_row(self) -> Row | None:
+        if not self.opts.engine:
+            return None
+        from adaskip.runtime.loader import load_runtime
+
+        rt = load_runtime(self.opts.engine)
+        if rt.engine_dir.fingerprint != self.model.fingerprint:
+            raise InputError(f"engine {self.opts.engine} was built from another model than --model {self.opts.model}")
+        plan = rt.policy.plan
+        k = plan.k if plan.budget_unit == "sublayers" else 2 * plan.k
+        return Row(Method(f"engine:{Path(self.opts.engine).name}", plan.method), k, plan.mode, plan, rt.engine,
+                   rt.policy, label=f"engine:{Path(self.opts.engine).name}")
+
+    # -- samples -------------------------------------------------------------------------------------------------
+    def samples(self, context: int) -> list[tasks.Sample]:
+        o = self.opts
+        out = []
+        for t in o.tasks:
+            kw = {"lm_tokens": o.lm_tokens, "max_new_tokens": o.summary_tokens} if t == "summary" else {}
+            out += tasks.make_samples(self.tok, t, context, o.samples, seed=o.seed, chat=self.chat, **kw)
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, dict[str, Any]]:
+        o = self.opts
+        full = Row(parse_method("full"), 0, "prefill", self.plan_for(parse_method("full"), 0, "prefill"),
+                   self.base_engine, SkipPolicy(self.plan_for(parse_method("full"), 0, "prefill")))
+        rows = self.rows()
+        extra = self.engine_row()
+        if extra is not None:
+            rows.append(extra)
+        for context in o.contexts:
+            if context + max(o.summary_tokens, 8) > self.spec.max_position_embeddings:
+                raise InputError(f"context {context} + generated tokens exceeds the model's "
+                                 f"{self.spec.max_position_embeddings} positions")
+        todo = [(c, r) for c in o.contexts for r in [full] + rows]
+        self.log(f"{len(rows)} configurations x {len(o.contexts)} contexts x "
+                 f"{len(o.tasks) * o.samples} documents -> {self.results_path.name}")
+        bar = tqdm(total=len(todo) * len(o.tasks) * o.samples, desc="evaluate", unit="doc",
+                   disable=not o.progress, file=sys.stderr)
+        try:
+            for context in o.contexts:
+                samples = self.samples(context)
+                self.cache = PrefixCache(self.base_engine, capacity=2 * len(samples) + 2)
+                self._gen_memo = {}
+                for s in samples:
+                    self.cache.register(s.prefix)
+                refs = self._reference(full, samples, bar)
+                for row in rows:
+                    bar.set_postfix_str(f"{context}: {row.key}")
+                    self._evaluate_row(row, samples, refs, bar)
+        finally:
+            bar.close()
+        return self.records
+
+    def _reference(self, full: Row, samples: list[tasks.Sample], bar: tqdm) -> dict[str, Any]:
+        """The full model's outputs: retrieval ceiling, summaries (ROUGE-L references) and target logits."""
+        path = self.out / f"reference-{samples[0].context}-{self.digest}.pt"
+        cached = torch.load(path, weights_only=True) if path.is_file() else {}
+        refs: dict[str, Any] = {}
+        for s in samples:
+            if s.name in cached:
+                refs[s.name] = cached[s.name]
+                bar.update(1)
+                continue
+            refs[s.name] = self._run_sample(full, s, None)
+            bar.update(1)
+        if any(s.name not in cached for s in samples):
+            tmp = path.with_suffix(".tmp")
+            torch.save({**cached, **refs}, tmp)
+            tmp.replace(path)
+        for s in samples:
+            self._save_records(full, s, refs[s.name], refs[s.name])
+        return refs
+
+    def _evaluate_row(self, row: Row, samples: list[tasks.Sample], refs: dict[str, Any], bar: tqdm) -> None:
+        if isinstance(row.engine, TorchEngine):
+            self.cache.bind(row.engine, row.comp_key)
+        for s in samples:
+            if self._record_id(row, s, "done") in self.records:
+                bar.update(1)
+                continue
+            out = self._run_sample(row, s, refs[s.name])
+            self._save_records(row, s, out, refs[s.name])
+            bar.update(1)
+
+    def _generator(self, row: Row) -> Generator:
+        engine = self.cache if isinstance(row.engine, TorchEngine) else row.engine
+        return Generator(engine, row.policy, self.tok, self.eos)
+
+    def _run_sample(self, row: Row, s: tasks.Sample, ref: dict[str, Any] | None) -> dict[str, Any]:
+        gen = self._generator(row)
+        texts = [self._generate(gen, row, s.prefix + q.suffix, s.max_new_tokens) for q in s.queries]
+        out: dict[str, Any] = {"texts": texts}
+        if s.target:
+            out["target_logits"] = self._teacher_forced(row, s.prefix, s.target)
+        return out
+
+    def _generate(self, gen: Generator, row: Row, ids: list[int], n: int) -> str:
+        schedule = mask_schedule(row.policy, n - 1)
+        key = (tuple(ids), n, schedule, row.comp_key, id(row.engine) if not isinstance(row.engine, TorchEngine)
+               else 0) if schedule is not None else None
+        if key is not None and key in self._gen_memo:
+            return self._gen_memo[key]
+        text = gen.generate([ids], SamplingParams(max_new_tokens=n))[0].text
+        if key is not None:
+            self._gen_memo[key] = text
+        return text
+
+    def _teacher_forced(self, row: Row, prefix: list[int], target: list[int]) -> torch.Tensor:
+        """Next-token logits for each target token, fed one decode step at a time through the policy (or as one
+        chunk when the masks of those steps cannot change: the same computation)."""
+        policy = row.policy
+        engine = self.cache if isinstance(row.engine, TorchEngine) else row.engine
+        state = policy.new_request()
+        cache = engine.new_cache(1, len(prefix) + len(target), policy.layout.cached_layers)
+        skip, scales = stack_masks([policy.prefill_mask(state)])
+        x = torch.tensor([prefix])
+        first = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, skip, scales, want_stats=False)
+        logits = [first.logits[0]]
+        schedule = mask_schedule(policy, len(target) - 1)
+        if schedule is not None and len(set(schedule[1:])) <= 1 and isinstance(row.engine, TorchEngine) \
+                and len(target) > 1:
+            skip, scales = stack_masks([policy.decode_mask(state)])
+            rest = torch.tensor([target[:-1]])
+            out = row.engine.prefill(rest, torch.ones_like(rest, dtype=torch.bool), cache, skip, scales,
+                                     all_logits=True, want_stats=False)
+            return torch.cat([first.logits, out.logits[0]])
+        for tok in target[:-1]:
+            skip, scales = stack_masks([policy.decode_mask(state)])
+            out = engine.decode(torch.tensor([tok]), cache, skip, scales, want_stats=policy.wants_decode_stats(state))
+            policy.observe_decode(state, out.similarity[0].tolist(), out.norm_ratio[0].tolist())
+            logits.append(out.logits[0])
+        return torch.stack(logits)
+
+    # -- records -------------------------------------------------------------------------------------------------
+    def _record_id(self, row: Row, s: tasks.Sample, what: str) -> str:
+        return f"{row.key}|{s.name}|{what}"
+
+    def _save_records(self, row: Row, s: tasks.Sample, out: dict[str, Any], ref: dict[str, Any]) -> None:
+        if self._record_id(row, s, "done") in self.records:
+            return
+        # ideal (FLOP) speedups of the offline skip sets; SkipDecode's decode set is the full set it grows into
+        prefill_skipped = row.policy.prefill_mask(row.policy.new_request()).skipped
+        base = {"method": row.label or row.method.name, "k": row.k, "mode": row.mode, "context": s.context,
+                "sample": s.name, "skipped": len(row.plan.skip),
+                "speedup": cost.speedups(self.spec, prefill_skipped, sorted(row.plan.skip), s.context)}
+        recs = []
+        if s.task in tasks.RETRIEVAL:
+            for n, (q, text) in enumerate(zip(s.queries, out["texts"])):
+                recs.append({**base, "id": self._record_id(row, s, f"q{n}"), "task": s.task, "answer": q.answer,
+                             "text": text, "score": metrics.exact_match(text, q.answer)})
+        else:
+            recs.append({**base, "id": self._record_id(row, s, "summary"), "task": "summary", "text": out["texts"][0],
+                         "score": metrics.rouge_l(out["texts"][0], ref["texts"][0])})
+            target = torch.tensor(s.target)
+            nll = metrics.token_nll(out["target_logits"], target)
+            kl = comp.kl_divergence(ref["target_logits"], out["target_logits"])
+            recs.append({**base, "id": self._record_id(row, s, "lm"), "task": "lm", "nll": nll.tolist(),
+                         "kl": kl.tolist()})
+        recs.append({**base, "id": self._record_id(row, s, "done"), "task": "done"})
+        self._save(recs)
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def run_eval(opts: EvalOptions) -> Evaluator:
+    ev = Evaluator(opts)
+    ev.run()
+    return ev

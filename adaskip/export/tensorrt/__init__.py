@@ -1,0 +1,7 @@
+"""The portable ONNX graph -> a serialized TensorRT engine (adaskip-build --backend tensorrt).
+
+    network.py   parse the ONNX graph into a TensorRT network and describe what it contains
+    progress.py  build progress display (an IProgressMonitor)
+    builder.py   build and write the engine
+The runtime side (loading TensorRT, the IOSimilarity plugin, profiles, the engine) is adaskip/runtime/trt/.
+"""

@@ -1,1 +1,0 @@
-"""The IOSimilarity op: its ONNX function body (any ONNX runtime) and, later, backend plugins."""
