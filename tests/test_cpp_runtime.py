@@ -350,7 +350,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
 def test_cpp_constants_follow_the_python_formats():
     """The versions the C++ runtime accepts are the ones the Python toolchain writes."""
     from adaskip.engine_dir import ENGINE_VERSION
-    from adaskip.export.onnx.graph import GRAPH_INTERFACE
+    from adaskip.runtime.engine import GRAPH_INTERFACE
     from adaskip.plan import PLAN_VERSIONS
 
     runtime_h = (ROOT / "cpp/runtime/include/adaskip/runtime.h").read_text()

@@ -14,6 +14,10 @@ import torch
 
 from adaskip.model.spec import ModelSpec
 
+# The contract between the ONNX exporter and the graph runtimes (Python and C++): bump when graph inputs/outputs
+# change; runtimes refuse graphs of another interface.
+GRAPH_INTERFACE = 1
+
 
 @dataclass
 class StepOutput:

@@ -10,6 +10,7 @@ from adaskip.engine_dir import TOKENIZER, WEIGHTS, EngineDir, open_engine_dir
 from adaskip.errors import EngineDirError
 from adaskip.model.spec import fingerprint
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.engine import GRAPH_INTERFACE
 from adaskip.runtime.generate import Generator
 from adaskip.runtime.torch_engine import TorchEngine
 
@@ -30,7 +31,6 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
     if ed.backend == "torch":
         engine: Any = TorchEngine(ed.spec, load_checked_weights(ed), ed.plan.compensation)
     elif ed.backend == "ort":
-        from adaskip.export.onnx.graph import GRAPH_INTERFACE
         from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
 
         graph = ed.manifest["build"].get("graph", {})

@@ -43,10 +43,10 @@ from adaskip.model.rope import inv_frequencies, rope_cos_sin, uses_local_rope
 from adaskip.model.spec import ModelSpec
 from adaskip.export.onnx import similarity_op as similarity_onnx
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.engine import GRAPH_INTERFACE
 
 OPSET = 17
 IR_VERSION = 9
-GRAPH_INTERFACE = 1  # bump when graph inputs/outputs change: runtimes refuse graphs of another interface
 NEG = float(np.finfo(np.float32).min)
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 VARIANTS = ("portable", "ort")  # portable: standard ops only (TensorRT's parser); ort: ONNX Runtime contrib ops

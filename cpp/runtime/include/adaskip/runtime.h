@@ -29,7 +29,7 @@ namespace adaskip {
 
 inline constexpr const char* kEngineFormat = "adaskip.engine";
 inline constexpr int kEngineVersion = 1;
-inline constexpr int kGraphInterface = 1;  // adaskip/export/onnx/graph.py GRAPH_INTERFACE this runtime speaks
+inline constexpr int kGraphInterface = 1;  // adaskip/runtime/engine.py GRAPH_INTERFACE this runtime speaks
 
 enum class Truncate { Error, Middle };  // a prompt over the context: fail, or keep its beginning and end
 
