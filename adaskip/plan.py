@@ -224,7 +224,7 @@ class SkipPlan:
         return cls.from_dict(data)
 
     def check_model(self, fingerprint: str, num_layers: int) -> None:
-        """Refuse a plan calibrated for another model (must: ARCHITECTURE.md)."""
+        """Refuse a plan calibrated for another model (an engine must never run a plan on weights it was not fitted to)."""
         if num_layers != self.num_layers:
             raise PlanError(f"plan is for a {self.num_layers}-layer model; this model has {num_layers} layers")
         if fingerprint != self.fingerprint:

@@ -77,6 +77,14 @@ class SkipPolicy:
         skip = tuple(j in offline or j in online for j in range(self.n))
         return Mask(skip=skip, scales=tuple(scales))
 
+    def fixed_decode_mask(self, state: RequestState, steps: int) -> bool:
+        """Whether the next `steps` decode steps of this request get one and the same mask whatever they observe:
+        no online decision falls between them (the window is done, or still open after the last of them) and the
+        offline set does not grow between them."""
+        first, last = state.decode_steps + 1, state.decode_steps + steps
+        learning = self.learns_online and not state.learned and last > self.plan.window
+        return not learning and self.layout.decode_skip_at(first) == self.layout.decode_skip_at(last)
+
     def wants_decode_stats(self, state: RequestState) -> bool:
         """Whether the next decode step's similarity stats will be used (only while the window is open)."""
         return self.learns_online and not state.learned

@@ -1,4 +1,4 @@
-"""The IO-similarity rule (ARCHITECTURE.md): the one definition every backend reproduces.
+"""The IO-similarity rule (docs/architecture.md, "The method"): the one definition every backend reproduces.
 
 For the residual stream h entering a sublayer and h' leaving it, over the valid tokens of one request:
   s = mean over tokens of cos(h_t, h'_t)        (cosine over the hidden dimension)

@@ -23,7 +23,7 @@ from adaskip.model.spec import V2_DEFAULTS
 from adaskip.plan import baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
-from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
+from adaskip.runtime.ort_engines import OrtGqaEngine, OrtPortableEngine
 from adaskip.runtime.torch_engine import TorchEngine
 from adaskip.eval.verify import compare_engines
 
@@ -42,7 +42,7 @@ def _no_skip(model) -> SkipPolicy:
 def _export(model, policy, out: Path, variant: str):
     out.mkdir(parents=True, exist_ok=True)
     save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out)
-    return (OrtGqaEngine if variant == "ort" else OrtEngine)(out / "model.onnx", model.spec, threads=2)
+    return (OrtGqaEngine if variant == "ort" else OrtPortableEngine)(out / "model.onnx", model.spec, threads=2)
 
 
 def _logits(spec: ModelSpec, weights, ids: torch.Tensor) -> torch.Tensor:

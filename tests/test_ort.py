@@ -16,7 +16,7 @@ from adaskip.model import load_model
 from adaskip.plan import SkipPlan, baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
-from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
+from adaskip.runtime.ort_engines import OrtGqaEngine, OrtPortableEngine
 from adaskip.runtime.torch_engine import TorchEngine
 from adaskip.eval.verify import compare_engines
 
@@ -27,10 +27,10 @@ TOL = 1e-4
 VARIANTS = ["portable", "ort"]
 
 
-def _export(model, policy, out: Path, variant: str = "portable") -> tuple[OrtEngine, dict]:
+def _export(model, policy, out: Path, variant: str = "portable") -> tuple[OrtPortableEngine, dict]:
     out.mkdir(parents=True, exist_ok=True)
     info = save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out)  # onnx.checker full
-    engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
+    engine_cls = OrtGqaEngine if variant == "ort" else OrtPortableEngine
     return engine_cls(out / "model.onnx", model.spec, threads=2), info
 
 

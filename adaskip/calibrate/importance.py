@@ -1,5 +1,5 @@
 """Offline importance learning: run the full model over the calibration prompts and average the per-sublayer
-IO similarity and norm ratio per request, then over requests (ARCHITECTURE.md)."""
+IO similarity and norm ratio per request, then over requests (docs/architecture.md, "The method")."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                 spinning: bool = False) -> Column:
     from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
     from adaskip.policy import SkipPolicy
-    from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
+    from adaskip.runtime.registry import engine_class
 
     out = work / name
     out.mkdir()
@@ -147,7 +147,7 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
     save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out, check=False)
     if quantize:
         quantize_int4(out)
-    engine_cls = OrtGqaEngine if variant == "ort" else OrtEngine
+    engine_cls = engine_class("ort", variant)
     return _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
                              policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
                                                                  if spinning else ""))

@@ -42,7 +42,8 @@ from adaskip.policy import SkipPolicy
 from adaskip.calibrate import compensation as comp
 from adaskip.eval import metrics, tasks
 from adaskip.runtime.engine import StepOutput
-from adaskip.runtime.generate import Generator, SamplingParams, stack_masks
+from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.stepper import Stepper
 from adaskip.runtime.torch_engine import KVCache, TorchEngine
 
 BASELINES = ("early-exit", "skipdecode", "unified")
@@ -613,30 +614,16 @@ class Evaluator:
         return text
 
     def _teacher_forced(self, row: Row, prefix: list[int], target: list[int]) -> torch.Tensor:
-        """Next-token logits for each target token, fed one decode step at a time through the policy (or as one
-        chunk when the masks of those steps cannot change: the same computation)."""
-        policy = row.policy
-        engine = self.cache if isinstance(row.engine, TorchEngine) else row.engine
-        state = policy.new_request()
-        cache = engine.new_cache(1, len(prefix) + len(target), policy.layout.cached_layers)
-        skip, scales = stack_masks([policy.prefill_mask(state)])
+        """Next-token logits for each target token: the prefix's prefill, then the target fed one decode step at a
+        time through the step loop (in one chunk when the masks of those steps cannot change)."""
+        stepper = Stepper(self.cache if isinstance(row.engine, TorchEngine) else row.engine, row.policy)
+        [request] = stepper.new_rows(1)
+        cache = stepper.new_cache(1, len(prefix) + len(target))
         x = torch.tensor([prefix])
-        first = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, skip, scales, want_stats=False)
-        logits = [first.logits[0]]
-        schedule = mask_schedule(policy, len(target) - 1)
-        if schedule is not None and len(set(schedule[1:])) <= 1 and isinstance(row.engine, TorchEngine) \
-                and len(target) > 1:
-            skip, scales = stack_masks([policy.decode_mask(state)])
-            rest = torch.tensor([target[:-1]])
-            out = row.engine.prefill(rest, torch.ones_like(rest, dtype=torch.bool), cache, skip, scales,
-                                     all_logits=True, want_stats=False)
-            return torch.cat([first.logits, out.logits[0]])
-        for tok in target[:-1]:
-            skip, scales = stack_masks([policy.decode_mask(state)])
-            out = engine.decode(torch.tensor([tok]), cache, skip, scales, want_stats=policy.wants_decode_stats(state))
-            policy.observe_decode(state, out.similarity[0].tolist(), out.norm_ratio[0].tolist())
-            logits.append(out.logits[0])
-        return torch.stack(logits)
+        first = stepper.prefill([request], x, torch.ones_like(x, dtype=torch.bool), cache)
+        if isinstance(row.engine, TorchEngine):  # the chunk runs on the plan's own engine, past the prefix cache
+            stepper = Stepper(row.engine, row.policy)
+        return torch.cat([first.logits, stepper.teacher_force(request, target[:-1], cache)])
 
     # -- records -------------------------------------------------------------------------------------------------
     def _record_id(self, row: Row, s: tasks.Sample, what: str) -> str:

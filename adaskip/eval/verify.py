@@ -23,7 +23,7 @@ from adaskip.cli.common import main_wrapper
 from adaskip.errors import EngineDirError, InputError
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import StepOutput
-from adaskip.runtime.generate import stack_masks
+from adaskip.runtime.stepper import Stepper
 
 
 @dataclass
@@ -42,6 +42,27 @@ class VerifyReport:
         return self.failed_steps == 0
 
 
+class Lockstep:
+    """Two engines behind one Engine protocol: every forward runs on both with the same inputs; the reference's
+    output is returned (so its statistics feed the policy) and the candidate's is kept in `candidate_out`."""
+
+    def __init__(self, reference: Any, candidate: Any):
+        self.reference, self.candidate, self.spec = reference, candidate, reference.spec
+        self.candidate_out: StepOutput | None = None
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> tuple[Any, Any]:
+        return (self.reference.new_cache(batch, capacity, cached_layers),
+                self.candidate.new_cache(batch, capacity, cached_layers))
+
+    def prefill(self, ids, valid, cache, skip, scales, all_logits: bool = False, want_stats: bool = True):
+        self.candidate_out = self.candidate.prefill(ids, valid, cache[1], skip, scales, all_logits, want_stats)
+        return self.reference.prefill(ids, valid, cache[0], skip, scales, all_logits, want_stats)
+
+    def decode(self, tokens, cache, skip, scales, want_stats: bool = True):
+        self.candidate_out = self.candidate.decode(tokens, cache[1], skip, scales, want_stats)
+        return self.reference.decode(tokens, cache[0], skip, scales, want_stats)
+
+
 def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts: list[list[int]],
                     decode_steps: int, atol: float | None = 1e-4) -> VerifyReport:
     from polygraphy.comparator import SimpleCompareFunc
@@ -51,22 +72,21 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
     compare = SimpleCompareFunc(atol=atol if atol is not None else float("inf"), rtol=0.0)
     report = VerifyReport(atol=atol)
+    pair = Lockstep(reference, candidate)
+    stepper = Stepper(pair, policy)
     agree = 0
     for ids in prompts:
         x = torch.tensor([ids])
-        caches = [e.new_cache(1, len(ids) + decode_steps, policy.layout.cached_layers) for e in (reference, candidate)]
-        state = policy.new_request()
-        skip, scales = stack_masks([policy.prefill_mask(state)])
         valid = torch.ones_like(x, dtype=torch.bool)
+        [row] = stepper.new_rows(1)
+        cache = stepper.new_cache(1, len(ids) + decode_steps)
         # each engine prefills twice: as the Generator does (no stats, the last-token tail) into the cache decode
         # goes on with, and with stats (every token) into a spare cache; each pass is compared with the same pass
-        outs, measured = [], []
-        for engine, cache in zip((reference, candidate), caches):
-            fast = engine.prefill(x, valid, cache, skip, scales, want_stats=False)
-            spare = engine.new_cache(1, len(ids) + decode_steps, policy.layout.cached_layers)
-            measured.append(engine.prefill(x, valid, spare, skip, scales))
-            outs.append(StepOutput(logits=fast.logits, similarity=measured[-1].similarity,
-                                   norm_ratio=measured[-1].norm_ratio))
+        fast = (stepper.prefill([row], x, valid, cache), pair.candidate_out)
+        measured = (stepper.prefill([row], x, valid, stepper.new_cache(1, len(ids) + decode_steps),
+                                    want_stats=True), pair.candidate_out)
+        outs = [StepOutput(logits=f.logits, similarity=m.similarity, norm_ratio=m.norm_ratio)
+                for f, m in zip(fast, measured)]
         extra = compare(*[IterationResult(outputs={"logits": o.logits.numpy()}, runner_name=name)
                           for o, name in zip(measured, ("reference", "candidate"))])["logits"]
         report.failed_steps += 0 if bool(extra) else 1
@@ -94,13 +114,12 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
             report.steps += 1
             if step == decode_steps:
                 break
-            skip, scales = stack_masks([policy.decode_mask(state)])
-            outs = [e.decode(token, c, skip, scales) for e, c in zip((reference, candidate), caches)]
-            policy.observe_decode(state, outs[0].similarity[0].tolist(), outs[0].norm_ratio[0].tolist())
+            # teacher-forced with the reference's token; the reference's stats feed the policy
+            outs = [stepper.decode([row], token, cache), pair.candidate_out]
         report.details.append({"prompt_tokens": len(ids), "max_logit_diff": prompt_worst["logits"],
                                "max_similarity_diff": prompt_worst["stats"],
                                "token_agreement": prompt_worst["agree"] / (decode_steps + 1),
-                               "online_ffns": sorted(state.online)})
+                               "online_ffns": sorted(row.state.online)})
         report.max_logit_diff = max(report.max_logit_diff, prompt_worst["logits"])
         report.max_similarity_diff = max(report.max_similarity_diff, prompt_worst["stats"])
     report.prompts = len(prompts)

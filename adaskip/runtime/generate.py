@@ -1,7 +1,8 @@
 """Generator: prompts -> tokens with sampling, stop conditions, streaming and batching.
 
-It owns the KV cache and, every step, asks the SkipPolicy for each request's mask, passes it to the engine and
-feeds the engine's similarity stats back to the policy. It never decides a skip itself.
+It owns the KV cache and the rows of the batch; each forward goes through the step loop (adaskip/runtime/stepper.py),
+which asks the SkipPolicy for each row's mask and feeds the engine's statistics back. Per row, a Sequence samples
+with the request's own params and random generator, handles stop conditions and streams text.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from adaskip.errors import InputError
-from adaskip.policy import Mask, RequestState, SkipPolicy
-from adaskip.runtime.engine import Engine, StepOutput
+from adaskip.policy import SkipPolicy
+from adaskip.runtime.engine import Engine
+from adaskip.runtime.stepper import Row, Stepper
 
 
 @dataclass
@@ -109,10 +111,63 @@ class _Detokenizer:
         return self.text
 
 
-def stack_masks(masks: list[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request masks -> the engine's skip [B, 2L] and scale [B, 2L] tensors."""
-    return (torch.tensor([m.skip for m in masks], dtype=torch.bool),
-            torch.tensor([m.scales for m in masks], dtype=torch.float32))
+class Sequence:
+    """One request's generation state beside its Row: sampling (its own params and random generator), stop
+    handling, incremental text, timings and its result. A scheduler keeps one per running request."""
+
+    def __init__(self, row: Row, prompt: list[int], truncated: bool, params: SamplingParams,
+                 stop_ids: set[int], decode: Callable[[list[int]], str], t0: float):
+        self.row, self.params, self.stop_ids, self._decode, self.t0 = row, params, stop_ids, decode, t0
+        self.result = GenerationResult(prompt_tokens=len(prompt), truncated_prompt=truncated)
+        self.rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.detok = _Detokenizer(decode)
+        self.text = ""  # emitted so far
+        self.done = False
+        self.cut_by_string = False
+        self.last_token = 0
+        self._longest_stop = max((len(s) for s in params.stop_strings), default=0)
+
+    def accept(self, logits: torch.Tensor, first: bool, now: float) -> TokenEvent | None:
+        """Sample this row's next token from its logits [vocab]; None when the token ends the request unseen."""
+        tok = self.last_token = int(sample(logits[None], self.params, self.rng)[0])
+        r = self.result
+        if first:
+            r.ttft_s = now - self.t0
+            r.prefill_skipped = self.row.mask.skipped if self.row.mask is not None else []
+        else:
+            r.decode_s = now - self.t0 - r.ttft_s
+        if tok in self.stop_ids:
+            self.done, r.finish_reason = True, "stop"
+            return None
+        r.tokens.append(tok)
+        stops = self.params.stop_strings
+        text = self.detok.add(r.tokens)
+        since = max(len(self.text) - self._longest_stop, 0)  # a new stop string ends in text not emitted yet
+        hit = min(((text.find(s, since), s) for s in stops if text.find(s, since) >= 0), default=None)
+        if hit is not None:
+            text = text[:hit[0]]
+            self.done, r.finish_reason, self.cut_by_string = True, "stop", True
+        else:  # hold back what could be the start of a stop string
+            text = text[:len(text) - _partial_stop(text, stops)]
+        delta = text[len(self.text):]
+        self.text = max(self.text, text, key=len)
+        if len(r.tokens) >= self.params.max_new_tokens:
+            self.done = True
+        return TokenEvent(row=self.row.slot, token=tok, text=delta)
+
+    def observe_step(self) -> None:
+        """After a decode step: what this row skipped offline in it (its online FFNs are reported at the end)."""
+        if not self.done and self.row.mask is not None:
+            self.result.decode_skipped_offline = [j for j in self.row.mask.skipped if j not in self.row.state.online]
+
+    def finish(self) -> TokenEvent | None:
+        """Final text and online skips; a last event with text held back while it could start a stop string."""
+        r = self.result
+        r.text = self.text if self.cut_by_string else self._decode(r.tokens)
+        r.online_skipped = sorted(self.row.state.online)
+        if len(r.text) > len(self.text) and r.text.startswith(self.text):
+            return TokenEvent(row=self.row.slot, token=None, text=r.text[len(self.text):])
+        return None
 
 
 class Generator:
@@ -123,6 +178,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.context_len = engine.spec.max_position_embeddings
+        self.stepper = Stepper(engine, policy)
 
     # -- text helpers ------------------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -183,7 +239,7 @@ class Generator:
              results: list[GenerationResult]) -> Iterator[TokenEvent]:
         params.validate()
         checked = self._check_prompts(prompts, params)
-        policy, engine, spec = self.policy, self.engine, self.engine.spec
+        engine, spec, stepper = self.engine, self.engine.spec, self.stepper
         batch = len(checked)
         width = max(len(ids) for ids, _ in checked)
         ids = torch.zeros(batch, width, dtype=torch.long)
@@ -192,96 +248,58 @@ class Generator:
             ids[b, width - len(p):] = torch.tensor(p)
             valid[b, width - len(p):] = True
         stop_ids = set(self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        rng = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
-        states: list[RequestState] = [policy.new_request() for _ in range(batch)]
-        results[:] = [GenerationResult(prompt_tokens=len(p), truncated_prompt=t) for p, t in checked]
         capacity = width + params.max_new_tokens
-        cache = engine.new_cache(batch, capacity, policy.layout.cached_layers)
+        cache = stepper.new_cache(batch, capacity)
         # KV bytes per position of one row, with and without the skipped attention; each request is charged for its
         # own prompt + max_new_tokens positions, not the padded batch width, so it reports what it would alone
         row_kv_per_pos = cache.nbytes() // (batch * capacity)
         full_kv_per_pos = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _dtype_bytes(engine)
 
         t0 = time.perf_counter()
-        prefill = [policy.prefill_mask(s) for s in states]
-        skip, scales = stack_masks(prefill)
-        out = engine.prefill(ids, valid, cache, skip, scales, want_stats=False)  # online learning is decode-only
-        done = [False] * batch
-        texts = [""] * batch
-        detok = [_Detokenizer(self._decode) for _ in range(batch)]
-        longest_stop = max((len(s) for s in params.stop_strings), default=0)
-        cut_by_string: set[int] = set()
-        step = 0
+        rows = stepper.new_rows(batch)
+        seqs = [Sequence(row, p, t, params, stop_ids, self._decode, t0) for row, (p, t) in zip(rows, checked)]
+        results[:] = [s.result for s in seqs]
+        out = stepper.prefill(rows, ids, valid, cache)
+        first = True
         while True:
-            tokens = self._sample(out, params, rng)
             now = time.perf_counter()
-            for b in range(batch):
-                if done[b]:
-                    continue
-                r = results[b]
-                tok = int(tokens[b])
-                if step == 0:
-                    r.ttft_s = now - t0
-                    r.prefill_skipped = prefill[b].skipped
-                else:
-                    r.decode_s = now - t0 - r.ttft_s
-                if tok in stop_ids:
-                    done[b], r.finish_reason = True, "stop"
-                    continue
-                r.tokens.append(tok)
-                text = detok[b].add(r.tokens)
-                since = max(len(texts[b]) - longest_stop, 0)  # a new stop string ends in text not emitted yet
-                hit = min(((text.find(s, since), s) for s in params.stop_strings if text.find(s, since) >= 0),
-                          default=None)
-                if hit is not None:
-                    text = text[:hit[0]]
-                    done[b], r.finish_reason = True, "stop"
-                    cut_by_string.add(b)
-                else:  # hold back what could be the start of a stop string
-                    text = text[:len(text) - _partial_stop(text, params.stop_strings)]
-                delta = text[len(texts[b]):]
-                texts[b] = max(texts[b], text, key=len)
-                yield TokenEvent(row=b, token=tok, text=delta)
-                if len(r.tokens) >= params.max_new_tokens:
-                    done[b] = True
-            if all(done):
+            for b, s in enumerate(seqs):
+                if not s.done:
+                    event = s.accept(out.logits[b], first, now)
+                    if event is not None:
+                        yield event
+            first = False
+            if all(s.done for s in seqs):
                 break
-            masks = [policy.decode_mask(s) for s in states]
-            skip, scales = stack_masks(masks)
-            out = engine.decode(tokens, cache, skip, scales,
-                                want_stats=any(policy.wants_decode_stats(s) for s in states))
-            sims, ratios = out.similarity.tolist(), out.norm_ratio.tolist()
-            for b, s in enumerate(states):
-                policy.observe_decode(s, sims[b], ratios[b])
-                if not done[b]:
-                    results[b].decode_skipped_offline = [j for j in masks[b].skipped if j not in s.online]
-            step += 1
+            out = stepper.decode(rows, torch.tensor([s.last_token for s in seqs]), cache)
+            for s in seqs:
+                s.observe_step()
 
-        for b, r in enumerate(results):
-            r.text = texts[b] if b in cut_by_string else self._decode(r.tokens)
-            if len(r.text) > len(texts[b]) and r.text.startswith(texts[b]):  # flush what was held back
-                yield TokenEvent(row=b, token=None, text=r.text[len(texts[b]):])
-            r.online_skipped = sorted(states[b].online)
-            positions = r.prompt_tokens + params.max_new_tokens
-            r.kv_bytes, r.kv_bytes_full = row_kv_per_pos * positions, full_kv_per_pos * positions
+        for s in seqs:
+            event = s.finish()
+            if event is not None:
+                yield event
+            positions = s.result.prompt_tokens + params.max_new_tokens
+            s.result.kv_bytes, s.result.kv_bytes_full = row_kv_per_pos * positions, full_kv_per_pos * positions
 
-    @staticmethod
-    def _sample(out: StepOutput, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
-        logits = out.logits.float()
-        if params.temperature == 0:
-            return logits.argmax(-1)
-        logits = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
+
+def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab] under one request's sampling params (greedy at temperature 0)."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
 def _dtype_bytes(engine: Engine) -> int:

@@ -6,13 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaskip.engine_dir import TOKENIZER, WEIGHTS, EngineDir, open_engine_dir
-from adaskip.errors import EngineDirError
-from adaskip.model.spec import fingerprint
+from adaskip.engine_dir import TOKENIZER, EngineDir, open_engine_dir
 from adaskip.policy import SkipPolicy
-from adaskip.runtime.engine import GRAPH_INTERFACE
 from adaskip.runtime.generate import Generator
-from adaskip.runtime.torch_engine import TorchEngine
+from adaskip.runtime.registry import open_engine
 
 
 @dataclass
@@ -28,42 +25,8 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
     from transformers import AutoTokenizer
 
     ed = open_engine_dir(path)
-    if ed.backend == "torch":
-        engine: Any = TorchEngine(ed.spec, load_checked_weights(ed), ed.plan.compensation)
-    elif ed.backend == "ort":
-        from adaskip.runtime.ort_engines import OrtEngine, OrtGqaEngine
-
-        graph = ed.manifest["build"].get("graph", {})
-        if graph.get("interface") != GRAPH_INTERFACE:
-            raise EngineDirError(f"{ed.root}: graph interface {graph.get('interface')!r} is not the one this adaskip "
-                                 f"runs ({GRAPH_INTERFACE}); rebuild the engine with adaskip-build")
-        engine_cls = OrtGqaEngine if graph.get("variant") == "ort" else OrtEngine
-        engine = engine_cls(ed.root / graph["file"], ed.spec, threads=threads)
-    elif ed.backend == "tensorrt":  # an NVIDIA GPU and the TensorRT flavour the engine was built with
-        from adaskip.runtime.trt.engine import TrtEngine
-
-        engine = TrtEngine.from_engine_dir(ed)
-    elif ed.backend == "trtllm-checkpoint":
-        raise EngineDirError(f"{ed.root} is a TensorRT-LLM checkpoint, not an engine adaskip runs: build it with "
-                             f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
-    else:
-        raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
+    engine = open_engine(ed, threads=threads)
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
     policy = SkipPolicy(ed.plan)
     eos = tuple(ed.manifest.get("tokenizer", {}).get("eos_token_ids", []))
     return Runtime(ed, engine, policy, tokenizer, Generator(engine, policy, tokenizer, eos))
-
-
-def load_checked_weights(ed: EngineDir) -> dict:
-    """The torch backend's weights, refused unless they hash to the fingerprint the plan was calibrated for."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(ed.root / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise EngineDirError(f"{ed.root}/{WEIGHTS} is corrupt: {e}") from None
-    if fingerprint(ed.spec, weights) != ed.fingerprint:
-        raise EngineDirError(f"{ed.root}: weights do not match the model fingerprint in the manifest (corrupt or "
-                             f"replaced); rebuild the engine")
-    return weights

@@ -8,15 +8,16 @@ copies the cache (see adaskip/export/onnx/graph.py for the attention layout).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adaskip.engine_dir import EngineDir
 from adaskip.errors import EngineDirError, InputError
 from adaskip.model.spec import ModelSpec
-from adaskip.runtime.engine import StepOutput
+from adaskip.runtime.engine import GRAPH_INTERFACE, StepOutput
+from adaskip.runtime.graph_engine import GraphEngine, kv_layers_of
 
 
 class _BufferCache:
@@ -62,8 +63,8 @@ def session_options(threads: int | None = None, spinning: bool = False):
     return so
 
 
-class OrtEngine:
-    dtype = torch.float32
+class OrtGraphEngine(GraphEngine):
+    """An exported graph in an ONNX Runtime session (CPU)."""
 
     def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None, spinning: bool = False):
         import onnxruntime as ort
@@ -74,31 +75,31 @@ class OrtEngine:
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineDirError(f"ONNX Runtime cannot load {model_path}: {e}") from None
-        names = [i.name for i in self.session.get_inputs()]
-        self.kv_layers = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"past_key_(\d+)", n)))
+        self.kv_layers = kv_layers_of([i.name for i in self.session.get_inputs()])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    cache_cls: type = OrtKVCache
+    @classmethod
+    def from_engine_dir(cls, ed: EngineDir, threads: int | None = None) -> "OrtGraphEngine":
+        graph = ed.manifest["build"].get("graph", {})
+        if graph.get("interface") != GRAPH_INTERFACE:
+            raise EngineDirError(f"{ed.root}: graph interface {graph.get('interface')!r} is not the one this adaskip "
+                                 f"runs ({GRAPH_INTERFACE}); rebuild the engine with adaskip-build")
+        return cls(ed.root / graph["file"], ed.spec, threads=threads)
 
-    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]):
-        if sorted(cached_layers) != self.kv_layers:
-            raise EngineDirError(f"the graph holds KV for layers {self.kv_layers}, the plan's policy wants "
-                                 f"{sorted(cached_layers)}: engine and plan do not belong together")
-        return self.cache_cls(self.spec, batch, capacity, self.kv_layers)
 
-    @staticmethod
-    def _check_prefill(cache, all_logits: bool) -> None:
-        if all_logits:
-            raise InputError("this graph returns last-position logits only")
-        if cache.length:
-            raise InputError("prefill needs an empty cache")
+class OrtPortableEngine(OrtGraphEngine):
+    """The portable graph (standard ONNX ops) on ONNX Runtime: caller-owned KV buffers, the graph returns the new
+    tokens' K/V and they are written into the buffer in place."""
+
+    def _make_cache(self, batch: int, capacity: int) -> OrtKVCache:
+        return OrtKVCache(self.spec, batch, capacity, self.kv_layers)
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
         self._check_prefill(cache, all_logits)
         valid_np = valid.numpy().astype(bool)
-        positions = cache.next_pos[:, None] + np.maximum(np.cumsum(valid_np, axis=1) - 1, 0)
-        return self._run(ids.numpy().astype(np.int64), positions.astype(np.int64), valid_np, cache, skip, scales,
+        positions = self._prompt_positions(cache.next_pos, valid_np)
+        return self._run(ids.numpy().astype(np.int64), positions, valid_np, cache, skip, scales,
                          past_len=0, want_stats=want_stats)
 
     def decode(self, tokens: torch.Tensor, cache: OrtKVCache, skip: torch.Tensor, scales: torch.Tensor,
@@ -136,21 +137,6 @@ class OrtEngine:
         cache.next_pos += valid.sum(axis=1)
         return self._step_output(out, skip_np)
 
-    @staticmethod
-    def _check_skip(skip: torch.Tensor) -> np.ndarray:
-        skip_np = np.ascontiguousarray(skip.numpy().astype(bool))
-        for j in range(0, skip_np.shape[1], 2):  # attention decisions are offline: the same for every row
-            if skip_np[:, j].any() and not skip_np[:, j].all():
-                raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
-        return skip_np
-
-    @staticmethod
-    def _step_output(out: dict, skip_np: np.ndarray) -> StepOutput:
-        sims, ratios = out["similarity"].copy(), out["norm_ratio"].copy()
-        sims[skip_np], ratios[skip_np] = np.nan, np.nan  # rows that skipped report nothing, as in the torch engine
-        return StepOutput(logits=torch.from_numpy(out["logits"]), similarity=torch.from_numpy(sims),
-                          norm_ratio=torch.from_numpy(ratios))
-
 
 # Prompt tokens per GroupQueryAttention forward in prefill. Chunking skips the attention work above the causal
 # diagonal between chunks and bounds the activations' memory. Measured on SmolLM2 here (2 threads, medians of 3)
@@ -172,12 +158,10 @@ class GqaKVCache(_BufferCache):
         self.binding = None  # the session's IO binding with this cache's buffers bound once (OrtGqaEngine)
 
 
-class OrtGqaEngine(OrtEngine):
+class OrtGqaEngine(OrtGraphEngine):
     """The ORT-optimized graph variant: fused GroupQueryAttention over a shared, in-place KV buffer (no copy of the
     cache at any step, no T x S score matrix in prefill). Left-padded batches from the Generator are laid out
     right-padded for the kernel; every row keeps its own length."""
-
-    cache_cls = GqaKVCache
 
     def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None, spinning: bool = False,
                  prefill_chunk: int | None = PREFILL_CHUNK):
@@ -185,6 +169,9 @@ class OrtGqaEngine(OrtEngine):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+
+    def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:
+        return GqaKVCache(self.spec, batch, capacity, self.kv_layers)
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:

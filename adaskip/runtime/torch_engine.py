@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from adaskip.errors import InputError
+from adaskip.engine_dir import WEIGHTS, EngineDir
+from adaskip.errors import EngineDirError, InputError
 from adaskip.model.rope import apply_rope, inv_frequencies, rope_cos_sin, uses_local_rope
-from adaskip.model.spec import LoadedModel, ModelSpec
+from adaskip.model.spec import LoadedModel, ModelSpec, fingerprint
 from adaskip.plan import Compensation
 from adaskip.layout import last_token_tail
 from adaskip.runtime.engine import StepOutput
@@ -59,6 +60,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class TorchEngine:
     """Engine protocol implementation in plain PyTorch (CPU or CUDA)."""
 
+    supports_all_logits = True  # prefill can return every position's logits (teacher forcing in one forward)
+
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], compensation: Compensation | None = None):
         self.spec = spec
         self.w = weights
@@ -76,6 +79,21 @@ class TorchEngine:
     @classmethod
     def from_loaded(cls, model: LoadedModel, compensation: Compensation | None = None) -> "TorchEngine":
         return cls(model.spec, model.weights, compensation)
+
+    @classmethod
+    def from_engine_dir(cls, ed: EngineDir, threads: int | None = None) -> "TorchEngine":
+        """The torch backend's engine dir: weights refused unless they hash to the plan's model fingerprint."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(str(ed.root / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise EngineDirError(f"{ed.root}/{WEIGHTS} is corrupt: {e}") from None
+        if fingerprint(ed.spec, weights) != ed.fingerprint:
+            raise EngineDirError(f"{ed.root}: weights do not match the model fingerprint in the manifest (corrupt or "
+                                 f"replaced); rebuild the engine")
+        return cls(ed.spec, weights, ed.plan.compensation)
 
     # -- Engine protocol ---------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> KVCache:

@@ -1,6 +1,6 @@
 """The `tensorrt` runtime backend: a serialized TensorRT engine behind the Engine protocol (needs an NVIDIA GPU).
 
-Same graph interface as the ONNX Runtime backend (adaskip/runtime/ort_engines.py): the KV cache is a caller-owned
+Same graph interface as the portable graph on ONNX Runtime (adaskip/runtime/ort_engines.py): the KV cache is a caller-owned
 buffer per live attention layer, here on the GPU ([B, kv_heads, head_dim, capacity] keys, [B, kv_heads, capacity,
 head_dim] values, plus a validity mask); prefill passes an empty view of it, decode the whole buffer, and the engine
 returns only the new tokens' K/V, which are written into the buffer in place. The skip mask, scales and want_stats
@@ -12,7 +12,6 @@ Not executed in this project's CI (no GPU there); the build side is (adaskip/exp
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from adaskip.errors import EngineDirError, InputError
 from adaskip.model.spec import ModelSpec
 from adaskip.runtime.engine import StepOutput
+from adaskip.runtime.graph_engine import GraphEngine, kv_layers_of
 from adaskip.runtime.trt.lib import TensorRTError, errors_of, load_tensorrt
 from adaskip.runtime.trt.plugin import register_plugin
 from adaskip.runtime.trt.profiles import Limits
@@ -52,8 +52,7 @@ def require_gpu() -> None:
                             "ort engine for CPU")
 
 
-class TrtEngine:
-    dtype = torch.float32
+class TrtEngine(GraphEngine):
 
     def __init__(self, engine_path: str | Path, spec: ModelSpec, info: dict[str, Any]):
         env = load_tensorrt()
@@ -84,20 +83,17 @@ class TrtEngine:
                                         + "; ".join(errors_of(messages) or ["(no message)"]))
                 self.contexts[profile["name"]] = ctx
         self.stream.synchronize()
-        self.kv_layers = sorted(int(m.group(1)) for n in self.inputs if (m := re.fullmatch(r"past_key_(\d+)", n)))
+        self.kv_layers = kv_layers_of(self.inputs)
         self._logger = env.logger
 
     @classmethod
-    def from_engine_dir(cls, ed: Any) -> "TrtEngine":
+    def from_engine_dir(cls, ed: Any, threads: int | None = None) -> "TrtEngine":
         info = ed.manifest["build"].get("tensorrt")
         if not isinstance(info, dict) or "engine" not in info:
             raise EngineDirError(f"{ed.root}: manifest has no TensorRT build record; rebuild the engine")
         return cls(ed.root / info["engine"], ed.spec, info)
 
-    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> TrtKVCache:
-        if sorted(cached_layers) != self.kv_layers:
-            raise EngineDirError(f"the engine holds KV for layers {self.kv_layers}, the plan's policy wants "
-                                 f"{sorted(cached_layers)}: engine and plan do not belong together")
+    def _make_cache(self, batch: int, capacity: int) -> TrtKVCache:
         if batch > self.limits.max_batch_size:
             raise InputError(f"the engine was built for batches of up to {self.limits.max_batch_size} prompts "
                              f"(--max-batch-size); got {batch}")
@@ -108,16 +104,13 @@ class TrtEngine:
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: TrtKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
-        if all_logits:
-            raise InputError("this engine returns last-position logits only")
-        if cache.length:
-            raise InputError("prefill needs an empty cache")
+        self._check_prefill(cache, all_logits)
         if ids.shape[1] > self.limits.max_input_len:
             raise InputError(f"the prompt batch is {ids.shape[1]} tokens wide; the engine was built for "
                              f"{self.limits.max_input_len} (--max-input-len)")
         valid_np = valid.numpy().astype(bool)
-        positions = cache.next_pos[:, None] + np.maximum(np.cumsum(valid_np, axis=1) - 1, 0)
-        return self._run("prefill", ids.numpy().astype(np.int64), positions.astype(np.int64), valid_np, cache, skip,
+        positions = self._prompt_positions(cache.next_pos, valid_np)
+        return self._run("prefill", ids.numpy().astype(np.int64), positions, valid_np, cache, skip,
                          scales, past_len=0, want_stats=want_stats)
 
     def decode(self, tokens: torch.Tensor, cache: TrtKVCache, skip: torch.Tensor, scales: torch.Tensor,
@@ -128,13 +121,11 @@ class TrtEngine:
 
     def _run(self, phase: str, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, cache: TrtKVCache,
              skip: torch.Tensor, scales: torch.Tensor, past_len: int, want_stats: bool) -> StepOutput:
-        from adaskip.runtime.ort_engines import OrtEngine  # the shared mask check and stats post-processing
-
         seq = ids.shape[1]
         start = cache.length
         if start + seq > cache.capacity:
             raise InputError(f"KV cache holds {cache.capacity} positions; {start + seq} requested")
-        skip_np = OrtEngine._check_skip(skip)
+        skip_np = self._check_skip(skip)
         ctx = self.contexts.get(phase) or self.contexts["combined"]
         dev = self.device
         self.stream.wait_stream(torch.cuda.current_stream(dev))  # the cache was zeroed on the default stream
@@ -170,7 +161,7 @@ class TrtEngine:
         self.stream.synchronize()
         cache.length += seq
         cache.next_pos += valid.sum(axis=1)
-        return OrtEngine._step_output(host, skip_np)
+        return self._step_output(host, skip_np)
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:

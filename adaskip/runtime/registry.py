@@ -1,0 +1,44 @@
+"""Which engine class runs which engine directory: one table keyed by (backend, graph variant).
+
+The loader opens engine dirs through it and adaskip-bench builds its columns through it, so a new backend or graph
+variant is one row here. The graph variant itself is decided once, at export (adaskip/export/onnx/), and recorded in
+the manifest; nothing here re-derives it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaskip.engine_dir import EngineDir
+from adaskip.errors import EngineDirError
+from adaskip.runtime.ort_engines import OrtGqaEngine, OrtPortableEngine
+from adaskip.runtime.torch_engine import TorchEngine
+from adaskip.runtime.trt.engine import TrtEngine
+
+# (backend, graph variant or None) -> the engine class
+ENGINES: dict[tuple[str, str | None], type] = {
+    ("torch", None): TorchEngine,
+    ("ort", "portable"): OrtPortableEngine,
+    ("ort", "ort"): OrtGqaEngine,
+    ("tensorrt", "portable"): TrtEngine,
+}
+
+
+def engine_class(backend: str, variant: str | None) -> type:
+    cls = ENGINES.get((backend, variant))
+    if cls is None:
+        raise EngineDirError(f"no engine in this build of adaskip runs backend {backend!r} with graph variant "
+                             f"{variant!r}")
+    return cls
+
+
+def open_engine(ed: EngineDir, threads: int | None = None) -> Any:
+    """The engine for an opened engine directory (its manifest names the backend and the graph variant)."""
+    if ed.backend == "trtllm-checkpoint":
+        raise EngineDirError(f"{ed.root} is a TensorRT-LLM checkpoint, not an engine adaskip runs: build it with "
+                             f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
+    variant = {"torch": None, "tensorrt": "portable"}.get(ed.backend, ed.manifest["build"].get("graph", {}).get("variant"))
+    if (ed.backend, variant) not in ENGINES:
+        raise EngineDirError(f"{ed.root}: backend {ed.backend!r} (graph variant {variant!r}) is not available in this "
+                             f"build of adaskip")
+    return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads)
