@@ -205,6 +205,37 @@ def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
     assert choose_variant(model.spec, fixed, "tensorrt") == "portable"  # TensorRT parses standard ops only
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_node_names_say_where_each_node_sits(tiny_root, tmp_path, variant):
+    """Every node, inside If branches too, is named by its place (/layers.i/attn|ffn, /stats, /tail, ...) and
+    uniquely; a sublayer's conditional sits in its own scope; the manifest records the variant the builder chose."""
+    from test_skipping import _plan_for
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    policy = SkipPolicy(_plan_for(model, [2, 5], mode="decode"))  # attention 1 and FFN 2 conditional
+    _, info = _export(model, policy, tmp_path, variant)
+    assert info["variant"] == variant and info["conditionals"] == policy.layout.roles.count("dynamic")
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+
+    def named(g):
+        for n in g.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from named(a.g)
+
+    nodes = list(named(graph))
+    assert len({n.name for n in nodes}) == len(nodes)
+    scopes = {n.name.rsplit("/", 1)[0] for n in nodes}
+    layers = {f"/layers.{i}/{part}" for i in range(model.spec.num_layers) for part in ("attn", "ffn")}
+    assert layers <= scopes
+    assert all(s in layers or s.split("/")[1] in ("inputs", "attention_inputs", "embed", "stats", "tail", "lm_head")
+               for s in scopes), scopes
+    ifs = {n.output[0].split("_")[0]: n.name for n in graph.node if n.op_type == "If" and n.output[0].startswith("sub")}
+    assert ifs["sub2"].startswith("/layers.1/attn/If_") and ifs["sub5"].startswith("/layers.2/ffn/If_")
+    assert sum(n.name.startswith("/layers.3/ffn/") and n.op_type == "MatMul" for n in nodes) >= 2  # gate/up, down
+
+
 @pytest.mark.parametrize("variant", ["torch"] + VARIANTS)
 def test_stats_only_when_asked(tiny_root, tmp_path, variant):
     model = load_model(str(make_tiny_hf("llama", tiny_root)))

@@ -66,7 +66,8 @@ class Lowering(Protocol):
 
     def gate_up(self, g: Graph, x: str, i: int) -> tuple[str, str]: ...
 
-    def residual(self, g: Graph, h: str, delta: str, next_norm: str | None) -> str: ...  # h + delta
+    # h + delta; next_norm: the weight role of the norm the next sublayer applies to it (None where none runs)
+    def residual(self, g: Graph, h: str, delta: str, next_norm: str | None) -> str: ...
 
     def enter_tail(self, g: Graph, h: str, valid_f: str) -> tuple[str, str]: ...  # (rows of h, their validity)
 
