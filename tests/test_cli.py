@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adaskip.cli import build as build_cli
-from adaskip.export.onnx.graph import gqa_supports
+from adaskip.export.onnx.variants import gqa_supports
 from adaskip.model import load_model
 from adaskip.cli import run as run_cli
 

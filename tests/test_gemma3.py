@@ -17,7 +17,8 @@ import torch
 from conftest import make_tiny_hf
 
 from adaskip.errors import ModelLoadError
-from adaskip.export.onnx.graph import build_onnx, save_onnx
+from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.save import save_onnx
 from adaskip.model import ModelSpec, load_model
 from adaskip.model.spec import V2_DEFAULTS
 from adaskip.plan import baseline_plan
@@ -41,7 +42,7 @@ def _no_skip(model) -> SkipPolicy:
 
 def _export(model, policy, out: Path, variant: str):
     out.mkdir(parents=True, exist_ok=True)
-    save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out)
+    save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out)
     return (OrtGqaEngine if variant == "ort" else OrtPortableEngine)(out / "model.onnx", model.spec, threads=2)
 
 

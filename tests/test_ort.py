@@ -11,7 +11,8 @@ import torch
 from conftest import long_text, make_tiny_hf
 
 from adaskip.errors import InputError
-from adaskip.export.onnx.graph import build_onnx, save_onnx
+from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.save import save_onnx
 from adaskip.model import load_model
 from adaskip.plan import SkipPlan, baseline_plan
 from adaskip.policy import SkipPolicy
@@ -29,7 +30,7 @@ VARIANTS = ["portable", "ort"]
 
 def _export(model, policy, out: Path, variant: str = "portable") -> tuple[OrtPortableEngine, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    info = save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out)  # onnx.checker full
+    info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out)  # onnx.checker full
     engine_cls = OrtGqaEngine if variant == "ort" else OrtPortableEngine
     return engine_cls(out / "model.onnx", model.spec, threads=2), info
 
@@ -190,14 +191,49 @@ def test_left_padded_batches_match_solo_runs_in_both_variants(tiny_root, tmp_pat
 
 
 def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
-    from adaskip.export.onnx.graph import ort_variant_supported
+    from adaskip.export.onnx.variants import choose_variant
 
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
-    growing = SkipPolicy(baseline_plan("skipdecode", 4, 2, "decode", model.fingerprint))
-    assert not ort_variant_supported(model.spec, growing)
+    growing = SkipPolicy(baseline_plan("skipdecode", 4, 2, "decode", model.fingerprint)).layout
+    assert choose_variant(model.spec, growing, "ort") == "portable"
     with pytest.raises(InputError, match="portable"):
         build_onnx(model.spec, model.weights, growing, variant="ort")
-    assert ort_variant_supported(model.spec, SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", model.fingerprint)))
+    with pytest.raises(InputError, match="portable"):
+        choose_variant(model.spec, growing, "ort", requested="ort")
+    fixed = SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", model.fingerprint)).layout
+    assert choose_variant(model.spec, fixed, "ort") == "ort"
+    assert choose_variant(model.spec, fixed, "tensorrt") == "portable"  # TensorRT parses standard ops only
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_node_names_say_where_each_node_sits(tiny_root, tmp_path, variant):
+    """Every node, inside If branches too, is named by its place (/layers.i/attn|ffn, /stats, /tail, ...) and
+    uniquely; a sublayer's conditional sits in its own scope; the manifest records the variant the builder chose."""
+    from test_skipping import _plan_for
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    policy = SkipPolicy(_plan_for(model, [2, 5], mode="decode"))  # attention 1 and FFN 2 conditional
+    _, info = _export(model, policy, tmp_path, variant)
+    assert info["variant"] == variant and info["conditionals"] == policy.layout.roles.count("dynamic")
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+
+    def named(g):
+        for n in g.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from named(a.g)
+
+    nodes = list(named(graph))
+    assert len({n.name for n in nodes}) == len(nodes)
+    scopes = {n.name.rsplit("/", 1)[0] for n in nodes}
+    layers = {f"/layers.{i}/{part}" for i in range(model.spec.num_layers) for part in ("attn", "ffn")}
+    assert layers <= scopes
+    assert all(s in layers or s.split("/")[1] in ("inputs", "attention_inputs", "embed", "stats", "tail", "lm_head")
+               for s in scopes), scopes
+    ifs = {n.output[0].split("_")[0]: n.name for n in graph.node if n.op_type == "If" and n.output[0].startswith("sub")}
+    assert ifs["sub2"].startswith("/layers.1/attn/If_") and ifs["sub5"].startswith("/layers.2/ffn/If_")
+    assert sum(n.name.startswith("/layers.3/ffn/") and n.op_type == "MatMul" for n in nodes) >= 2  # gate/up, down
 
 
 @pytest.mark.parametrize("variant", ["torch"] + VARIANTS)
@@ -216,7 +252,7 @@ def test_stats_only_when_asked(tiny_root, tmp_path, variant):
 
 
 def test_int4_quantizes_the_ort_variant_too(tiny_root, tmp_path):
-    from adaskip.export.onnx.graph import quantize_int4
+    from adaskip.export.onnx.quantize import quantize_int4
 
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
     policy = _no_skip(model)
@@ -258,7 +294,7 @@ def test_per_channel_compensation_is_baked_into_the_graph(tiny_root, tmp_path, v
     assert plain.max_logit_diff > 10 * TOL  # the stand-ins really change the output
     short = dataclasses.replace(plan, compensation=Compensation("channel-affine", {3: ([1.0], [0.0])}))
     with pytest.raises(InputError, match="channels"):
-        build_onnx(model.spec, model.weights, SkipPolicy(short), variant=variant)
+        build_onnx(model.spec, model.weights, SkipPolicy(short).layout, variant=variant)
 
 
 def test_sessions_do_not_spin_unless_asked():
@@ -279,7 +315,7 @@ def test_chunked_prefill_equals_one_pass(kind, tiny_root, tmp_path):
     policy = SkipPolicy(_plan_for(model, [2, 5], window=3))
     out = tmp_path / "g"
     out.mkdir()
-    save_onnx(build_onnx(model.spec, model.weights, policy, variant="ort"), out)
+    save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant="ort"), out)
     whole = OrtGqaEngine(out / "model.onnx", model.spec, threads=2, prefill_chunk=None)
     chunked = OrtGqaEngine(out / "model.onnx", model.spec, threads=2, prefill_chunk=7)
     torch.manual_seed(0)

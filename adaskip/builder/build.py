@@ -191,13 +191,14 @@ def build(opts: BuildOptions) -> BuildReport:
             _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
                  f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:
-            from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
+            from adaskip.export.onnx.graph import build_onnx
+            from adaskip.export.onnx.quantize import quantize_int4
+            from adaskip.export.onnx.save import save_onnx
+            from adaskip.export.onnx.variants import choose_variant
 
-            policy = SkipPolicy(plan)
-            variant = opts.graph_variant
-            if variant == "auto":
-                variant = "ort" if opts.backend == "ort" and ort_variant_supported(spec, policy) else "portable"
-            graph = build_onnx(spec, model.weights, policy, variant=variant)
+            layout = SkipPolicy(plan).layout
+            variant = choose_variant(spec, layout, opts.backend, opts.graph_variant)
+            graph = build_onnx(spec, model.weights, layout, variant=variant)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
             if opts.quantize:
                 _log("quantizing linear layers to int4 (MatMulNBits)", opts)

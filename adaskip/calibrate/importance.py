@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from adaskip.calibrate.corpus import CalibrationSet
 from adaskip.errors import InputError
-from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, save_onnx
+from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.save import save_onnx
+from adaskip.export.onnx.variants import choose_variant
+from adaskip.layout import SkipLayout
 from adaskip.model.spec import LoadedModel
 from adaskip.plan import Calibration, SkipPlan, baseline_plan
-from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import Engine
 from adaskip.runtime.ort_engines import OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
@@ -61,9 +63,9 @@ def calibrate_model(model: LoadedModel, data: CalibrationSet, engine: str = "aut
     engine that produced them ("ort" or "torch")."""
     if engine not in ENGINES:
         raise InputError(f"calibration engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    full = SkipPolicy(baseline_plan("early-exit", model.spec.num_layers, 0, "prefill", model.fingerprint))
+    full = SkipLayout.from_plan(baseline_plan("early-exit", model.spec.num_layers, 0, "prefill", model.fingerprint))
     use_ort = engine == "ort" or (engine == "auto" and model.weights["embed"].dtype == torch.float32
-                                  and ort_variant_supported(model.spec, full))
+                                  and choose_variant(model.spec, full, "ort") == "ort")
     if not use_ort:
         return calibrate(TorchEngine.from_loaded(model), data, progress), "torch"
     with tempfile.TemporaryDirectory(prefix="adaskip-calibrate-") as work:

@@ -136,15 +136,18 @@ def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_s
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
                 spinning: bool = False) -> Column:
-    from adaskip.export.onnx.graph import build_onnx, ort_variant_supported, quantize_int4, save_onnx
+    from adaskip.export.onnx.graph import build_onnx
+    from adaskip.export.onnx.quantize import quantize_int4
+    from adaskip.export.onnx.save import save_onnx
+    from adaskip.export.onnx.variants import choose_variant
     from adaskip.policy import SkipPolicy
     from adaskip.runtime.registry import engine_class
 
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
-    variant = "ort" if ort_variant_supported(model.spec, policy) else "portable"  # what adaskip-build picks
-    save_onnx(build_onnx(model.spec, model.weights, policy, variant=variant), out, check=False)
+    variant = choose_variant(model.spec, policy.layout, "ort")  # what adaskip-build picks for --backend ort
+    save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out, check=False)
     if quantize:
         quantize_int4(out)
     engine_cls = engine_class("ort", variant)
@@ -194,7 +197,7 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from adaskip.export.onnx.graph import gqa_supports
+    from adaskip.export.onnx.variants import gqa_supports
     from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 
     if not gqa_supports(spec):

@@ -2,7 +2,7 @@
 
 The KV cache is a caller-owned buffer of the request's full capacity, bound to the session without copies; each
 step the graph returns only the new tokens' K/V and we write them into the buffer in place, so a decode step never
-copies the cache (see adaskip/export/onnx/graph.py for the attention layout).
+copies the cache (see adaskip/export/onnx/portable.py and ort.py for the two graphs' KV layouts).
 """
 
 from __future__ import annotations

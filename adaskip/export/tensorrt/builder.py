@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from adaskip.errors import InputError
 from adaskip.runtime.trt.lib import TensorRT, TensorRTError, errors_of, load_tensorrt, warnings_of
+from adaskip.export.onnx.variants import check_request
 from adaskip.export.tensorrt.network import describe_network, input_axes, parse_onnx
 from adaskip.runtime.trt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from adaskip.runtime.trt.profiles import PROFILE_MODES, Limits, make_profiles
@@ -182,8 +183,7 @@ def check_options(opts: Any, spec: Any = None) -> None:
             flags = ", ".join("--" + k.replace("trt_", "").replace("_", "-") for k in given)
             raise InputError(f"{flags}: TensorRT engine options, for --backend tensorrt only")
         return
-    if opts.graph_variant not in ("auto", "portable"):
-        raise InputError("--backend tensorrt builds from the portable graph (standard ONNX ops); drop --graph-variant")
+    check_request(opts.backend, opts.graph_variant)
     if opts.quantize:
         raise InputError("--quantize int4 is available for the ort backend only")
     check_settings(load_tensorrt(), opts.trt_profiles, opts.dtype, opts.builder_opt_level)
