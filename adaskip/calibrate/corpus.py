@@ -21,6 +21,14 @@ _TEXT_KEYS = ("text", "context", "input", "prompt", "document", "article")
 
 
 @dataclass
+class CalibrationOptions:
+    """What to calibrate on (adaskip-build's --calib, --calib-prompts, --calib-tokens; load_calibration checks them)."""
+    data: str | None = None  # a .jsonl (one prompt per record) or text file; None: the built-in corpus
+    prompts: int = 20  # N
+    tokens: int = 2048  # T tokens per prompt
+
+
+@dataclass
 class CalibrationSet:
     prompts: list[list[int]]
     source: str
