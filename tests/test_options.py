@@ -83,6 +83,8 @@ def _build(**parts) -> BuildOptions:
     (_build(selection=SelectionOptions(stand_in="zero", skip=1)), "--stand-in must be one of norm-ratio"),
     (_build(selection=SelectionOptions()), "exactly one of --skip K or --alpha A"),
     (_build(selection=SelectionOptions(skip=1, window=0)), "--window must be >= 1"),
+    (_build(calibration=CalibrationOptions(prompts=0)), "--calib-prompts must be at least 1; got 0"),
+    (_build(calibration=CalibrationOptions(tokens=4)), "--calib-tokens must be at least 8; got 4"),
     # a plan decides the selection: whatever else would be ignored is refused, --no-online included
     (_build(selection=SelectionOptions(plan="p.json", online=False)), "drop --no-online"),
     (_build(selection=SelectionOptions(plan="p.json", skip=2, window=5), calibration=CalibrationOptions(data="c.txt")),
@@ -132,6 +134,8 @@ def test_trt_settings_derive_from_the_options():
 def test_methods_and_modes_are_checked_by_one_function_everywhere():
     with pytest.raises(InputError, match="--modes must be one of prefill, decode, e2e; got 'both'"):
         EvalOptions("m", "o", modes=["both"]).validate()
+    with pytest.raises(InputError, match="--calib-prompts must be at least 1; got 0"):
+        EvalOptions("m", "o", calib_prompts=0).validate()  # the calibration sizes: CalibrationOptions' own check
     plan = baseline_plan("early-exit", 4, 1, "e2e", "fp")
     with pytest.raises(PlanError, match="the plan's mode must be one of prefill, decode, e2e; got 'both'"):
         replace(plan, mode="both")
@@ -144,6 +148,7 @@ def test_methods_and_modes_are_checked_by_one_function_everywhere():
     (BenchOptions(contexts=[]), "--contexts must be one or more positive token counts"),
     (BenchOptions(contexts=[0, 1024]), "--contexts must be one or more positive token counts"),
     (BenchOptions(budgets=[-1]), "--budgets must be non-negative"),
+    (BenchOptions(calib_tokens=4), "--calib-tokens must be at least 8"),
     (VerifyOptions("e", decode_steps=-1), "--decode-steps >= 0"),
     (VerifyOptions("e", atol=math.nan), "--atol must be a finite number >= 0"),
     (VerifyOptions("e", atol=-1.0), "--atol must be a finite number >= 0"),

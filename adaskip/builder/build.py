@@ -11,7 +11,7 @@ from typing import Any
 from adaskip import cost
 from adaskip.calibrate.importance import calibrate
 from adaskip.calibrate.corpus import load_calibration
-from adaskip.builder.options import BuildOptions
+from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
 from adaskip.errors import InputError, PlanError
@@ -87,7 +87,7 @@ def build(opts: BuildOptions) -> BuildReport:
     tokenizer = load_tokenizer(model)
     spec = model.spec
     if opts.selection.context_len is None:  # resolved here, and recorded so in the manifest
-        opts = replace(opts, selection=replace(opts.selection, context_len=min(4096, spec.max_position_embeddings)))
+        opts = replace(opts, selection=replace(opts.selection, context_len=min(COST_CONTEXT, spec.max_position_embeddings)))
     context_len = opts.selection.context_len
     for flag, value in (("--calib-tokens", opts.calibration.tokens), ("--context-len", context_len)):
         if value > spec.max_position_embeddings:

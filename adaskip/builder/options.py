@@ -37,13 +37,16 @@ def check_backend(backend: str) -> None:
     check_choice(backend, BACKENDS, "--backend")
 
 
+COST_CONTEXT = 4096  # the context the cost model assumes unless --context-len (or a shorter model context) says
+
+
 @dataclass
 class SelectionOptions:
     method: str = "adaskip"
     skip: int | None = None  # K sublayers (adaskip) or k layers (baselines)
     alpha: float | None = None  # target ideal speedup (adaskip)
     mode: str = "e2e"
-    context_len: int | None = None  # for the cost model; None: min(4096, the model's context)
+    context_len: int | None = None  # for the cost model; None: min(COST_CONTEXT, the model's context)
     window: int = DEFAULT_WINDOW
     online: bool = True
     stand_in: str = "norm-ratio"  # what replaces a skipped sublayer: the paper's rule or a fitted per-channel map
@@ -120,6 +123,8 @@ class BuildOptions:
             given = sel.overridden() + (["--calib"] if self.calibration.data is not None else [])
             if given:
                 raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
+        else:
+            self.calibration.validate()
         self.engine.validate()
         if sel.stand_in != "norm-ratio" and self.engine.backend == "trtllm-checkpoint":
             raise InputError("the TensorRT-LLM checkpoint supports the paper's norm-ratio stand-in only")

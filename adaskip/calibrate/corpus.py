@@ -22,10 +22,17 @@ _TEXT_KEYS = ("text", "context", "input", "prompt", "document", "article")
 
 @dataclass
 class CalibrationOptions:
-    """What to calibrate on (adaskip-build's --calib, --calib-prompts, --calib-tokens; load_calibration checks them)."""
+    """What to calibrate on (adaskip-build's --calib, --calib-prompts, --calib-tokens)."""
     data: str | None = None  # a .jsonl (one prompt per record) or text file; None: the built-in corpus
     prompts: int = 20  # N
     tokens: int = 2048  # T tokens per prompt
+
+    def validate(self) -> None:
+        """The sizes (the file is checked when it is read)."""
+        if self.prompts < 1:
+            raise InputError(f"--calib-prompts must be at least 1; got {self.prompts}")
+        if self.tokens < 8:
+            raise InputError(f"--calib-tokens must be at least 8; got {self.tokens}")
 
 
 @dataclass
@@ -69,10 +76,7 @@ def _records_from_jsonl(path: Path) -> list[str]:
 def load_calibration(tokenizer: Any, num_prompts: int, prompt_tokens: int, path: str | None = None) -> CalibrationSet:
     """N prompts of `prompt_tokens` tokens: one per jsonl record (records over T are cut), or consecutive windows
     of one long text (a .txt file or the built-in corpus)."""
-    if num_prompts < 1:
-        raise InputError(f"--calib-prompts must be at least 1; got {num_prompts}")
-    if prompt_tokens < 8:
-        raise InputError(f"--calib-tokens must be at least 8; got {prompt_tokens}")
+    CalibrationOptions(path, num_prompts, prompt_tokens).validate()
     prefix = leading_special_tokens(tokenizer)
     body_tokens = prompt_tokens - len(prefix)
     if path is None:

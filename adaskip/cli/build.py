@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from adaskip.builder.build import build
-from adaskip.builder.options import (BACKENDS, GRAPH_VARIANTS, QUANTIZATIONS, STAND_INS, BuildOptions,
+from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUANTIZATIONS, STAND_INS, BuildOptions,
                                      CalibrationOptions, EngineOptions, SelectionOptions)
 from adaskip.cli.common import defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--alpha", type=float, help="target ideal speedup (> 1); K is derived from the cost model")
     sel.add_argument("--mode", choices=MODES, default=ds.mode, help="which phases skip (see README)")
     sel.add_argument("--context-len", type=int,
-                     help="context length the cost model assumes (default: 4096 or the model's context if shorter)")
+                     help=f"context length the cost model assumes (default: {COST_CONTEXT} or the model's context if "
+                          "shorter)")
     sel.add_argument("--window", type=int, default=ds.window, help="W: decode steps of online importance learning")
     sel.add_argument("--no-online", action="store_true", help="disable online (decode-time) FFN learning")
     sel.add_argument("--stand-in", choices=STAND_INS, default=ds.stand_in,

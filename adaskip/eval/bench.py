@@ -54,6 +54,8 @@ class BenchOptions:
             raise InputError("--contexts must be one or more positive token counts")
         if self.budgets and min(self.budgets) < 0:
             raise InputError("--budgets must be non-negative integers (sublayers)")
+        if self.budgets and self.calibration is None:  # AdaSkip columns calibrate as adaskip-build does
+            CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
 
 
 @dataclass

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from adaskip import cost
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.calibrate.corpus import CalibrationSet, load_calibration
+from adaskip.calibrate.corpus import CalibrationOptions, CalibrationSet, load_calibration
 from adaskip.errors import InputError, PlanError, check_choice
 from adaskip.model import LoadedModel, load_model
 from adaskip.model.builtin import BUILTIN_MODELS
@@ -141,10 +141,11 @@ class EvalOptions:
         if self.samples < 1:
             raise InputError("--samples must be at least 1")
         check_choice(self.prompt_format, PROMPT_FORMATS, "--prompt-format")
+        CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
         for name in self.methods:
             parse_method(name, best=("norm-ratio", "similarity"))
         for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
-                         ("--window", self.window), ("--calib-prompts", self.calib_prompts),
+                         ("--window", self.window),
                          ("--study-windows", self.study_windows), ("--kl-windows", self.kl_windows)):
             if v < 1:
                 raise InputError(f"{label} must be at least 1")
