@@ -41,8 +41,8 @@ setup(
     entry_points={"console_scripts": [
         "adaskip-build=adaskip.cli.build:main",
         "adaskip-run=adaskip.cli.run:main",
-        "adaskip-verify=adaskip.eval.verify:main",
-        "adaskip-bench=adaskip.eval.bench:main",
+        "adaskip-verify=adaskip.cli.verify:main",
+        "adaskip-bench=adaskip.cli.bench:main",
         "adaskip-eval=adaskip.cli.eval:main",
         "adaskip-deploy=adaskip.cli.deploy:main",
         "adaskip-serve=adaskip.deploy.serve:main",

@@ -19,3 +19,9 @@ class EngineDirError(AdaskipError):
 
 class InputError(AdaskipError):
     """A request cannot be served as given (empty prompt, over the context limit, bad sampling option)."""
+
+
+def check_choice(value: object, choices: tuple, what: str, error: type[AdaskipError] = InputError) -> None:
+    """The one message for a value outside its choices (a flag, a plan field): what, the choices, what was given."""
+    if value not in choices:
+        raise error(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")

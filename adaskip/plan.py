@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 
 from adaskip import __version__
-from adaskip.errors import PlanError
+from adaskip.errors import AdaskipError, InputError, PlanError, check_choice
 
 PLAN_FORMAT = "adaskip.skip-plan"
 PLAN_VERSION = 1
@@ -28,6 +28,16 @@ COMPENSATION_RULES = ("norm-ratio", "token-ratio", "channel-scale", "channel-aff
 METHODS = ("adaskip", "early-exit", "skipdecode", "unified")
 MODES = ("prefill", "decode", "e2e")
 DEFAULT_WINDOW = 20
+
+
+def check_method(method: str, what: str = "--method", error: type[AdaskipError] = InputError) -> None:
+    """A skipping method adaskip knows (options and plan files alike)."""
+    check_choice(method, METHODS, what, error)
+
+
+def check_mode(mode: str, what: str = "--mode", error: type[AdaskipError] = InputError) -> None:
+    """A phase selection adaskip knows (options and plan files alike)."""
+    check_choice(mode, MODES, what, error)
 
 _STATS = {"type": "array", "items": {"type": "number"}}
 SCHEMA: dict[str, Any] = {
@@ -124,10 +134,8 @@ class SkipPlan:
 
     def __post_init__(self) -> None:
         n = 2 * self.num_layers
-        if self.method not in METHODS:
-            raise PlanError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.mode not in MODES:
-            raise PlanError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        check_method(self.method, "the plan's method", PlanError)
+        check_mode(self.mode, "the plan's mode", PlanError)
         if len(self.scales) != n:
             raise PlanError(f"plan has {len(self.scales)} scales for {n} sublayers")
         bad = [j for j in self.skip if not 0 <= j < n]

@@ -134,9 +134,11 @@ def long_text() -> str:
 @pytest.fixture(scope="session")
 def smollm2_k8_engine(smollm2_dir, tmp_path_factory) -> Path:
     """The real SmolLM2 ORT engine with the stored K=8 e2e plan, built once for every test that serves or embeds it."""
-    from adaskip.builder.build import BuildOptions, build
+    from adaskip.builder.build import build
+    from adaskip.builder.options import BuildOptions, SelectionOptions
 
     out = tmp_path_factory.mktemp("smollm2-k8-engine") / "smollm2-k8"
-    build(BuildOptions(model="smollm2-135m", output=str(out),
-                       plan=str(Path(__file__).parent / "data" / "smollm2-k8-e2e-plan.json"), progress=False))
+    plan = Path(__file__).parent / "data" / "smollm2-k8-e2e-plan.json"
+    build(BuildOptions(model="smollm2-135m", output=str(out), selection=SelectionOptions(plan=str(plan)),
+                       progress=False))
     return out

@@ -277,7 +277,7 @@ def test_ort_and_torch_engines_generate_the_same_text(engine, torch_engine, caps
 
 
 def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_model, tmp_path, capsys):
-    from adaskip.eval import verify
+    from adaskip.cli import verify
 
     assert verify.main(["--engine", str(engine), "--prompts", "2", "--prompt-tokens", "32", "--decode-steps", "4",
                         "--json"]) == 0
@@ -295,7 +295,7 @@ def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_
 
 
 def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, tmp_path, capsys):
-    from adaskip.eval import verify
+    from adaskip.cli import verify
 
     out = tmp_path / "q4"
     assert build_cli.main(["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--quantize", "int4",
@@ -314,8 +314,7 @@ def test_int4_engine_builds_runs_and_reports_agreement(tiny_chat_model, engine, 
 
 
 def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, tiny_chat_model, tmp_path, capsys):
-    from adaskip.eval import verify
-    from adaskip.eval import bench
+    from adaskip.cli import bench, verify
 
     _fails(verify.main, ["--engine", str(engine), "--decode-steps", "5000"], capsys, "--decode-steps must leave room")
     _fails(bench.main, ["--model", str(tiny_chat_model), "--contexts", "1k", "--no-hf", "--no-genai"], capsys,
@@ -357,7 +356,7 @@ def test_bench_times_the_attention_kernel_across_prefill_chunks(monkeypatch):
 def test_build_with_a_fitted_stand_in_and_its_engine_matches_the_reference(tiny_chat_model, tmp_path, capsys):
     """--stand-in channel-affine: the calibration pass also fits per-channel maps; the plan carries them for exactly
     its offline set, and the ORT engine (which bakes them in) matches the reference engine that applies them."""
-    from adaskip.eval import verify
+    from adaskip.cli import verify
 
     out = tmp_path / "affine"
     assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "3", "--mode", "e2e", "--stand-in",

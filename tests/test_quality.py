@@ -381,11 +381,13 @@ def test_eval_end_to_end_tiny_with_study_and_ablations(tiny_chat_model, tmp_path
 
 def test_eval_of_a_built_engine_directory(tiny_chat_model, tmp_path):
     """--engine: a built engine (its own plan, here a baseline) is one more row next to the same configuration."""
-    from adaskip.builder.build import BuildOptions, build
+    from adaskip.builder.build import build
+    from adaskip.builder.options import BuildOptions, EngineOptions, SelectionOptions
 
     engine = tmp_path / "engine"
-    build(BuildOptions(model=str(tiny_chat_model), output=str(engine), method="early-exit", skip=1, mode="prefill",
-                       backend="torch", progress=False))
+    build(BuildOptions(model=str(tiny_chat_model), output=str(engine),
+                       selection=SelectionOptions(method="early-exit", skip=1, mode="prefill"),
+                       engine=EngineOptions(backend="torch"), progress=False))
     out = tmp_path / "out"
     argv = ["--model", str(tiny_chat_model), "--engine", str(engine), "--methods", "early-exit", "--budgets", "2",
             "--modes", "prefill", "--contexts", "256", "--tasks", "passkey,summary", "--samples", "1",

@@ -4,100 +4,31 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from adaskip import cost
-from adaskip.calibrate.importance import calibrate
+from adaskip.calibrate import compensation as comp
 from adaskip.calibrate.corpus import load_calibration
+from adaskip.calibrate.importance import CalibrationCache, calibrate_model, calibration_from_plan
+from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
+from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.quantize import quantize_int4
+from adaskip.export.onnx.save import save_onnx
+from adaskip.export.onnx.variants import choose_variant
+from adaskip.export.tensorrt.builder import TrtSettings, build_into, check_environment
+from adaskip.export.trtllm.checkpoint import check_supported, write_checkpoint
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
-from adaskip.errors import InputError, ModelLoadError, PlanError
+from adaskip.errors import InputError, PlanError
 from adaskip.model import LoadedModel, load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.plan import (COMPENSATION_RULES, DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan,
-                          now_utc, rank_by_similarity)
-from adaskip.policy import SkipPolicy
+from adaskip.plan import Calibration, SkipPlan, adaskip_plan, baseline_plan, now_utc, rank_by_similarity
+from adaskip.layout import SkipLayout
 from adaskip.runtime.torch_engine import TorchEngine
-
-BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
-# stand-ins for a skipped sublayer (adaskip/calibrate/compensation.py): the paper's scalar norm ratio, or one fitted on
-# the calibration pass (per-token ratio, per-channel scale, per-channel affine a * h + b)
-STAND_INS = COMPENSATION_RULES
-# ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
-# trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
-# tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/export/tensorrt/)
-
-
-@dataclass
-class BuildOptions:
-    model: str
-    output: str
-    method: str = "adaskip"
-    skip: int | None = None  # K sublayers (adaskip) or k layers (baselines)
-    alpha: float | None = None  # target ideal speedup (adaskip)
-    mode: str = "e2e"
-    calib: str | None = None
-    calib_prompts: int = 20
-    calib_tokens: int = 2048
-    context_len: int | None = None  # for the cost model; default min(4096, the model's context)
-    window: int = DEFAULT_WINDOW
-    online: bool = True
-    stand_in: str = "norm-ratio"  # what replaces a skipped sublayer: the paper's rule or a fitted per-channel map
-    plan: str | None = None  # reuse an existing plan instead of calibrating
-    backend: str = "ort"
-    dtype: str = "float32"
-    quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
-    graph_variant: str = "auto"  # ort backend: "ort" (fused contrib ops), "portable" (standard ops), auto = ort if possible
-    max_batch_size: int | None = None  # tensorrt backend: profile limits (trtllm-build's flags; tensorrt/profiles.py)
-    max_input_len: int | None = None
-    max_seq_len: int | None = None
-    trt_profiles: str = "split"  # tensorrt: "split" (prefill + decode profiles) or "combined" (one)
-    timing_cache: str | None = None  # tensorrt: timing cache file, reused across builds
-    builder_opt_level: int | None = None  # tensorrt: builder optimization level (TensorRT's default when None)
-    force: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.mode not in MODES:
-            raise InputError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.backend not in BACKENDS:
-            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        if self.plan is not None:
-            given = [f for f, v in (("--skip", self.skip), ("--alpha", self.alpha)) if v is not None]
-            given += [f for f, v, d in (("--method", self.method, "adaskip"), ("--mode", self.mode, "e2e"),
-                                         ("--window", self.window, DEFAULT_WINDOW), ("--calib", self.calib, None),
-                                         ("--stand-in", self.stand_in, "norm-ratio"))
-                      if v != d]
-            if given:
-                raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
-        else:
-            if (self.skip is None) == (self.alpha is None):
-                raise InputError("give exactly one of --skip K or --alpha A (or --plan FILE)")
-            if self.alpha is not None and self.method != "adaskip":
-                raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
-            if self.skip is not None and self.skip < 0:
-                raise InputError(f"--skip must be >= 0; got {self.skip}")
-        if self.stand_in not in STAND_INS:
-            raise InputError(f"--stand-in must be one of {', '.join(STAND_INS)}; got {self.stand_in!r}")
-        if self.stand_in != "norm-ratio" and self.method != "adaskip":
-            raise InputError("--stand-in applies to AdaSkip plans; baselines skip whole layers with no stand-in")
-        if self.stand_in != "norm-ratio" and self.backend == "trtllm-checkpoint":
-            raise InputError("the TensorRT-LLM checkpoint supports the paper's norm-ratio stand-in only")
-        if self.graph_variant not in ("auto", "ort", "portable"):
-            raise InputError(f"--graph-variant must be auto, ort or portable; got {self.graph_variant!r}")
-        if self.quantize is not None and (self.quantize != "int4" or self.backend != "ort"):
-            raise InputError("--quantize int4 is available for the ort backend only")
-        if self.window < 1:
-            raise InputError(f"--window must be >= 1; got {self.window}")
-        if self.context_len is not None and self.context_len < 1:
-            raise InputError(f"--context-len must be >= 1; got {self.context_len}")
-        from adaskip.export.tensorrt.builder import check_options  # TensorRT flags only with --backend tensorrt
-
-        check_options(self)
 
 
 @dataclass
@@ -114,105 +45,114 @@ def _log(msg: str, opts: BuildOptions) -> None:
 
 
 def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPlan:
-    spec = model.spec
-    if opts.plan is not None:
-        plan = SkipPlan.load(opts.plan)
+    spec, sel = model.spec, opts.selection
+    if sel.plan is not None:
+        plan = SkipPlan.load(sel.plan)
         plan.check_model(model.fingerprint, spec.num_layers)
         return plan
-    if opts.method != "adaskip":
-        return baseline_plan(opts.method, spec.num_layers, opts.skip, opts.mode, model.fingerprint, spec.name)
-    if opts.skip is not None and opts.skip > spec.num_sublayers:
+    if sel.method != "adaskip":
+        return baseline_plan(sel.method, spec.num_layers, sel.skip, sel.mode, model.fingerprint, spec.name)
+    if sel.skip is not None and sel.skip > spec.num_sublayers:
         raise PlanError(f"--skip must be between 0 and {spec.num_sublayers} (the model has {spec.num_sublayers} "
-                        f"sublayers); got {opts.skip}")
-    data = load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens, opts.calib)
-    _log(f"calibrating on {len(data.prompts)} prompts x {opts.calib_tokens} tokens from {data.source}", opts)
-    engine = TorchEngine.from_loaded(model)
-    scales, compensation = None, None
-    if opts.stand_in == "norm-ratio":
-        calib = calibrate(engine, data, progress=opts.progress)
-    else:  # the same pass also sums the per-channel statistics the stand-in is fitted on
-        from adaskip.calibrate import compensation as comp
-
-        calib, stats = comp.collect(engine, data, progress=opts.progress)
-        scales, compensation = comp.fit(opts.stand_in, stats, calib)
-    if opts.alpha is not None:
+                        f"sublayers); got {sel.skip}")
+    calib, scales, compensation = calibration_for(opts, model, tokenizer)
+    if sel.alpha is not None:
         ranking = rank_by_similarity(calib.similarity)
-        phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[opts.mode]
-        k = max(cost.k_for_alpha(spec, ranking, opts.alpha, opts.context_len, p) for p in phases)
-        selection = {"rule": "alpha", "alpha": opts.alpha, "context_len": opts.context_len, "k": k}
+        phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[sel.mode]
+        k = max(cost.k_for_alpha(spec, ranking, sel.alpha, sel.context_len, p) for p in phases)
+        selection = {"rule": "alpha", "alpha": sel.alpha, "context_len": sel.context_len, "k": k}
     else:
-        k = opts.skip
+        k = sel.skip
         selection = {"rule": "k", "k": k}
-    return adaskip_plan(calib, k, opts.mode, model.fingerprint, spec.name, window=opts.window, online=opts.online,
+    return adaskip_plan(calib, k, sel.mode, model.fingerprint, spec.name, window=sel.window, online=sel.online,
                         selection=selection, scales=scales, compensation=compensation)
+
+
+def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Calibration, Any, Any]:
+    """(statistics, scales, compensation) for an AdaSkip plan: from an earlier plan (--calibration), from the cache,
+    or from a pass on the fastest engine that gives the reference's statistics. A fitted stand-in needs the
+    per-channel sums of the reference engine's pass, which are not cached."""
+    sel, cal = opts.selection, opts.calibration
+    if cal.reuse is not None:
+        if sel.stand_in != "norm-ratio":
+            raise InputError("--calibration carries the paper's statistics only; a fitted --stand-in needs a pass")
+        _log(f"selecting from the statistics stored in {cal.reuse}", opts)
+        return calibration_from_plan(cal.reuse, model.fingerprint), None, None
+    data = load_calibration(tokenizer, cal.prompts, cal.tokens, cal.data)
+    if sel.stand_in != "norm-ratio":  # the same pass sums the per-channel statistics the stand-in is fitted on
+        _log(f"calibrating on {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source} (torch, with the "
+             f"per-channel sums of --stand-in {sel.stand_in})", opts)
+        calib, stats = comp.collect(TorchEngine.from_loaded(model), data, progress=opts.progress)
+        scales, compensation = comp.fit(sel.stand_in, stats, calib)
+        return calib, scales, compensation
+    cache = CalibrationCache() if cal.cache else None
+    hit = cache.get(model.fingerprint, data) if cache else None
+    if hit is not None:
+        _log(f"calibration reused from the cache ({len(data.prompts)} prompts x {cal.tokens} tokens from "
+             f"{data.source}, computed on {hit[1]}; --no-calib-cache to recompute)", opts)
+        return hit[0], None, None
+    _log(f"calibrating on {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source}", opts)
+    calib, engine = calibrate_model(model, data, cal.engine, progress=opts.progress)
+    if cache:
+        cache.put(model.fingerprint, data, calib, engine)
+    return calib, None, None
 
 
 def build(opts: BuildOptions) -> BuildReport:
     """Build an engine directory. Fails before any heavy work on bad options; never leaves a partial output."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     opts.validate()
+    backend = opts.engine.backend
     output = Path(opts.output)
     check_replaceable(output, opts.force)  # before any heavy work
+    if backend == "tensorrt":  # TensorRT present and able to build at --dtype: before loading the model
+        check_environment(opts.engine.dtype)
     _log(f"loading {opts.model}", opts)
-    model = load_model(opts.model, dtype=opts.dtype)
+    model = load_model(opts.model, dtype=opts.engine.dtype)
     tokenizer = load_tokenizer(model)
     spec = model.spec
-    if opts.context_len is None:
-        opts.context_len = min(4096, spec.max_position_embeddings)
-    for flag, value in (("--calib-tokens", opts.calib_tokens), ("--context-len", opts.context_len)):
+    if opts.selection.context_len is None:  # resolved here, and recorded so in the manifest
+        opts = replace(opts, selection=replace(opts.selection, context_len=min(COST_CONTEXT, spec.max_position_embeddings)))
+    context_len = opts.selection.context_len
+    for flag, value in (("--calib-tokens", opts.calibration.tokens), ("--context-len", context_len)):
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
-    if opts.backend == "trtllm-checkpoint":  # refuse an unsupported family before calibrating, not after
-        from adaskip.export.trtllm.checkpoint import check_supported
-
+    if backend == "trtllm-checkpoint":  # refuse an unsupported family before calibrating, not after
         check_supported(spec, model.weights)
-    if opts.backend == "tensorrt":  # limits vs the model's context: before calibrating, not after
-        from adaskip.export.tensorrt.builder import check_options
-
-        check_options(opts, spec)
+    if backend == "tensorrt":  # limits vs the model's context: before calibrating, not after
+        trt_settings = TrtSettings.from_options(opts.engine.tensorrt, opts.engine.dtype,
+                                                spec.max_position_embeddings, opts.progress)
     plan = make_plan(opts, model, tokenizer)
     prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
-    expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
+    expected = cost.speedups(spec, prefill_skipped, plan.skip, context_len)
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
     with atomic_dir(output, force=opts.force) as tmp:
-        _log(f"writing engine ({opts.backend}) to {output}", opts)
+        _log(f"writing engine ({backend}) to {output}", opts)
         plan.save(tmp / PLAN)
-        build_info = {"options": {k: v for k, v in vars(opts).items() if k not in ("force", "progress", "output")},
-                      "created": now_utc(), "source": model.source}
-        if opts.backend == "torch":
+        build_info = {"options": opts.record(), "created": now_utc(), "source": model.source}
+        if backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
-        elif opts.backend == "trtllm-checkpoint":
-            from adaskip.export.trtllm.checkpoint import write_checkpoint
-
+        elif backend == "trtllm-checkpoint":
             build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint)
             _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
                  f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:
-            from adaskip.export.onnx.graph import build_onnx
-            from adaskip.export.onnx.quantize import quantize_int4
-            from adaskip.export.onnx.save import save_onnx
-            from adaskip.export.onnx.variants import choose_variant
-
-            layout = SkipPolicy(plan).layout
-            variant = choose_variant(spec, layout, opts.backend, opts.graph_variant)
+            layout = SkipLayout.from_plan(plan)
+            variant = choose_variant(spec, layout, backend, opts.engine.graph_variant)
             graph = build_onnx(spec, model.weights, layout, variant=variant)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
-            if opts.quantize:
+            if opts.engine.quantize:
                 _log("quantizing linear layers to int4 (MatMulNBits)", opts)
                 build_info["graph"].update(quantize_int4(tmp))
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)
-            if opts.backend == "tensorrt":
-                from adaskip.export.tensorrt.builder import build_into
-
-                build_into(tmp, build_info, opts, spec.max_position_embeddings, lambda msg: _log(msg, opts))
+            if backend == "tensorrt":
+                build_into(tmp, build_info, trt_settings, lambda msg: _log(msg, opts))
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),
                     "chat_template": bool(getattr(tokenizer, "chat_template", None))}
-        write_manifest(tmp, opts.backend, spec, model.fingerprint, plan, build_info, tok_info)
+        write_manifest(tmp, backend, spec, model.fingerprint, plan, build_info, tok_info)
     return BuildReport(output=output, plan=plan, expected=expected, seconds=time.perf_counter() - t0)

@@ -14,10 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaskip.errors import InputError
+from adaskip.errors import InputError, check_choice
 
 BUILTIN = "builtin:python-reference"
 _TEXT_KEYS = ("text", "context", "input", "prompt", "document", "article")
+
+
+# auto: the unskipped `ort` graph on ONNX Runtime where the model allows it, else the reference torch engine
+CALIBRATION_ENGINES = ("auto", "ort", "torch")
+
+
+@dataclass
+class CalibrationOptions:
+    """What to calibrate on (adaskip-build's --calib, --calib-prompts, --calib-tokens)."""
+    data: str | None = None  # a .jsonl (one prompt per record) or text file; None: the built-in corpus
+    prompts: int = 20  # N
+    tokens: int = 2048  # T tokens per prompt
+    engine: str = "auto"  # which engine runs the pass (CALIBRATION_ENGINES)
+    cache: bool = True  # reuse a finished calibration of the same model and prompts (adaskip/calibrate/importance.py)
+    reuse: str | None = None  # take the statistics stored in an earlier plan.json instead of a pass
+
+    def validate(self) -> None:
+        """The sizes and choices (the files are checked when they are read)."""
+        check_choice(self.engine, CALIBRATION_ENGINES, "--calib-engine")
+        if self.reuse is not None and self.data is not None:
+            raise InputError("--calibration reuses an earlier plan's statistics; drop --calib (or --calibration)")
+        if self.prompts < 1:
+            raise InputError(f"--calib-prompts must be at least 1; got {self.prompts}")
+        if self.tokens < 8:
+            raise InputError(f"--calib-tokens must be at least 8; got {self.tokens}")
 
 
 @dataclass
@@ -61,10 +86,7 @@ def _records_from_jsonl(path: Path) -> list[str]:
 def load_calibration(tokenizer: Any, num_prompts: int, prompt_tokens: int, path: str | None = None) -> CalibrationSet:
     """N prompts of `prompt_tokens` tokens: one per jsonl record (records over T are cut), or consecutive windows
     of one long text (a .txt file or the built-in corpus)."""
-    if num_prompts < 1:
-        raise InputError(f"--calib-prompts must be at least 1; got {num_prompts}")
-    if prompt_tokens < 8:
-        raise InputError(f"--calib-tokens must be at least 8; got {prompt_tokens}")
+    CalibrationOptions(path, num_prompts, prompt_tokens).validate()
     prefix = leading_special_tokens(tokenizer)
     body_tokens = prompt_tokens - len(prefix)
     if path is None:

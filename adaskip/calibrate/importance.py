@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adaskip.calibrate.corpus import CalibrationSet
-from adaskip.errors import InputError
+from adaskip.calibrate.corpus import CALIBRATION_ENGINES, CalibrationSet
+from adaskip.errors import InputError, check_choice
 from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant
@@ -34,7 +34,6 @@ from adaskip.runtime.engine import Engine
 from adaskip.runtime.ort_engines import OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
 
-ENGINES = ("auto", "ort", "torch")
 CACHE_FORMAT = 1
 
 
@@ -61,8 +60,7 @@ def calibrate_model(model: LoadedModel, data: CalibrationSet, engine: str = "aut
                     threads: int | None = None) -> tuple[Calibration, str]:
     """Calibrate `model` on the fastest engine that gives the reference's statistics. Returns the statistics and the
     engine that produced them ("ort" or "torch")."""
-    if engine not in ENGINES:
-        raise InputError(f"calibration engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    check_choice(engine, CALIBRATION_ENGINES, "--calib-engine")
     full = SkipLayout.from_plan(baseline_plan("early-exit", model.spec.num_layers, 0, "prefill", model.fingerprint))
     use_ort = engine == "ort" or (engine == "auto" and model.weights["embed"].dtype == torch.float32
                                   and choose_variant(model.spec, full, "ort") == "ort")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adaskip.builder.build import BACKENDS, STAND_INS, BuildOptions, build
-from adaskip.cli.common import main_wrapper
-from adaskip.model.builtin import BUILTIN_MODELS
-from adaskip.plan import METHODS, MODES
+from adaskip.builder.build import build
+from adaskip.calibrate.corpus import CALIBRATION_ENGINES
+from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUANTIZATIONS, STAND_INS, BuildOptions,
+                                     CalibrationOptions, EngineOptions, SelectionOptions)
+from adaskip.cli.common import defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
+from adaskip.model.builtin import BUILTIN_MODELS
+from adaskip.model.load import DTYPES
+from adaskip.plan import METHODS, MODES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,31 +23,41 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help=f"HF model dir, .gguf file, hub id in the local cache, or built-in: {', '.join(BUILTIN_MODELS)}")
     p.add_argument("--output", "-o", required=True, help="engine directory to write (atomically)")
+    ds, dc, de = defaults(SelectionOptions), defaults(CalibrationOptions), defaults(EngineOptions)
     sel = p.add_argument_group("selection")
-    sel.add_argument("--method", choices=METHODS, default="adaskip", help="AdaSkip or a baseline of the paper")
+    sel.add_argument("--method", choices=METHODS, default=ds.method, help="AdaSkip or a baseline of the paper")
     sel.add_argument("--skip", type=int, help="K: sublayers to skip (adaskip) or whole layers k (baselines)")
     sel.add_argument("--alpha", type=float, help="target ideal speedup (> 1); K is derived from the cost model")
-    sel.add_argument("--mode", choices=MODES, default="e2e", help="which phases skip (see README)")
+    sel.add_argument("--mode", choices=MODES, default=ds.mode, help="which phases skip (see README)")
     sel.add_argument("--context-len", type=int,
-                     help="context length the cost model assumes (default: 4096 or the model's context if shorter)")
-    sel.add_argument("--window", type=int, default=20, help="W: decode steps of online importance learning")
+                     help=f"context length the cost model assumes (default: {COST_CONTEXT} or the model's context if "
+                          "shorter)")
+    sel.add_argument("--window", type=int, default=ds.window, help="W: decode steps of online importance learning")
     sel.add_argument("--no-online", action="store_true", help="disable online (decode-time) FFN learning")
-    sel.add_argument("--stand-in", choices=STAND_INS, default="norm-ratio",
+    sel.add_argument("--stand-in", choices=STAND_INS, default=ds.stand_in,
                      help="what replaces a skipped sublayer: the paper's norm ratio x input, or a map fitted on the "
                           "calibration pass (channel-affine lowered held-out KL 14-25%% on SmolLM2; docs/eval.md)")
     sel.add_argument("--plan", help="reuse an existing plan.json instead of calibrating (must match the model)")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calib", help="calibration data: .jsonl (one prompt per record) or text; default: built-in")
-    cal.add_argument("--calib-prompts", type=int, default=20, help="N: calibration prompts")
-    cal.add_argument("--calib-tokens", type=int, default=2048, help="tokens per calibration prompt")
+    cal.add_argument("--calib-prompts", type=int, default=dc.prompts, help="N: calibration prompts")
+    cal.add_argument("--calib-tokens", type=int, default=dc.tokens, help="tokens per calibration prompt")
+    cal.add_argument("--calibration", metavar="PLAN", dest="calib_reuse",
+                     help="select from the statistics stored in an earlier plan.json of this model (no pass)")
+    cal.add_argument("--calib-engine", choices=CALIBRATION_ENGINES, default=dc.engine,
+                     help="engine of the calibration pass: auto = the unskipped ort graph on ONNX Runtime where the "
+                          "model allows it (same statistics as the reference torch engine, within 1e-5), else torch")
+    cal.add_argument("--no-calib-cache", dest="calib_cache", action="store_false",
+                     help="calibrate even when a finished calibration of this model and these prompts is cached")
     out = p.add_argument_group("engine")
-    out.add_argument("--backend", choices=BACKENDS, default="ort",
+    out.add_argument("--backend", choices=BACKENDS, default=de.backend,
                      help="ort: ONNX graph on ONNX Runtime; torch: the reference engine (weights as safetensors); "
                           "trtllm-checkpoint: TensorRT-LLM checkpoint + model class for trtllm-build; "
                           "tensorrt: serialized TensorRT engine (built on CPU with TensorRT-RTX; runs on a GPU)")
-    out.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype")
-    out.add_argument("--quantize", choices=("int4",), help="ort backend: weight-only int4 linear layers (MatMulNBits)")
-    out.add_argument("--graph-variant", choices=("auto", "ort", "portable"), default="auto",
+    out.add_argument("--dtype", choices=DTYPES, default=de.dtype, help="weights dtype")
+    out.add_argument("--quantize", choices=QUANTIZATIONS,
+                     help="ort backend: weight-only int4 linear layers (MatMulNBits)")
+    out.add_argument("--graph-variant", choices=GRAPH_VARIANTS, default=de.graph_variant,
                      help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
                           "standard ops (what TensorRT parses); auto picks ort when the plan allows it")
     out.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -52,15 +66,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def options(a: argparse.Namespace) -> BuildOptions:
+    return BuildOptions(
+        model=a.model, output=a.output,
+        selection=SelectionOptions(method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, context_len=a.context_len,
+                                   window=a.window, online=not a.no_online, stand_in=a.stand_in, plan=a.plan),
+        calibration=CalibrationOptions(data=a.calib, prompts=a.calib_prompts, tokens=a.calib_tokens,
+                                       engine=a.calib_engine, cache=a.calib_cache, reuse=a.calib_reuse),
+        engine=EngineOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant,
+                             tensorrt=tensorrt_options(a)),
+        force=a.force, progress=not a.quiet)
+
+
 @main_wrapper("adaskip-build")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    report = build(BuildOptions(
-        model=a.model, output=a.output, method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, calib=a.calib,
-        calib_prompts=a.calib_prompts, calib_tokens=a.calib_tokens, context_len=a.context_len, window=a.window,
-        online=not a.no_online, stand_in=a.stand_in, plan=a.plan, backend=a.backend, dtype=a.dtype,
-        quantize=a.quantize, graph_variant=a.graph_variant, **tensorrt_options(a), force=a.force,
-        progress=not a.quiet))
+    report = build(options(a))
     plan = report.plan
     names = [f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip]
     e = report.expected

@@ -1,13 +1,45 @@
-"""Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, never a traceback."""
+"""Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, never a traceback; flag defaults
+read from the library's options dataclasses; comma-separated list flags."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable
 
-from adaskip.errors import AdaskipError
+from adaskip.errors import AdaskipError, InputError
+
+
+def defaults(options: type) -> Any:
+    """An options dataclass's field defaults by name (`defaults(BenchOptions).repeats`): the only source of a flag's
+    default, so the CLI cannot drift from the library. Fields without a default are left out."""
+    values = {}
+    for f in dataclasses.fields(options):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return SimpleNamespace(**values)
+
+
+def joined(values: list | tuple) -> str:
+    """A list default as its flag spells it (`1024,2048`)."""
+    return ",".join(map(str, values))
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """`1024,2048` -> [1024, 2048]; empty items are skipped, anything else but an integer is refused."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated integers; got {text!r}") from None
+
+
+def word_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def quiet_libraries() -> None:

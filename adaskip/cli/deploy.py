@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adaskip.cli.common import main_wrapper
-from adaskip.deploy.triton_repo import TritonModelOptions, write_model_repository
+from adaskip.cli.common import defaults, main_wrapper
+from adaskip.deploy.triton_repo import ENGINE_MODES, TritonModelOptions, write_model_repository
 
 
 def parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
                        help="write a Triton Inference Server model repository (Python backend)",
                        description="Add a Python-backend model that serves ENGINE to the Triton model repository "
                                    "REPO (created if missing). Serve it with `adaskip-serve --repo REPO`.")
-    d = TritonModelOptions()
+    d = defaults(TritonModelOptions)
     t.add_argument("--engine", required=True, help="engine directory written by adaskip-build")
     t.add_argument("--repo", required=True, help="model repository to write or add to")
     t.add_argument("--model-name", default=d.name, help="the model's name in the repository")
@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=d.threads,
                    help="ONNX Runtime threads per instance (0: ADASKIP_THREADS in the server's environment, or all "
                         "cores)")
-    t.add_argument("--engine-mode", choices=("copy", "reference"), default=d.engine_mode,
+    t.add_argument("--engine-mode", choices=ENGINE_MODES, default=d.engine_mode,
                    help="copy the engine into the model (hard links when on the same file system) or reference its "
                         "absolute path")
     t.add_argument("--python-env", default=d.python_env, metavar="auto|none|PATH",
@@ -40,12 +40,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def options(a: argparse.Namespace) -> TritonModelOptions:
+    return TritonModelOptions(name=a.model_name, instances=a.instances, max_batch_size=a.max_batch_size,
+                              decoupled=a.decoupled, threads=a.threads, engine_mode=a.engine_mode,
+                              python_env=a.python_env, queue_delay_us=a.queue_delay_us)
+
+
 @main_wrapper("adaskip-deploy")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    opts = TritonModelOptions(name=a.model_name, instances=a.instances, max_batch_size=a.max_batch_size,
-                              decoupled=a.decoupled, threads=a.threads, engine_mode=a.engine_mode,
-                              python_env=a.python_env, queue_delay_us=a.queue_delay_us)
+    opts = options(a)
     model = write_model_repository(a.engine, a.repo, opts, force=a.force)
     kind = "decoupled (streaming over gRPC)" if opts.decoupled else "request/response (HTTP and gRPC)"
     print(f"model {opts.name}: {model} -- {kind}, {opts.instances} instance(s), max batch {opts.max_batch_size}, "

@@ -16,49 +16,42 @@ import shlex
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import main_wrapper
+from adaskip.cli.common import defaults, int_list, joined, main_wrapper, word_list
 from adaskip.errors import InputError
 from adaskip.eval import report
-from adaskip.eval.runner import EvalOptions, Evaluator
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be a comma-separated list of integers; got {text!r}") from None
-
-
-def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+from adaskip.eval.runner import PROMPT_FORMATS, EvalOptions, Evaluator
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaskip-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = defaults(EvalOptions)
     p.add_argument("--model", required=True, help="model source (built-in name, HF dir, .gguf, cached hub id)")
     p.add_argument("--engine", help="also evaluate this built engine directory (its own plan) as one more row")
-    p.add_argument("--methods", default="adaskip,adaskip-best,early-exit,skipdecode,unified",
+    p.add_argument("--methods", default=joined(d.methods),
                    help="comma-separated: adaskip[+MOD...], adaskip-best, early-exit, skipdecode, unified; MODs: "
                         "token-ratio, channel-scale, channel-affine, kl, attn, ffn, no-online, task-calib")
-    p.add_argument("--budgets", default="1,2,4,6,8", help="K sublayers (baselines: K/2 layers, even K only)")
-    p.add_argument("--modes", default="prefill,decode,e2e")
-    p.add_argument("--contexts", default="1024,2048", help="prompt lengths in tokens")
-    p.add_argument("--tasks", default="passkey,multikey,kv,summary",
+    p.add_argument("--budgets", default=joined(d.budgets), help="K sublayers (baselines: K/2 layers, even K only)")
+    p.add_argument("--modes", default=joined(d.modes))
+    p.add_argument("--contexts", default=joined(d.contexts), help="prompt lengths in tokens")
+    p.add_argument("--tasks", default=joined(d.tasks),
                    help="summary documents also give the LM metrics (perplexity, KL)")
-    p.add_argument("--samples", type=int, default=2, help="documents per task and context")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-prompts", type=int, default=16)
-    p.add_argument("--calib-tokens", type=int, default=1024)
-    p.add_argument("--window", type=int, default=20, help="online decode window W")
-    p.add_argument("--summary-tokens", type=int, default=48, help="greedy tokens per summary")
-    p.add_argument("--lm-tokens", type=int, default=32, help="teacher-forced real tokens per document")
-    p.add_argument("--study-windows", type=int, default=2, help="held-out windows of the compensation study")
-    p.add_argument("--study-tokens", type=int, default=1024)
-    p.add_argument("--kl-windows", type=int, default=1, help="calibration windows of the greedy KL selection")
-    p.add_argument("--kl-tokens", type=int, default=512)
-    p.add_argument("--kl-candidates", type=int, default=16, help="most similar sublayers the KL selection tries")
-    p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default="auto",
+    p.add_argument("--samples", type=int, default=d.samples, help="documents per task and context")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calib-prompts", type=int, default=d.calib_prompts)
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
+    p.add_argument("--window", type=int, default=d.window, help="online decode window W")
+    p.add_argument("--summary-tokens", type=int, default=d.summary_tokens, help="greedy tokens per summary")
+    p.add_argument("--lm-tokens", type=int, default=d.lm_tokens, help="teacher-forced real tokens per document")
+    p.add_argument("--study-windows", type=int, default=d.study_windows,
+                   help="held-out windows of the compensation study")
+    p.add_argument("--study-tokens", type=int, default=d.study_tokens)
+    p.add_argument("--kl-windows", type=int, default=d.kl_windows,
+                   help="calibration windows of the greedy KL selection")
+    p.add_argument("--kl-tokens", type=int, default=d.kl_tokens)
+    p.add_argument("--kl-candidates", type=int, default=d.kl_candidates,
+                   help="most similar sublayers the KL selection tries")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
                    help="task prompts in the chat template or as plain text ending in 'Answer:' (auto: chat when "
                         "the tokenizer has a template, plain for built-in base models)")
     p.add_argument("--out", required=True, help="output folder (results, caches, quality.md/json/png)")
@@ -70,17 +63,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def options(args: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(
+        model=args.model, out=args.out, engine=args.engine, methods=word_list(args.methods),
+        budgets=int_list(args.budgets, "--budgets"), modes=word_list(args.modes),
+        contexts=int_list(args.contexts, "--contexts"), tasks=word_list(args.tasks), samples=args.samples,
+        seed=args.seed, calib_prompts=args.calib_prompts, calib_tokens=args.calib_tokens, window=args.window,
+        summary_tokens=args.summary_tokens, lm_tokens=args.lm_tokens, study_windows=args.study_windows,
+        study_tokens=args.study_tokens, kl_windows=args.kl_windows, kl_tokens=args.kl_tokens,
+        kl_candidates=args.kl_candidates, prompt_format=args.prompt_format, progress=not args.quiet)
+
+
 @main_wrapper("adaskip-eval")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    opts = EvalOptions(
-        model=args.model, out=args.out, engine=args.engine, methods=_words(args.methods),
-        budgets=_ints(args.budgets, "--budgets"), modes=_words(args.modes), contexts=_ints(args.contexts, "--contexts"),
-        tasks=_words(args.tasks), samples=args.samples, seed=args.seed, calib_prompts=args.calib_prompts,
-        calib_tokens=args.calib_tokens, window=args.window, summary_tokens=args.summary_tokens,
-        lm_tokens=args.lm_tokens, study_windows=args.study_windows, study_tokens=args.study_tokens,
-        kl_windows=args.kl_windows, kl_tokens=args.kl_tokens, kl_candidates=args.kl_candidates,
-        prompt_format=args.prompt_format, progress=not args.quiet)
+    opts = options(args)
     notes = ""
     if args.notes:
         try:

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import main_wrapper
+from adaskip.cli.common import defaults, main_wrapper
 from adaskip.errors import InputError
-from adaskip.runtime.generate import GenerationResult, SamplingParams
+from adaskip.runtime.generate import TRUNCATE_MODES, GenerationResult, SamplingParams
 from adaskip.runtime.loader import load_runtime
 
 
@@ -20,13 +20,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from a file; repeatable")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    p.add_argument("--truncate", choices=("error", "middle"), default="error",
+    d = defaults(SamplingParams)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stop", action="append", default=list(d.stop_strings), help="stop string; repeatable")
+    p.add_argument("--truncate", choices=TRUNCATE_MODES, default=d.truncate,
                    help="prompt over the context: fail, or keep its beginning and end")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print results as JSON (one object per prompt)")
@@ -41,6 +42,11 @@ def _summary_line(r: GenerationResult) -> str:
             f"{len(s['prefill_skipped'])}, decode {len(s['decode_skipped_offline'])} offline + "
             f"{len(s['decode_skipped_online'])} online | KV saved {s['kv_bytes_saved'] / 2**20:.1f} MiB "
             f"of {(s['kv_bytes'] + s['kv_bytes_saved']) / 2**20:.1f} MiB")
+
+
+def sampling(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          seed=a.seed, stop_strings=tuple(a.stop), truncate=a.truncate)
 
 
 @main_wrapper("adaskip-run")
@@ -58,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("give at least one --prompt or --prompt-file")
     if a.stream and len(texts) > 1:
         raise InputError("--stream prints one prompt's tokens; give a single prompt")
-    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                            top_p=a.top_p, seed=a.seed, stop_strings=tuple(a.stop), truncate=a.truncate)
+    params = sampling(a)
     params.validate()
     rt = load_runtime(a.engine, threads=a.threads)
     ids = [rt.generator.encode(t, chat=a.chat) for t in texts]

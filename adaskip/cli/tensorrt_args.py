@@ -1,10 +1,12 @@
-"""adaskip-build's flags for --backend tensorrt (in trtllm-build's spirit) and their mapping onto BuildOptions."""
+"""adaskip-build's flags for --backend tensorrt (in trtllm-build's spirit), filling TensorRTOptions."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import fields
 
+from adaskip.cli.common import defaults
+from adaskip.export.tensorrt.options import OPT_LEVELS, TensorRTOptions
 from adaskip.runtime.trt.profiles import DEFAULT_MAX_BATCH, DEFAULT_MAX_INPUT, DEFAULT_MAX_SEQ, PROFILE_MODES
 
 
@@ -16,15 +18,16 @@ def add_tensorrt_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"longest prompt (default min({DEFAULT_MAX_INPUT}, --max-seq-len))")
     g.add_argument("--max-seq-len", type=int, default=unset,
                    help=f"longest prompt + generated tokens, the KV capacity (default min({DEFAULT_MAX_SEQ}, context))")
-    g.add_argument("--profiles", choices=PROFILE_MODES, default="split",
+    g.add_argument("--profiles", choices=PROFILE_MODES, default=defaults(TensorRTOptions).profiles,
                    help="split: one profile for prefill shapes and one for decode shapes; combined: one for both "
                         "(one compile pass instead of two)")
     g.add_argument("--timing-cache", metavar="FILE", default=unset,
                    help="timing cache read before and updated after the build (full TensorRT; TensorRT-RTX has none)")
-    g.add_argument("--builder-opt-level", type=int, choices=range(6), metavar="0-5", default=unset,
+    g.add_argument("--builder-opt-level", type=int, choices=OPT_LEVELS,
+                   metavar=f"{OPT_LEVELS[0]}-{OPT_LEVELS[-1]}", default=unset,
                    help="TensorRT builder optimization level (default: TensorRT's, 3)")
 
 
-def tensorrt_options(a: argparse.Namespace) -> dict[str, Any]:
-    names = ("max_batch_size", "max_input_len", "max_seq_len", "timing_cache", "builder_opt_level")
-    return {"trt_profiles": a.profiles, **{n: getattr(a, n, None) for n in names}}
+def tensorrt_options(a: argparse.Namespace) -> TensorRTOptions:
+    """The flags given (the unset ones keep TensorRTOptions' defaults); each field is the flag of its name."""
+    return TensorRTOptions(**{f.name: getattr(a, f.name) for f in fields(TensorRTOptions) if hasattr(a, f.name)})

@@ -53,6 +53,7 @@ OUTPUTS: list[tuple[str, str, list[int]]] = [
 ]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+ENGINE_MODES = ("copy", "reference")  # the engine copied into the model (self-contained) or referenced by path
 
 
 @dataclass
@@ -78,7 +79,7 @@ class TritonModelOptions:
             raise InputError(f"--threads must be >= 0; got {self.threads}")
         if self.queue_delay_us < 0:
             raise InputError(f"--queue-delay-us must be >= 0; got {self.queue_delay_us}")
-        if self.engine_mode not in ("copy", "reference"):
+        if self.engine_mode not in ENGINE_MODES:
             raise InputError(f"engine mode must be 'copy' or 'reference'; got {self.engine_mode!r}")
 
 

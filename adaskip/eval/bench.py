@@ -11,7 +11,6 @@ pair (ours and onnxruntime-genai's with spinning on, as onnxruntime-genai runs b
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,8 +26,36 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from adaskip.cli.common import main_wrapper
+from adaskip.calibrate.corpus import CalibrationOptions
 from adaskip.errors import InputError
+
+
+@dataclass
+class BenchOptions:
+    """What adaskip-bench measures (adaskip/cli/bench.py fills it from its flags)."""
+    model: str = "smollm2-135m"
+    contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8128])  # each + decode_tokens must fit
+    budgets: list[int] = field(default_factory=lambda: [8, 16])  # AdaSkip K values (e2e plans); [] for none
+    repeats: int = 3
+    decode_tokens: int = 32
+    threads: int = 2
+    calibration: str | None = None  # a plan.json whose calibration stats to take instead of calibrating
+    calib_prompts: int = CalibrationOptions.prompts  # as adaskip-build calibrates by default
+    calib_tokens: int = CalibrationOptions.tokens
+    int4: bool = False  # int4 columns (ours and onnxruntime-genai)
+    hf: bool = True  # the Hugging Face transformers column
+    genai: bool = True  # the onnxruntime-genai columns
+    spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)
+
+    def validate(self) -> None:
+        if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
+            raise InputError("--repeats, --decode-tokens and --threads must be >= 1")
+        if not self.contexts or min(self.contexts) < 1:
+            raise InputError("--contexts must be one or more positive token counts")
+        if self.budgets and min(self.budgets) < 0:
+            raise InputError("--budgets must be non-negative integers (sublayers)")
+        if self.budgets and self.calibration is None:  # AdaSkip columns calibrate as adaskip-build does
+            CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
 
 
 @dataclass
@@ -156,16 +183,6 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                                                                  if spinning else ""))
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{flag} takes comma-separated integers; got {text!r}") from None
-    if not values or min(values) < 0:
-        raise InputError(f"{flag} takes comma-separated non-negative integers; got {text!r}")
-    return values
-
-
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
     """This machine's fp32 GEMM throughput as ONNX Runtime gets it (one MatMul of the model's FFN shape, best of
     `repeats`): the roofline a compute-bound prefill can approach."""
@@ -242,7 +259,7 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     return 4 * heads * hd * (context * (context + 1) // 2) / best / 1e9
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
     from adaskip.model.tokenizer import load_tokenizer
     from adaskip.calibrate.importance import calibrate
     from adaskip.calibrate.corpus import builtin_text, load_calibration
@@ -250,33 +267,34 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from adaskip.plan import SkipPlan, baseline_plan
     from adaskip.runtime.torch_engine import TorchEngine
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    opts.validate()
+    torch.set_num_threads(opts.threads)
+    model = load_model(opts.model)
     spec = model.spec
-    contexts = _ints(args.contexts, "--contexts")
-    if max(contexts) + args.decode_tokens + 1 > spec.max_position_embeddings:
-        raise InputError(f"contexts must leave room for {args.decode_tokens} decode tokens within "
+    contexts = opts.contexts
+    if max(contexts) + opts.decode_tokens + 1 > spec.max_position_embeddings:
+        raise InputError(f"contexts must leave room for {opts.decode_tokens} decode tokens within "
                          f"{spec.max_position_embeddings}")
     tokenizer = load_tokenizer(model)
     corpus = tokenizer.encode(builtin_text(), add_special_tokens=False)
-    budgets = _ints(args.budgets, "--budgets") if args.budgets else []
+    budgets = opts.budgets
     calib = None  # only AdaSkip columns need one
-    if args.calibration:
-        source_plan = SkipPlan.load(args.calibration)
+    if opts.calibration:
+        source_plan = SkipPlan.load(opts.calibration)
         source_plan.check_model(model.fingerprint, spec.num_layers)
         calib = source_plan.calibration
     elif budgets:
         calib = calibrate(TorchEngine.from_loaded(model),
-                          load_calibration(tokenizer, args.calib_prompts, args.calib_tokens))
+                          load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens))
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
     try:
-        return _measure(args, model, calib, nothing, budgets, contexts, corpus, work)
+        return _measure(opts, model, calib, nothing, budgets, contexts, corpus, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the exported graphs: several copies of the weights
 
 
-def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
+def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
     from adaskip import cost
     from adaskip.plan import adaskip_plan
     from adaskip.policy import SkipPolicy
@@ -284,26 +302,26 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
 
     spec = model.spec
     columns: list[Column] = []
-    if not args.no_hf:
+    if opts.hf:
         columns.append(_hf_column(model.source))
     columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
-    columns.append(_ort_column("ort", model, nothing, work, args.threads))
-    if args.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
-        columns.append(_ort_column("ort-spin", model, nothing, work, args.threads, spinning=True))
+    columns.append(_ort_column("ort", model, nothing, work, opts.threads))
+    if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
+        columns.append(_ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True))
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
-        col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, args.threads)
+        col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
         col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
-    if not args.no_genai:
-        columns += _genai_columns(model.source, "fp32", work, args.threads, args.spinning_pair)
-    if args.int4:
-        columns.append(_ort_column("ort-int4", model, nothing, work, args.threads, quantize=True))
-        if not args.no_genai:
-            columns += _genai_columns(model.source, "int4", work, args.threads, with_spinning=False)
+    if opts.genai:
+        columns += _genai_columns(model.source, "fp32", work, opts.threads, opts.spinning_pair)
+    if opts.int4:
+        columns.append(_ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True))
+        if opts.genai:
+            columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False)
 
     results: dict[str, dict[int, dict[str, list[float]]]] = {c.name: {} for c in columns}
     # the kernels' rates are measured in every repeat, next to the columns, and the best kept: a shared machine's
@@ -312,20 +330,20 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
     attention: dict[int, float | None] = {}
     for ctx in contexts:
         prompt = corpus[:ctx]
-        for rep in range(args.repeats):
-            gemm[ctx] = max(gemm.get(ctx, 0.0), _gemm_gflops(spec, args.threads))
-            rate = _attention_gflops(spec, args.threads, ctx)
+        for rep in range(opts.repeats):
+            gemm[ctx] = max(gemm.get(ctx, 0.0), _gemm_gflops(spec, opts.threads))
+            rate = _attention_gflops(spec, opts.threads, ctx)
             attention[ctx] = None if rate is None else max(attention.get(ctx) or 0.0, rate)
             order = columns[rep % len(columns):] + columns[:rep % len(columns)]
             for col in order:
-                ttft, per_token = col.run(prompt, args.decode_tokens)
+                ttft, per_token = col.run(prompt, opts.decode_tokens)
                 slot = results[col.name].setdefault(ctx, {"ttft": [], "decode": []})
                 slot["ttft"].append(ttft)
                 slot["decode"].append(per_token)
-                print(f"adaskip-bench: {ctx:>5} tokens  repeat {rep + 1}/{args.repeats}  {col.name:<18} "
+                print(f"adaskip-bench: {ctx:>5} tokens  repeat {rep + 1}/{opts.repeats}  {col.name:<18} "
                       f"TTFT {ttft:7.3f} s  decode {per_token * 1000:7.2f} ms/token", file=sys.stderr, flush=True)
-    return {"model": args.model, "threads": args.threads, "repeats": args.repeats,
-            "decode_tokens": args.decode_tokens, "contexts": contexts,
+    return {"model": opts.model, "threads": opts.threads, "repeats": opts.repeats,
+            "decode_tokens": opts.decode_tokens, "contexts": contexts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "gemm_gflops": {str(ctx): g for ctx, g in gemm.items()},
             "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
@@ -415,43 +433,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--contexts", default="1024,2048,4096,8128", help="prompt lengths (each plus the decode tokens "
-                   "must fit the model's context)")
-    p.add_argument("--budgets", default="8,16", help="AdaSkip K values (e2e plans)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--calibration", help="take calibration stats from this plan.json instead of calibrating")
-    p.add_argument("--calib-prompts", type=int, default=20)
-    p.add_argument("--calib-tokens", type=int, default=2048)
-    p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
-    p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--no-genai", action="store_true")
-    p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
-                   help="leave out ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)")
-    p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
-    return p
-
-
-@main_wrapper("adaskip-bench")
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
-    if a.repeats < 1 or a.decode_tokens < 1 or a.threads < 1:
-        raise InputError("--repeats, --decode-tokens and --threads must be >= 1")
-    data = run_bench(a)
-    out = Path(a.out)
+def write_outputs(data: dict[str, Any], out: Path) -> str:
+    """benchmarks.json, benchmarks.md and benchmarks.png in `out` (created); returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(data, indent=2))
     md = render_markdown(data)
     (out / "benchmarks.md").write_text(md + "\n![benchmarks](benchmarks.png)\n")
     plot(data, out / "benchmarks.png")
-    print(md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return md

@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from adaskip import cost
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.calibrate.corpus import CalibrationSet, load_calibration
-from adaskip.errors import InputError, PlanError
+from adaskip.calibrate.corpus import CalibrationOptions, CalibrationSet, load_calibration
+from adaskip.errors import InputError, PlanError, check_choice
 from adaskip.model import LoadedModel, load_model
 from adaskip.model.builtin import BUILTIN_MODELS
-from adaskip.plan import (DEFAULT_WINDOW, MODES, Calibration, SkipPlan, adaskip_plan, baseline_plan,
+from adaskip.plan import (DEFAULT_WINDOW, MODES, Calibration, SkipPlan, adaskip_plan, baseline_plan, check_mode,
                           rank_by_similarity)
 from adaskip.policy import SkipPolicy
 from adaskip.calibrate import compensation as comp
@@ -132,23 +132,21 @@ class EvalOptions:
 
     def validate(self) -> None:
         for m in self.modes:
-            if m not in MODES:
-                raise InputError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+            check_mode(m, "--modes")
         for t in self.tasks:
-            if t not in tasks.TASKS:
-                raise InputError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
+            tasks.check_task(t)
         if any(k < 0 for k in self.budgets) or not self.budgets:
             raise InputError("--budgets must be non-negative integers (sublayers)")
         if any(c < tasks.MIN_CONTEXT for c in self.contexts) or not self.contexts:
             raise InputError(f"--contexts must be at least {tasks.MIN_CONTEXT} tokens")
         if self.samples < 1:
             raise InputError("--samples must be at least 1")
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise InputError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}; got {self.prompt_format!r}")
+        check_choice(self.prompt_format, PROMPT_FORMATS, "--prompt-format")
+        CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
         for name in self.methods:
             parse_method(name, best=("norm-ratio", "similarity"))
         for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
-                         ("--window", self.window), ("--calib-prompts", self.calib_prompts),
+                         ("--window", self.window),
                          ("--study-windows", self.study_windows), ("--kl-windows", self.kl_windows)):
             if v < 1:
                 raise InputError(f"{label} must be at least 1")

@@ -139,9 +139,13 @@ def _rng(seed: int, task: str, context: int, index: int) -> random.Random:
     return random.Random(f"adaskip-quality:{seed}:{task}:{context}:{index}")  # str seeds are stable across runs
 
 
-def _check(context: int, task: str) -> None:
+def check_task(task: str) -> None:
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def _check(context: int, task: str) -> None:
+    check_task(task)
     if context < MIN_CONTEXT:
         raise InputError(f"context must be at least {MIN_CONTEXT} tokens; got {context}")
 

@@ -10,20 +10,41 @@ largest differences and how often the candidate's greedy token agrees with the r
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from adaskip.cli.common import main_wrapper
+from adaskip.engine_dir import TOKENIZER, open_engine_dir
 from adaskip.errors import EngineDirError, InputError
+from adaskip.model import load_model
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import StepOutput
+from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.stepper import Stepper
+from adaskip.runtime.torch_engine import TorchEngine
+
+DEFAULT_ATOL = 1e-4  # fp32 engines; a quantized engine is reported, not judged, unless an atol is given
+
+
+@dataclass
+class VerifyOptions:
+    """What adaskip-verify compares (adaskip/cli/verify.py fills it from its flags)."""
+    engine: str  # the engine directory to verify
+    model: str | None = None  # the reference weights; None: the source recorded at build time
+    prompts: int = 3
+    prompt_tokens: int = 512  # per prompt (cut to leave room for the decode steps in the model's context)
+    decode_steps: int = 32  # greedy decode steps compared per prompt
+    atol: float | None = None  # None: DEFAULT_ATOL, or report only for a quantized engine
+
+    def validate(self) -> None:
+        if self.prompts < 1 or self.prompt_tokens < 1 or self.decode_steps < 0:
+            raise InputError("--prompts and --prompt-tokens must be >= 1, --decode-steps >= 0")
+        if self.atol is not None and not (math.isfinite(self.atol) and self.atol >= 0):
+            raise InputError(f"--atol must be a finite number >= 0; got {self.atol}")
 
 
 @dataclass
@@ -139,64 +160,39 @@ def verification_prompts(tokenizer: Any, count: int, tokens: int) -> list[list[i
     return prompts
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Compare an engine with the reference torch engine on real text.")
-    p.add_argument("--engine", required=True, help="engine directory to verify")
-    p.add_argument("--model", help="source of the reference weights (default: the source recorded at build time); "
-                                   "must have the engine's fingerprint")
-    p.add_argument("--prompts", type=int, default=3, help="number of prompts")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt")
-    p.add_argument("--decode-steps", type=int, default=32, help="greedy decode steps compared per prompt")
-    p.add_argument("--atol", type=float, help="max |difference| allowed (default 1e-4; report only for int4)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    return p
+@dataclass
+class Verification:
+    """A verified engine: the comparison and what it was run against."""
+    report: VerifyReport
+    engine: Path
+    backend: str
+    quantize: str | None
+    atol: float | None  # None: report only (quantized engine, no --atol)
+    prompt_tokens: int  # per prompt, as run
 
 
-@main_wrapper("adaskip-verify")
-def main(argv: list[str] | None = None) -> int:
+def verify_engine(opts: VerifyOptions) -> Verification:
+    """Check the engine directory's files, load the reference weights it was built from (same fingerprint), and
+    compare the engine with the reference torch engine on windows of the built-in corpus."""
     from transformers import AutoTokenizer
 
-    from adaskip.engine_dir import TOKENIZER, open_engine_dir
-    from adaskip.errors import EngineDirError
-    from adaskip.model import load_model
-    from adaskip.runtime.loader import load_runtime
-    from adaskip.runtime.torch_engine import TorchEngine
-
-    a = parser().parse_args(argv)
-    if a.prompts < 1 or a.prompt_tokens < 1 or a.decode_steps < 0:
-        raise InputError("--prompts and --prompt-tokens must be >= 1, --decode-steps >= 0")
-    ed = open_engine_dir(a.engine, verify_large_files=True)  # every file against its digest
-    if a.decode_steps >= ed.spec.max_position_embeddings:
+    opts.validate()
+    ed = open_engine_dir(opts.engine, verify_large_files=True)  # every file against its digest
+    if opts.decode_steps >= ed.spec.max_position_embeddings:
         raise InputError(f"--decode-steps must leave room for a prompt in the model's context of "
                          f"{ed.spec.max_position_embeddings} tokens")
     options = ed.manifest["build"].get("options", {})
     quantized = options.get("quantize")
-    atol = a.atol if a.atol is not None else (None if quantized else 1e-4)
-    source = a.model or ed.manifest["build"].get("source")
+    atol = opts.atol if opts.atol is not None else (None if quantized else DEFAULT_ATOL)
+    source = opts.model or ed.manifest["build"].get("source")
     reference_model = load_model(source, dtype=options.get("dtype", "float32"))  # the fingerprint covers the dtype
     if reference_model.fingerprint != ed.fingerprint:
         raise EngineDirError(f"{source} is not the model this engine was built from (fingerprint differs); pass "
                              f"--model with the original model")
     runtime = load_runtime(ed.root)
     tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
-    prompt_tokens = min(a.prompt_tokens, ed.spec.max_position_embeddings - a.decode_steps)
-    prompts = verification_prompts(tokenizer, a.prompts, prompt_tokens)
-    report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.layout.compensation), runtime.engine, runtime.policy, prompts,
-                             a.decode_steps, atol)
-    if a.json:
-        print(json.dumps({**asdict(report), "passed": report.passed, "backend": ed.backend,
-                          "quantize": quantized}, indent=2))
-    else:
-        print(f"engine {ed.root} ({ed.backend}{', ' + quantized if quantized else ''}) vs reference torch engine, "
-              f"fp32: {report.prompts} prompts x {prompt_tokens} tokens + {a.decode_steps} decode steps")
-        print(f"  max |logit diff|        {report.max_logit_diff:.3e}")
-        print(f"  max |similarity diff|   {report.max_similarity_diff:.3e}  (IO similarity and norm ratio)")
-        print(f"  greedy token agreement  {report.token_agreement:.4f}  ({report.steps} steps)")
-        print(f"  verdict                 {'PASS' if report.passed else 'FAIL'}"
-              + (f" at atol {atol:g}" if atol is not None else " (report only: quantized engine)"))
-    return 0 if report.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    prompt_tokens = min(opts.prompt_tokens, ed.spec.max_position_embeddings - opts.decode_steps)
+    prompts = verification_prompts(tokenizer, opts.prompts, prompt_tokens)
+    report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.layout.compensation),
+                             runtime.engine, runtime.policy, prompts, opts.decode_steps, atol)
+    return Verification(report, ed.root, ed.backend, quantized, atol, prompt_tokens)

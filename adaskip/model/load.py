@@ -13,18 +13,22 @@ from typing import Any
 
 import torch
 
-from adaskip.errors import ModelLoadError
+from adaskip.errors import AdaskipError, ModelLoadError, check_choice
 from adaskip.model import builtin, families
 from adaskip.model.spec import LoadedModel, ModelSpec, layer_role
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = tuple(_DTYPES)  # the weight dtypes a model loads in (adaskip-build --dtype)
+
+
+def check_dtype(dtype: str, what: str = "--dtype", error: type[AdaskipError] = ModelLoadError) -> None:
+    check_choice(dtype, DTYPES, what, error)
 
 
 def load_model(source: str, dtype: str = "float32") -> LoadedModel:
     """Load `source`: a built-in name (see `builtin.BUILTIN_MODELS`), an HF model directory, a `.gguf` file, or a
     hub id already in the local Hugging Face cache (never downloaded)."""
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
+    check_dtype(dtype, "dtype")
     torch_dtype = _DTYPES[dtype]
     if source in builtin.BUILTIN_MODELS:
         return _load_hf_dir(builtin.ensure_builtin(source), torch_dtype, name=source)

@@ -19,6 +19,9 @@ from adaskip.runtime.engine import Engine
 from adaskip.runtime.stepper import Row, Stepper
 
 
+TRUNCATE_MODES = ("error", "middle")  # a prompt over the context: refuse it, or keep its beginning and end
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -39,7 +42,7 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0; got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.truncate not in ("error", "middle"):
+        if self.truncate not in TRUNCATE_MODES:
             raise InputError(f"truncate must be 'error' or 'middle'; got {self.truncate!r}")
 
 

@@ -26,45 +26,51 @@ from typing import Any, Callable
 
 from adaskip.errors import InputError
 from adaskip.runtime.trt.lib import TensorRT, TensorRTError, errors_of, load_tensorrt, warnings_of
-from adaskip.export.onnx.variants import check_request
 from adaskip.export.tensorrt.network import describe_network, input_axes, parse_onnx
+from adaskip.export.tensorrt.options import TensorRTOptions
 from adaskip.runtime.trt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from adaskip.runtime.trt.profiles import PROFILE_MODES, Limits, make_profiles
+from adaskip.runtime.trt.profiles import Limits, make_profiles
 from adaskip.export.tensorrt.progress import make_monitor
 
 ENGINE_FILE = "model.engine"
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
 class TrtSettings:
+    """TensorRTOptions resolved for one model: the limits filled in and checked against its context."""
     limits: Limits
-    profiles: str = "split"  # "split": prefill + decode profiles; "combined": one (profiles.py)
+    profiles: str = TensorRTOptions.profiles
     dtype: str = "float32"
     timing_cache: Path | None = None  # read before and written after the build (full TensorRT)
     opt_level: int | None = None  # builder optimization level 0..5; None: TensorRT's default (3)
     progress: bool = True
 
+    @classmethod
+    def from_options(cls, opts: TensorRTOptions, dtype: str, context: int, progress: bool = True) -> "TrtSettings":
+        limits = Limits.resolve(opts.max_batch_size, opts.max_input_len, opts.max_seq_len, context)
+        cache = Path(opts.timing_cache).expanduser() if opts.timing_cache else None
+        return cls(limits, opts.profiles, dtype, cache, opts.builder_opt_level, progress)
 
-def check_settings(env: TensorRT, profiles: str, dtype: str, opt_level: int | None) -> None:
-    """Everything that can be refused before loading a model."""
-    if profiles not in PROFILE_MODES:
-        raise InputError(f"--profiles must be one of {', '.join(PROFILE_MODES)}; got {profiles!r}")
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+def check_precision(env: TensorRT, dtype: str) -> None:
+    """Whether this TensorRT can build at `dtype` (the dtype itself is checked with the other build options)."""
     if dtype != "float32" and not hasattr(env.trt.BuilderFlag, "FP16" if dtype == "float16" else "BF16"):
         raise InputError(f"--dtype {dtype}: {env.flavour} {env.version} builds strongly typed networks only (its "
                          f"API has no FP16/BF16 builder flags) and the exported graph is float32; build with --dtype "
                          f"float32, or install the full tensorrt package for reduced-precision engines")
-    if opt_level is not None and not 0 <= opt_level <= 5:
-        raise InputError(f"--builder-opt-level must be between 0 and 5; got {opt_level}")
+
+
+def check_environment(dtype: str) -> None:
+    """adaskip-build's early check for --backend tensorrt, before a model is loaded: TensorRT present, and able to
+    build at `dtype`."""
+    check_precision(load_tensorrt(), dtype)
 
 
 def build_engine(onnx_path: Path, engine_path: Path, settings: TrtSettings) -> dict[str, Any]:
     """Parse, build and write the engine; returns what the manifest records. Raises TensorRTError with TensorRT's
     messages when the graph cannot be parsed or built (nothing is written then)."""
     env = load_tensorrt()
-    check_settings(env, settings.profiles, settings.dtype, settings.opt_level)
+    check_precision(env, settings.dtype)
     trt = env.trt
     parsed = parse_onnx(env, onnx_path)
     network = describe_network(env, parsed.network)
@@ -162,39 +168,9 @@ class _TimingCache:
         return {"path": str(self.path), "used": True, "loaded_bytes": self.loaded, "saved_bytes": len(data)}
 
 
-def settings_from_options(opts: Any, context: int) -> TrtSettings:
-    """BuildOptions (adaskip/builder/build.py) -> TrtSettings, with the limits checked against the model's context."""
-    limits = Limits.resolve(opts.max_batch_size, opts.max_input_len, opts.max_seq_len, context)
-    cache = Path(opts.timing_cache).expanduser() if opts.timing_cache else None
-    return TrtSettings(limits, opts.trt_profiles, opts.dtype, cache, opts.builder_opt_level, opts.progress)
-
-
-TRT_DEFAULTS = {"max_batch_size": None, "max_input_len": None, "max_seq_len": None, "trt_profiles": "split",
-                "timing_cache": None, "builder_opt_level": None}
-
-
-def check_options(opts: Any, spec: Any = None) -> None:
-    """adaskip-build's early checks (BuildOptions.validate, then again with the model's spec): TensorRT options only
-    with --backend tensorrt; there, TensorRT present and the flags valid, and given the spec, the limits within the
-    model's context, so a bad option fails before a model is loaded or calibrated."""
-    if opts.backend != "tensorrt":
-        given = [k for k, v in TRT_DEFAULTS.items() if getattr(opts, k, v) != v]
-        if given:
-            flags = ", ".join("--" + k.replace("trt_", "").replace("_", "-") for k in given)
-            raise InputError(f"{flags}: TensorRT engine options, for --backend tensorrt only")
-        return
-    check_request(opts.backend, opts.graph_variant)
-    if opts.quantize:
-        raise InputError("--quantize int4 is available for the ort backend only")
-    check_settings(load_tensorrt(), opts.trt_profiles, opts.dtype, opts.builder_opt_level)
-    if spec is not None:
-        settings_from_options(opts, spec.max_position_embeddings)
-
-
-def build_into(tmp: Path, build_info: dict[str, Any], opts: Any, context: int, log: Callable[[str], None]) -> None:
+def build_into(tmp: Path, build_info: dict[str, Any], settings: TrtSettings, log: Callable[[str], None]) -> None:
     """The tensorrt backend's step of adaskip-build, run inside the engine directory being written (after the
     portable graph was exported there): build model.engine, record it, drop the ONNX files it was built from."""
-    settings = settings_from_options(opts, context)
     graph = build_info["graph"]
     log(f"building the TensorRT engine ({settings.profiles} profiles: batch <= {settings.limits.max_batch_size}, "
         f"input <= {settings.limits.max_input_len}, sequence <= {settings.limits.max_seq_len})")

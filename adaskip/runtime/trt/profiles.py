@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adaskip.errors import InputError
+from adaskip.errors import InputError, check_choice
 from adaskip.runtime.trt.lib import TensorRTError
 
 PROFILE_MODES = ("split", "combined")
@@ -27,6 +27,10 @@ DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_INPUT = 2048
 DEFAULT_MAX_SEQ = 4096
 Range = tuple[int, int, int]  # (min, opt, max)
+
+
+def check_profile_mode(mode: str) -> None:
+    check_choice(mode, PROFILE_MODES, "--profiles")
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,7 @@ def axis_ranges(limits: Limits, phase: str) -> dict[str, Range]:
 
 def make_profiles(input_axes: dict[str, list[int | str]], limits: Limits, mode: str) -> list[Profile]:
     """input_axes: each graph input's dims, an int or the dynamic axis name (from the ONNX graph)."""
-    if mode not in PROFILE_MODES:
-        raise InputError(f"--profiles must be one of {', '.join(PROFILE_MODES)}; got {mode!r}")
+    check_profile_mode(mode)
     phases = ["prefill", "decode"] if mode == "split" else ["combined"]
     profiles = []
     for phase in phases:

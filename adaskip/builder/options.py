@@ -1,0 +1,138 @@
+"""BuildOptions: what adaskip-build takes, grouped as the build uses it, each default and each check in one place.
+
+    selection     which sublayers to skip: a method and a budget to calibrate for, or an existing plan
+    calibration   what to calibrate on (adaskip/calibrate/corpus.py)
+    engine        the backend and how its engine is exported; `engine.tensorrt` for --backend tensorrt
+                  (adaskip/export/tensorrt/options.py)
+
+The CLI (adaskip/cli/build.py) fills it from flags whose defaults it reads from these dataclasses, as trtllm-build
+fills its BuildConfig; a library caller fills it directly. `validate()` refuses bad options before a model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from adaskip.calibrate.corpus import CalibrationOptions
+from adaskip.errors import InputError, check_choice
+from adaskip.export.tensorrt.options import TensorRTOptions
+from adaskip.model.load import check_dtype
+from adaskip.plan import COMPENSATION_RULES, DEFAULT_WINDOW, check_method, check_mode
+
+# ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
+# trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
+# tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/export/tensorrt/)
+BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
+# stand-ins for a skipped sublayer (adaskip/calibrate/compensation.py): the paper's scalar norm ratio, or one fitted on
+# the calibration pass (per-token ratio, per-channel scale, per-channel affine a * h + b)
+STAND_INS = COMPENSATION_RULES
+# ort backend: "ort" (ONNX Runtime's fused contrib ops), "portable" (standard ops only), auto: ort where the plan
+# allows it
+GRAPH_VARIANTS = ("auto", "ort", "portable")
+QUANTIZATIONS = ("int4",)  # weight-only int4 MatMuls (MatMulNBits), ort backend
+
+
+def check_backend(backend: str) -> None:
+    check_choice(backend, BACKENDS, "--backend")
+
+
+COST_CONTEXT = 4096  # the context the cost model assumes unless --context-len (or a shorter model context) says
+
+
+@dataclass
+class SelectionOptions:
+    method: str = "adaskip"
+    skip: int | None = None  # K sublayers (adaskip) or k layers (baselines)
+    alpha: float | None = None  # target ideal speedup (adaskip)
+    mode: str = "e2e"
+    context_len: int | None = None  # for the cost model; None: min(COST_CONTEXT, the model's context)
+    window: int = DEFAULT_WINDOW
+    online: bool = True
+    stand_in: str = "norm-ratio"  # what replaces a skipped sublayer: the paper's rule or a fitted per-channel map
+    plan: str | None = None  # reuse an existing plan instead of calibrating
+
+    # what a plan file decides, by flag: refused next to --plan rather than silently ignored
+    _PLAN_DECIDES = (("--method", "method"), ("--skip", "skip"), ("--alpha", "alpha"), ("--mode", "mode"),
+                     ("--window", "window"), ("--no-online", "online"), ("--stand-in", "stand_in"))
+
+    def overridden(self) -> list[str]:
+        """The flags a plan decides that are set away from their defaults."""
+        default = SelectionOptions()
+        return [flag for flag, name in self._PLAN_DECIDES if getattr(self, name) != getattr(default, name)]
+
+    def validate(self) -> None:
+        check_method(self.method)
+        check_mode(self.mode)
+        if self.plan is None:
+            if (self.skip is None) == (self.alpha is None):
+                raise InputError("give exactly one of --skip K or --alpha A (or --plan FILE)")
+            if self.alpha is not None and self.method != "adaskip":
+                raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
+            if self.skip is not None and self.skip < 0:
+                raise InputError(f"--skip must be >= 0; got {self.skip}")
+        check_choice(self.stand_in, STAND_INS, "--stand-in")
+        if self.stand_in != "norm-ratio" and self.method != "adaskip":
+            raise InputError("--stand-in applies to AdaSkip plans; baselines skip whole layers with no stand-in")
+        if self.window < 1:
+            raise InputError(f"--window must be >= 1; got {self.window}")
+        if self.context_len is not None and self.context_len < 1:
+            raise InputError(f"--context-len must be >= 1; got {self.context_len}")
+
+
+@dataclass
+class EngineOptions:
+    backend: str = "ort"
+    dtype: str = "float32"  # weights dtype
+    quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
+    graph_variant: str = "auto"  # ort backend: see GRAPH_VARIANTS
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # --backend tensorrt only
+
+    def validate(self) -> None:
+        check_backend(self.backend)
+        check_dtype(self.dtype, "--dtype", InputError)
+        check_choice(self.graph_variant, GRAPH_VARIANTS, "--graph-variant")
+        if self.quantize is not None and (self.quantize not in QUANTIZATIONS or self.backend != "ort"):
+            raise InputError("--quantize int4 is available for the ort backend only")
+        self.tensorrt.validate()
+        if self.backend != "tensorrt":
+            given = self.tensorrt.given()
+            if given:
+                raise InputError(f"{', '.join(given)}: TensorRT engine options, for --backend tensorrt only")
+        elif self.graph_variant not in ("auto", "portable"):
+            raise InputError("--backend tensorrt builds from the portable graph (standard ONNX ops); drop "
+                             "--graph-variant")
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    output: str
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    force: bool = False  # replace an existing output directory
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Everything that can be refused before a model is loaded (the TensorRT environment and the limits against
+        the model's context are checked by build(), still before calibrating)."""
+        sel = self.selection
+        sel.validate()
+        if sel.plan is not None:
+            given = sel.overridden() + [flag for flag, v in (("--calib", self.calibration.data),
+                                                             ("--calibration", self.calibration.reuse)) if v is not None]
+            if given:
+                raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
+        else:
+            self.calibration.validate()
+        self.engine.validate()
+        if sel.stand_in != "norm-ratio" and self.engine.backend == "trtllm-checkpoint":
+            raise InputError("the TensorRT-LLM checkpoint supports the paper's norm-ratio stand-in only")
+
+    def record(self) -> dict[str, Any]:
+        """The options as the manifest records them (flat keys, as engine directories have always had them)."""
+        e, c = self.engine, self.calibration
+        return {"model": self.model, **asdict(self.selection), "calib": c.data, "calib_prompts": c.prompts,
+                "calib_tokens": c.tokens, "backend": e.backend, "dtype": e.dtype, "quantize": e.quantize,
+                "graph_variant": e.graph_variant, **e.tensorrt.record()}

@@ -1,0 +1,54 @@
+"""adaskip-bench: time to first token and per-token decode time, side by side, at several context lengths
+(adaskip/eval/bench.py: the columns and how they are measured)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from adaskip.cli.common import defaults, int_list, joined, main_wrapper
+from adaskip.eval.bench import BenchOptions, run_bench, write_outputs
+from adaskip.eval.bench import __doc__ as bench_doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaskip-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=bench_doc.split("\n\n")[0])
+    d = defaults(BenchOptions)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--contexts", default=joined(d.contexts), help="prompt lengths (each plus the decode tokens "
+                   "must fit the model's context)")
+    p.add_argument("--budgets", default=joined(d.budgets), help="AdaSkip K values (e2e plans)")
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--calibration", help="take calibration stats from this plan.json instead of calibrating")
+    p.add_argument("--calib-prompts", type=int, default=d.calib_prompts)
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
+    p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-genai", action="store_true")
+    p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
+                   help="leave out ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)")
+    p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
+    return p
+
+
+def options(a: argparse.Namespace) -> BenchOptions:
+    return BenchOptions(model=a.model, contexts=int_list(a.contexts, "--contexts"),
+                        budgets=int_list(a.budgets, "--budgets"), repeats=a.repeats, decode_tokens=a.decode_tokens,
+                        threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
+                        calib_tokens=a.calib_tokens, int4=a.int4, hf=not a.no_hf, genai=not a.no_genai,
+                        spinning_pair=a.spinning_pair)
+
+
+@main_wrapper("adaskip-bench")
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    print(write_outputs(run_bench(options(a)), Path(a.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
