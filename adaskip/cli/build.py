@@ -11,6 +11,7 @@ from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUA
                                      CalibrationOptions, EngineOptions, SelectionOptions)
 from adaskip.cli.common import defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
+from adaskip.export.trtllm.checkpoint import trtllm_build_command
 from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.model.load import DTYPES
 from adaskip.plan import METHODS, MODES
@@ -95,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
           f"decode {e['decode']:.3f}x (before online skipping)")
     if a.backend == "trtllm-checkpoint":
-        from adaskip.export.trtllm.checkpoint import trtllm_build_command
-
         print(f"build it where TensorRT-LLM is installed: {trtllm_build_command(report.output)}")
     return 0
 

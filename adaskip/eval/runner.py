@@ -43,6 +43,7 @@ from adaskip.calibrate import compensation as comp
 from adaskip.eval import metrics, tasks
 from adaskip.runtime.engine import StepOutput
 from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.stepper import Stepper
 from adaskip.runtime.torch_engine import KVCache, TorchEngine
 
@@ -505,8 +506,6 @@ class Evaluator:
     def engine_row(self) -> Row | None:
         if not self.opts.engine:
             return None
-        from adaskip.runtime.loader import load_runtime
-
         rt = load_runtime(self.opts.engine)
         if rt.engine_dir.fingerprint != self.model.fingerprint:
             raise InputError(f"engine {self.opts.engine} was built from another model than --model {self.opts.model}")

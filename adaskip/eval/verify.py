@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaskip.calibrate.corpus import builtin_text
 from adaskip.engine_dir import TOKENIZER, open_engine_dir
 from adaskip.errors import EngineDirError, InputError
 from adaskip.model import load_model
@@ -150,8 +151,6 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
 
 def verification_prompts(tokenizer: Any, count: int, tokens: int) -> list[list[int]]:
     """Windows of the built-in real-text corpus (the same text calibration uses by default)."""
-    from adaskip.calibrate.corpus import builtin_text
-
     ids = tokenizer.encode(builtin_text(), add_special_tokens=False)
     stride = max(len(ids) // max(count, 1), tokens)
     prompts = [ids[i * stride:i * stride + tokens] for i in range(count)]
