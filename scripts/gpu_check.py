@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,16 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TOL = {"logits": 1e-3, "similarity": 1e-4}  # CUDA vs CPU fp32: TF32 is off below; reductions differ in order
+BUDGET_S = 570  # the whole run, so that the report is written inside ten minutes whatever a check does
+_deadline = [time.monotonic() + BUDGET_S]
+
+
+def remaining(cap: float) -> int:
+    """Seconds a subprocess may take: its own cap, or what is left of the run's budget (minus room to report)."""
+    left = _deadline[0] - time.monotonic() - 15
+    if left < 10:
+        raise Skip(f"not run: the run's {BUDGET_S} s budget is spent")
+    return int(min(cap, left))
 
 
 class Skip(Exception):
@@ -218,15 +229,22 @@ def check_ort_cuda(work: Path, model_name: str | None) -> dict:
             "steps": report.steps, "tolerance": TOL["logits"]}
 
 
-def run_pytest(selection: list[str], work: Path, timeout: int) -> dict[str, dict]:
+def run_pytest(selection: list[str], work: Path, cap: int) -> dict[str, dict]:
     """Run existing GPU tests; per test id: outcome, the skip/failure message, seconds (pytest's JUnit XML)."""
+    timeout = remaining(cap)
     xml = work / f"junit-{len(list(work.glob('junit-*.xml')))}.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *selection]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # its own process group, so that a timeout also ends the builds it started (cmake, nvcc)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {t: {"outcome": "failed", "message": f"pytest ran past {timeout} s"} for t in selection}
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {t.rsplit("::", 1)[-1]: {"outcome": "failed", "message": f"pytest ran past {timeout} s"}
+                for t in selection}
     tests = {}
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -241,7 +259,7 @@ def run_pytest(selection: list[str], work: Path, timeout: int) -> dict[str, dict
     for t in selection:  # a test pytest did not report (collection error, crash) is a failure
         tests.setdefault(t.rsplit("::", 1)[-1], {"outcome": "failed",
                                                  "message": f"not run (pytest exit {proc.returncode}): "
-                                                            f"{proc.stdout[-800:]}"})
+                                                            f"{stdout[-800:]}"})
     return tests
 
 
@@ -288,26 +306,29 @@ def check_tensorrt_plugin_cpp(work: Path, _model: str | None) -> dict:
     return from_tests({"test_tensorrt_plugin": cpp_tests(work)["test_tensorrt_plugin"]}, "test_tensorrt_plugin")
 
 
-CHECKS: dict[str, Callable[[Path, str | None], dict]] = {
-    "cuda_similarity_kernel": check_cuda_kernel,
+CHECKS: dict[str, Callable[[Path, str | None], dict]] = {  # quick ones first; the C++ build last
     "torch_engine_cuda": check_torch_engine,
     "ort_cuda_ep": check_ort_cuda,
     "tensorrt_runtime": check_tensorrt_runtime,
+    "cuda_similarity_kernel": check_cuda_kernel,
     "tensorrt_plugin_cpp": check_tensorrt_plugin_cpp,
 }
 
 
-def run(report_path: Path, model_name: str | None, only: list[str] | None = None) -> dict:
+def run(report_path: Path, model_name: str | None, only: list[str] | None = None, budget: float = BUDGET_S) -> dict:
     t0 = time.time()
+    _deadline[0] = time.monotonic() + budget
     report: dict[str, Any] = {"tool": "adaskip scripts/gpu_check.py", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                time.gmtime()),
                               "host": host_info(), "checks": {}}
     with tempfile.TemporaryDirectory(prefix="adaskip-gpu-check-") as tmp:
+        report["budget_s"] = budget
         for name, fn in CHECKS.items():
             if only and name not in only:
                 continue
             t = time.time()
             try:
+                remaining(BUDGET_S)  # a check that starts after the budget is spent is reported as not run
                 result = fn(Path(tmp), model_name)
             except Skip as e:
                 result = {"status": "skipped", "reason": str(e)}
@@ -330,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="gpu_check_report.json", help="where to write the JSON report")
     p.add_argument("--model", help="model for the engine checks (e.g. smollm2-135m; default: a tiny random Llama)")
     p.add_argument("--only", nargs="+", choices=tuple(CHECKS), help="run these checks only")
+    p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run (report included)")
     a = p.parse_args(argv)
     out = Path(a.report)
     if not out.parent.is_dir():
         print(f"gpu_check: error: {out.parent} is not a directory", file=sys.stderr)
         return 2
-    report = run(out, a.model, a.only)
+    report = run(out, a.model, a.only, a.budget)
     print(f"gpu_check: report written to {out}: {json.dumps(report['summary'])}", file=sys.stderr)
     return 1 if report["summary"]["failed"] else 0
 

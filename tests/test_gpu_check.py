@@ -45,3 +45,11 @@ def test_engine_parity_code_path_runs_on_cpu(gpu_check, tmp_path):
     assert result["ok"] and result["steps"] == 2 * 6 and result["token_agreement"] == 1.0
     # CPU vs CPU: only GEMM blocking noise (operand alignment); a CUDA run is held to gpu_check.TOL
     assert result["max_logit_diff"] <= 1e-5 and result["max_statistics_diff"] <= 1e-5
+
+
+def test_report_is_written_when_the_budget_is_spent(gpu_check, tmp_path):
+    report = tmp_path / "report.json"
+    assert gpu_check.main(["--report", str(report), "--budget", "0"]) == 0
+    checks = json.loads(report.read_text())["checks"]
+    assert set(checks) == set(gpu_check.CHECKS)
+    assert all(r["status"] == "skipped" and "budget is spent" in r["reason"] for r in checks.values())
