@@ -46,7 +46,7 @@ def trtllm_rank_layout(config: dict, rank: int) -> dict[str, tuple[tuple[int, ..
     pp_rank = rank // tp
     layers = torch.tensor_split(torch.arange(config["num_hidden_layers"]), pp)[pp_rank].tolist()
     d, hd, f, v = config["hidden_size"], config["head_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    heads = config["num_attention_heads"]
     dt = config["dtype"]
     out = {}
     if pp_rank == 0:
@@ -96,8 +96,8 @@ def _round_trip(model, plan: SkipPlan, out: Path, opts: TrtllmOptions, prompts, 
     assert ck.options == opts and ck.spec == model.spec and ck.plan.digest() == plan.digest()
     for role, t in ck.weights.items():
         assert torch.equal(t, model.weights[role]), role
-    report = compare_engines(TorchEngine(model.spec, _aligned(model.weights)), TorchEngine(ck.spec, _aligned(ck.weights)),
-                             SkipPolicy(plan), prompts, decode_steps, atol=TOL)
+    report = compare_engines(TorchEngine(model.spec, _aligned(model.weights)),
+                             TorchEngine(ck.spec, _aligned(ck.weights)), SkipPolicy(plan), prompts, decode_steps, atol=TOL)
     assert report.passed and report.max_logit_diff <= TOL and report.token_agreement == 1.0
     return report
 
