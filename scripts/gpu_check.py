@@ -128,57 +128,55 @@ def check_model(work: Path, name: str | None) -> tuple[Any, Any, list[list[int]]
 
 # -- the checks ---------------------------------------------------------------------------------------------------
 
-def engine_parity(model: Any, plan: Any, prompts: list[list[int]], device: str, decode_steps: int = 8) -> dict:
-    """The torch engine on `device` vs on CPU, step by step: max |logit diff|, max statistics diff (where a
-    sublayer ran), greedy-token agreement. The CPU run's masks and statistics drive both (online learning)."""
-    import torch
+class OnDevice:
+    """The torch engine on `device` behind the Engine protocol with host tensors in and out, so that adaskip's own
+    comparison (adaskip.eval.verify.compare_engines: one step loop, the reference's statistics feed the policy) can
+    hold it against the CPU engine unchanged."""
 
+    def __init__(self, engine_cls: Any, spec: Any, weights: dict, device: str):
+        import torch
+
+        self.device, self.spec = torch.device(device), spec
+        with self.device:  # factory calls inside the engine (RoPE tables, caches, positions) land on the device
+            self.engine = engine_cls(spec, {k: v.to(device, copy=True) for k, v in weights.items()})
+        self.dtype = self.engine.dtype
+
+    def new_cache(self, batch: int, capacity: int, cached_layers: list[int]) -> Any:
+        with self.device:
+            return self.engine.new_cache(batch, capacity, cached_layers)
+
+    def _host(self, out: Any) -> Any:
+        from adaskip.runtime.engine import StepOutput
+
+        return StepOutput(*(t.detach().cpu() for t in (out.logits, out.similarity, out.norm_ratio)))
+
+    def prefill(self, ids, valid, cache, skip, scales, all_logits: bool = False, want_stats: bool = True):
+        d = self.device
+        with d:
+            return self._host(self.engine.prefill(ids.to(d), valid.to(d), cache, skip.to(d), scales.to(d),
+                                                   all_logits, want_stats))
+
+    def decode(self, tokens, cache, skip, scales, want_stats: bool = True):
+        d = self.device
+        with d:
+            return self._host(self.engine.decode(tokens.to(d), cache, skip.to(d), scales.to(d), want_stats))
+
+
+def engine_parity(model: Any, plan: Any, prompts: list[list[int]], device: str, decode_steps: int = 8) -> dict:
+    """The torch engine on `device` vs on CPU through prefill and decode with online learning: max |logit diff|,
+    max statistics diff (where a sublayer ran), greedy-token agreement."""
+    from adaskip.eval.verify import compare_engines
     from adaskip.policy import SkipPolicy
-    from adaskip.runtime.generate import stack_masks
     from adaskip.runtime.torch_engine import TorchEngine
 
-    policy = SkipPolicy(plan)
     ref = TorchEngine(model.spec, {k: v.clone() for k, v in model.weights.items()})
-    with torch.device(device):  # factory calls inside the engine (caches, positions, masks) land on `device`
-        cand = TorchEngine(model.spec, {k: v.to(device, copy=True) for k, v in model.weights.items()})
-    worst = {"logits": 0.0, "similarity": 0.0}
-    agree = steps = 0
-    online: list[list[int]] = []
-    for ids in prompts:
-        state = policy.new_request()
-        x = torch.tensor([ids])
-        capacity = len(ids) + decode_steps
-        ref_cache = ref.new_cache(1, capacity, policy.layout.cached_layers)
-        with torch.device(device):
-            cand_cache = cand.new_cache(1, capacity, policy.layout.cached_layers)
-        skip, scales = stack_masks([policy.prefill_mask(state)])
-        r = ref.prefill(x, torch.ones_like(x, dtype=torch.bool), ref_cache, skip, scales)
-        with torch.device(device):
-            c = cand.prefill(x.to(device), torch.ones_like(x, dtype=torch.bool, device=device), cand_cache,
-                             skip.to(device), scales.to(device))
-        for step in range(decode_steps + 1):
-            c_logits, c_sim, c_ratio = (t.detach().cpu() for t in (c.logits, c.similarity, c.norm_ratio))
-            ran = ~torch.isnan(r.similarity)
-            if not torch.equal(ran, ~torch.isnan(c_sim)):
-                raise AssertionError(f"{device} and CPU ran different sublayers at step {step}")
-            worst["logits"] = max(worst["logits"], float((c_logits - r.logits).abs().max()))
-            worst["similarity"] = max(worst["similarity"], float((c_sim[ran] - r.similarity[ran]).abs().max()),
-                                      float((c_ratio[ran] - r.norm_ratio[ran]).abs().max()))
-            token = r.logits.argmax(-1)
-            agree += bool((c_logits.argmax(-1) == token).all())
-            steps += 1
-            if step == decode_steps:
-                break
-            skip, scales = stack_masks([policy.decode_mask(state)])
-            r = ref.decode(token, ref_cache, skip, scales)
-            with torch.device(device):
-                c = cand.decode(token.to(device), cand_cache, skip.to(device), scales.to(device))
-            policy.observe_decode(state, r.similarity[0].tolist(), r.norm_ratio[0].tolist())
-        online.append(sorted(state.online))
-    return {"device": device, "prompts": len(prompts), "steps": steps, "max_logit_diff": worst["logits"],
-            "max_statistics_diff": worst["similarity"], "token_agreement": agree / steps, "online_ffns": online,
-            "tolerance": TOL, "ok": worst["logits"] <= TOL["logits"] and worst["similarity"] <= TOL["similarity"]
-            and agree == steps}
+    cand = OnDevice(TorchEngine, model.spec, model.weights, device)
+    report = compare_engines(ref, cand, SkipPolicy(plan), prompts, decode_steps, atol=TOL["logits"])
+    ok = (report.passed and report.max_similarity_diff <= TOL["similarity"] and report.token_agreement == 1.0)
+    return {"device": device, "prompts": report.prompts, "steps": report.steps,
+            "max_logit_diff": report.max_logit_diff, "max_statistics_diff": report.max_similarity_diff,
+            "token_agreement": report.token_agreement, "online_ffns": [d["online_ffns"] for d in report.details],
+            "tolerance": TOL, "ok": ok}
 
 
 def check_torch_engine(work: Path, model_name: str | None) -> dict:
@@ -206,17 +204,18 @@ def check_ort_cuda(work: Path, model_name: str | None) -> dict:
     if not ok:
         raise Skip(why)
     from adaskip.eval.verify import compare_engines
-    from adaskip.export.onnx.graph import build_onnx, save_onnx
+    from adaskip.export.onnx.graph import build_onnx
+    from adaskip.export.onnx.save import save_onnx
     from adaskip.policy import SkipPolicy
-    from adaskip.runtime.ort_engines import OrtEngine
+    from adaskip.runtime.ort_engines import OrtPortableEngine
     from adaskip.runtime.torch_engine import TorchEngine
 
     model, plan, prompts = check_model(work, model_name)
     policy = SkipPolicy(plan)
     out = work / "onnx"
     out.mkdir(exist_ok=True)
-    info = save_onnx(build_onnx(model.spec, model.weights, policy, variant="portable"), out)
-    engine = OrtEngine(out / info["file"], model.spec)
+    info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant="portable"), out)
+    engine = OrtPortableEngine(out / info["file"], model.spec)
     # the engine class opens CPU sessions; the same graph on the CUDA provider, fed the same host arrays
     engine.session = ort.InferenceSession(str(out / info["file"]), providers=["CUDAExecutionProvider"])
     used = engine.session.get_providers()

@@ -43,6 +43,7 @@ def test_engine_parity_code_path_runs_on_cpu(gpu_check, tmp_path):
     model, plan, prompts = gpu_check.check_model(tmp_path, None)
     result = gpu_check.engine_parity(model, plan, prompts, "cpu", decode_steps=5)
     assert result["ok"] and result["steps"] == 2 * 6 and result["token_agreement"] == 1.0
+    assert len(result["online_ffns"]) == 2  # one list of online FFNs per prompt, from the compared decode
     # CPU vs CPU: only GEMM blocking noise (operand alignment); a CUDA run is held to gpu_check.TOL
     assert result["max_logit_diff"] <= 1e-5 and result["max_statistics_diff"] <= 1e-5
 

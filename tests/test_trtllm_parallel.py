@@ -24,6 +24,7 @@ import torch
 from conftest import make_tiny_hf
 from test_trtllm_checkpoint import _T, QUICK, TOL, _aligned, _calibration, load_model_class
 
+from adaskip.builder.options import EngineOptions
 from adaskip.cli import build as build_cli
 from adaskip.errors import EngineDirError, InputError
 from adaskip.eval.verify import compare_engines
@@ -97,7 +98,8 @@ def _round_trip(model, plan: SkipPlan, out: Path, opts: TrtllmOptions, prompts, 
     for role, t in ck.weights.items():
         assert torch.equal(t, model.weights[role]), role
     report = compare_engines(TorchEngine(model.spec, _aligned(model.weights)),
-                             TorchEngine(ck.spec, _aligned(ck.weights)), SkipPolicy(plan), prompts, decode_steps, atol=TOL)
+                             TorchEngine(ck.spec, _aligned(ck.weights)), SkipPolicy(plan), prompts, decode_steps,
+                             atol=TOL)
     assert report.passed and report.max_logit_diff <= TOL and report.token_agreement == 1.0
     return report
 
@@ -131,8 +133,8 @@ def test_smollm2_tensor_parallel_sizes_that_divide_and_clear_refusals(smollm2):
                          ({"tp_size": 3, "parallel_embedding": "rows"}, "--parallel-embedding must be one of")):
         with pytest.raises(InputError, match=message):
             TrtllmOptions(**bad).validate(spec)
-    with pytest.raises(InputError, match="apply to --backend trtllm-checkpoint only"):
-        TrtllmOptions(tp_size=3).validate(backend="ort")
+    with pytest.raises(InputError, match="--tp-size: TensorRT-LLM checkpoint options, for --backend trtllm-"):
+        EngineOptions(backend="ort", trtllm=TrtllmOptions(tp_size=3)).validate()
 
 
 def test_smollm2_every_mapping_that_divides_merges_back_bit_identical(smollm2, smollm2_plan):
@@ -260,6 +262,7 @@ def test_cli_writes_every_rank_and_refuses_what_does_not_divide(tiny_chat_model,
     manifest = json.loads((out / "manifest.json").read_text())
     assert {f"rank{r}.safetensors" for r in range(4)} <= set(manifest["files"])
     assert manifest["build"]["trtllm"]["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    assert manifest["build"]["trtllm"]["options"] == {"tp_size": 2, "pp_size": 2, "parallel_embedding": None}
     assert tm.read_checkpoint(out).options == TrtllmOptions(2, 2)
     _check_rank_files(out)
     for extra, message in ((["--tp-size", "3"], "--tp-size 3 does not divide this model: 4 query heads"),
@@ -271,7 +274,8 @@ def test_cli_writes_every_rank_and_refuses_what_does_not_divide(tiny_chat_model,
         assert message in err and "Traceback" not in err and not bad.exists()
     assert build_cli.main(["--model", str(tiny_chat_model), "-o", str(tmp_path / "ort"), "--skip", "1",
                            "--tp-size", "2"] + QUICK) == 2
-    assert "apply to --backend trtllm-checkpoint only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tp-size: TensorRT-LLM checkpoint options, for --backend trtllm-checkpoint only" in err
 
 
 # -- the model class: every rank of a TP group takes the same branch ----------------------------------------------

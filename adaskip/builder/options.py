@@ -141,4 +141,4 @@ class BuildOptions:
         e, c = self.engine, self.calibration
         return {"model": self.model, **asdict(self.selection), "calib": c.data, "calib_prompts": c.prompts,
                 "calib_tokens": c.tokens, "backend": e.backend, "dtype": e.dtype, "quantize": e.quantize,
-                "graph_variant": e.graph_variant, **e.tensorrt.record(), **e.trtllm.record()}
+                "graph_variant": e.graph_variant, **e.tensorrt.record()}

@@ -312,7 +312,7 @@ def write_checkpoint(out_dir: Path, spec: ModelSpec, weights: dict[str, torch.Te
     layers = config["adaskip"]["layers"]
     return {
         "config": CONFIG, "weights": [rank_file(r.rank) for r in ranks], "model_cls_file": MODEL_CLS_FILE,
-        "model_cls_name": MODEL_CLS_NAME, "mapping": config["mapping"],
+        "model_cls_name": MODEL_CLS_NAME, "mapping": config["mapping"], "options": opts.record(),
         "no_op": {"attention": [i for i, lc in enumerate(config["layer_configs"]) if lc["attention"]["impl"] == "no_op"],
                   "ffn": [i for i, lc in enumerate(config["layer_configs"]) if lc["ffn"]["impl"] == "no_op"]},
         "conditionals": sum(layer[k]["role"] == "dynamic" for layer in layers for k in ("attention", "ffn")),

@@ -82,7 +82,7 @@ class TrtllmOptions:
         return ["--" + f.name.replace("_", "-") for f in fields(self) if getattr(self, f.name) != f.default]
 
     def record(self) -> dict[str, Any]:
-        """The manifest's build options (flat keys)."""
+        """As the manifest records them (build.trtllm.options)."""
         return {"tp_size": self.tp_size, "pp_size": self.pp_size, "parallel_embedding": self.parallel_embedding}
 
     def validate(self, spec: ModelSpec | None = None) -> None:
