@@ -20,6 +20,7 @@ from conftest import make_tiny_hf
 from adaskip.cli import build as build_cli
 from adaskip.errors import EngineDirError, InputError
 from adaskip.export.trtllm import checkpoint as tc
+from adaskip.export.trtllm import merge as tm
 from adaskip.model import load_model
 from adaskip.plan import Calibration, SkipPlan, adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
@@ -41,7 +42,7 @@ def _aligned(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _round_trip(model, plan: SkipPlan, out: Path, prompts: list[list[int]], decode_steps: int):
     out.mkdir(parents=True)
     info = tc.write_checkpoint(out, model.spec, model.weights, plan, model.fingerprint)
-    ck = tc.read_checkpoint(out)
+    ck = tm.read_checkpoint(out)
     assert ck.spec == model.spec and ck.plan.digest() == plan.digest() and ck.fingerprint == model.fingerprint
     for role, t in ck.weights.items():
         assert torch.equal(t, model.weights[role]), role
@@ -51,13 +52,13 @@ def _round_trip(model, plan: SkipPlan, out: Path, prompts: list[list[int]], deco
     return ck, info
 
 
-def _check_layout(ck: tc.TrtllmCheckpoint, out: Path, plan: SkipPlan) -> None:
+def _check_layout(ck: tm.TrtllmCheckpoint, out: Path, plan: SkipPlan) -> None:
     """Skipped sublayers have no tensors; everything else is there under TensorRT-LLM's names."""
     from safetensors import safe_open
 
     config = json.loads((out / tc.CONFIG).read_text())
     tc.validate_config(config)
-    with safe_open(str(out / tc.WEIGHTS), "pt") as f:
+    with safe_open(str(out / tc.rank_file(0)), "pt") as f:
         names = set(f.keys())
     roles = SkipPolicy(plan).layout.roles
     for i in range(ck.spec.num_layers):
@@ -161,7 +162,7 @@ def test_gate_and_up_follow_tensorrt_llm_naming_and_qkv_is_concatenated(tiny_roo
     model = load_model(str(make_tiny_hf("llama-untied-mha", tiny_root)))
     plan = baseline_plan("early-exit", 4, 0, "e2e", model.fingerprint)
     tc.write_checkpoint(tmp_path, model.spec, model.weights, plan, model.fingerprint)
-    t = load_file(str(tmp_path / tc.WEIGHTS))
+    t = load_file(str(tmp_path / tc.rank_file(0)))
     w = model.weights
     assert torch.equal(t["transformer.layers.1.mlp.fc.weight"], w["layers.1.gate"])  # HF gate_proj: activated
     assert torch.equal(t["transformer.layers.1.mlp.gate.weight"], w["layers.1.up"])  # HF up_proj
@@ -213,13 +214,15 @@ def _tampered(src: Path, dst: Path, edit) -> Path:
     (lambda c: c["adaskip"]["layers"][1]["ffn"].update(scale=2.0), "not what the plan implies"),
     (lambda c: c["adaskip"]["plan"]["scales"].__setitem__(0, 9.0), "digest"),
     (lambda c: c.update(hidden_size=96), "disagree"),
-    (lambda c: c["mapping"].update(tp_size=2), "mapping/tp_size"),
+    (lambda c: c["mapping"].update(tp_size=2), "world_size 1 is not tp_size 2"),
+    (lambda c: c["mapping"].update(tp_size=0), "mapping/tp_size"),
+    (lambda c: c["mapping"].update(tp_size=2, world_size=2), "adaskip.parallel is not what the mapping implies"),
     (lambda c: c.pop("adaskip"), "'adaskip' is a required property"),
 ])
 def test_damaged_configs_are_refused_clearly(tiny_checkpoint, tmp_path, edit, message):
     bad = _tampered(tiny_checkpoint, tmp_path / "bad", edit)
     with pytest.raises(EngineDirError, match=message):
-        tc.read_checkpoint(bad)
+        tm.read_checkpoint(bad)
 
 
 def test_missing_or_extra_tensors_are_refused(tiny_checkpoint, tmp_path):
@@ -229,13 +232,13 @@ def test_missing_or_extra_tensors_are_refused(tiny_checkpoint, tmp_path):
                          ("extra", lambda t: t.update({"transformer.layers.9.mlp.fc.weight": torch.zeros(1)}))):
         d = tmp_path / name
         shutil.copytree(tiny_checkpoint, d)
-        tensors = load_file(str(d / tc.WEIGHTS))
+        tensors = load_file(str(d / tc.rank_file(0)))
         change(tensors)
-        save_file(tensors, str(d / tc.WEIGHTS))
-        with pytest.raises(EngineDirError, match="do not match config.json's layer_configs"):
-            tc.read_checkpoint(d)
+        save_file(tensors, str(d / tc.rank_file(0)))
+        with pytest.raises(EngineDirError, match="rank0.safetensors does not match config.json's layer_configs and mapping"):
+            tm.read_checkpoint(d)
     with pytest.raises(EngineDirError, match="no config.json"):
-        tc.read_checkpoint(tmp_path)
+        tm.read_checkpoint(tmp_path)
 
 
 def test_non_llama_families_are_refused(tiny_root):
@@ -255,10 +258,10 @@ def test_cli_writes_an_engine_dir_that_is_a_trtllm_checkpoint(tiny_chat_model, t
     assert f"--model_cls_file {out}/{tc.MODEL_CLS_FILE} --model_cls_name {tc.MODEL_CLS_NAME}" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "trtllm-checkpoint"
-    assert {tc.CONFIG, tc.WEIGHTS, tc.MODEL_CLS_FILE, "plan.json"} <= set(manifest["files"])
+    assert {tc.CONFIG, tc.rank_file(0), tc.MODEL_CLS_FILE, "plan.json"} <= set(manifest["files"])
     assert manifest["build"]["trtllm"]["model_cls_name"] == tc.MODEL_CLS_NAME
     assert (out / tc.MODEL_CLS_FILE).read_bytes() == tc.model_cls_source().read_bytes()
-    ck = tc.read_checkpoint(out)
+    ck = tm.read_checkpoint(out)
     assert ck.plan.digest() == SkipPlan.load(out / "plan.json").digest() == manifest["plan"]["digest"]
     assert not any(".partial-" in p.name for p in tmp_path.iterdir())
     # an existing output is never overwritten without --force
@@ -293,16 +296,19 @@ def test_cli_refuses_a_sliding_window_model_before_writing_anything(tiny_root, s
 
 # Every TensorRT-LLM name the model class uses, each checked in NVIDIA/TensorRT-LLM's source (tensorrt_llm/
 # functional.py: Conditional, _create_tensor, constant, slice/index_select, cast, expand, shape, concat, sum and the
-# Tensor methods view/max; where; models/nemotron_nas/{config,model}.py; models/modeling_utils.py; _common.py).
+# Tensor methods view/max; where; allreduce(tensor, group) as in docs/source/architecture/core-concepts.md;
+# layers/embedding.py @0f02b7af: Embedding(num_embeddings, embedding_dim, dtype, tp_size, tp_group, sharding_dim,
+# tp_rank); models/nemotron_nas/{config,model}.py; models/modeling_utils.py; _common.py).
 # A new name must be checked there before it is added here.
 VERIFIED = {
     "tensorrt_llm._common": {"default_net", "default_trtnet"},
+    "tensorrt_llm.layers.embedding": {"Embedding"},
     "tensorrt_llm.models.modeling_utils": {"PretrainedConfig"},
     "tensorrt_llm.models.nemotron_nas.config": {"DeciConfig"},
     "tensorrt_llm.models.nemotron_nas.model": {"DeciLMDecoderLayer", "DeciLMDecoderLayerList", "DeciLMForCausalLM",
                                                "DeciLMLayerOutput"},
 }
-VERIFIED_FUNCTIONAL = {"Conditional", "Tensor", "_create_tensor", "cast", "concat", "constant", "expand",
+VERIFIED_FUNCTIONAL = {"Conditional", "Tensor", "_create_tensor", "allreduce", "cast", "concat", "constant", "expand",
                        "index_select", "max", "shape", "view", "where"}
 
 
@@ -394,6 +400,11 @@ def _fake_tensorrt_llm(monkeypatch) -> dict:
     F.max = lambda t, dim: t.max(dim=dim).values.reshape(1).as_subclass(_T)
     F.where = lambda c, a, b: torch.where(c, a, b).as_subclass(_T)
     F._create_tensor = lambda out, layer: out
+
+    def allreduce(tensor, group):  # tests of the tensor-parallel path replace it with a real collective
+        raise AssertionError(f"allreduce over {group} without a tensor-parallel group in this stand-in")
+
+    F.allreduce = allreduce
     net = types.SimpleNamespace(add_plugin_v3=add_plugin_v3)
     common = types.ModuleType("tensorrt_llm._common")
     common.default_trtnet, common.default_net = (lambda: net), (lambda: None)
@@ -419,6 +430,8 @@ def _fake_tensorrt_llm(monkeypatch) -> dict:
     nas_config.DeciConfig = type("DeciConfig", (), {})
     modeling = types.ModuleType("tensorrt_llm.models.modeling_utils")
     modeling.PretrainedConfig = type("PretrainedConfig", (), {})
+    embedding = types.ModuleType("tensorrt_llm.layers.embedding")
+    embedding.Embedding = type("Embedding", (), {})
     package = types.ModuleType("tensorrt_llm")
     package.functional = F
     for name, mod in (("tensorrt", trt), ("tensorrt_llm", package), ("tensorrt_llm.functional", F),
@@ -426,21 +439,29 @@ def _fake_tensorrt_llm(monkeypatch) -> dict:
                       ("tensorrt_llm.models.modeling_utils", modeling),
                       ("tensorrt_llm.models.nemotron_nas", types.ModuleType("n")),
                       ("tensorrt_llm.models.nemotron_nas.config", nas_config),
-                      ("tensorrt_llm.models.nemotron_nas.model", nas_model)):
+                      ("tensorrt_llm.models.nemotron_nas.model", nas_model),
+                      ("tensorrt_llm.layers", types.ModuleType("l")), ("tensorrt_llm.layers.embedding", embedding)):
         monkeypatch.setitem(sys.modules, name, mod)
     return log
 
 
-def test_model_class_skip_logic_matches_the_adaskip_rule(monkeypatch, tiny_checkpoint):
+def load_model_class(monkeypatch):
+    """The model class file executed against the stand-ins: (its module, the stand-ins' log)."""
     import importlib.util
-    import types
-
-    from adaskip.similarity import io_similarity
 
     log = _fake_tensorrt_llm(monkeypatch)
     spec = importlib.util.spec_from_file_location("adaskip_trtllm_model_under_test", tc.model_cls_source())
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod, log
+
+
+def test_model_class_skip_logic_matches_the_adaskip_rule(monkeypatch, tiny_checkpoint):
+    import types
+
+    from adaskip.similarity import io_similarity
+
+    mod, log = load_model_class(monkeypatch)
 
     config = json.loads((tiny_checkpoint / tc.CONFIG).read_text())
     cfg = types.SimpleNamespace(adaskip=config["adaskip"], hidden_size=config["hidden_size"])

@@ -117,8 +117,9 @@ def build(opts: BuildOptions) -> BuildReport:
     for flag, value in (("--calib-tokens", opts.calibration.tokens), ("--context-len", context_len)):
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
-    if backend == "trtllm-checkpoint":  # refuse an unsupported family before calibrating, not after
+    if backend == "trtllm-checkpoint":  # refuse an unsupported family or mapping before calibrating, not after
         check_supported(spec, model.weights)
+        opts.engine.trtllm.validate(spec)
     if backend == "tensorrt":  # limits vs the model's context: before calibrating, not after
         trt_settings = TrtSettings.from_options(opts.engine.tensorrt, opts.engine.dtype,
                                                 spec.max_position_embeddings, opts.progress)
@@ -134,7 +135,8 @@ def build(opts: BuildOptions) -> BuildReport:
         if backend == "torch":
             save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
         elif backend == "trtllm-checkpoint":
-            build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint)
+            build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint,
+                                                    opts.engine.trtllm)
             _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
                  f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:

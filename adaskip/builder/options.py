@@ -17,11 +17,12 @@ from typing import Any
 from adaskip.calibrate.corpus import CalibrationOptions
 from adaskip.errors import InputError, check_choice
 from adaskip.export.tensorrt.options import TensorRTOptions
+from adaskip.export.trtllm.parallel import TrtllmOptions
 from adaskip.model.load import check_dtype
 from adaskip.plan import COMPENSATION_RULES, DEFAULT_WINDOW, check_method, check_mode
 
 # ort: ONNX graph on ONNX Runtime (default); torch: the reference engine
-# trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank0.safetensors) + model class for trtllm-build
+# trtllm-checkpoint: TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) + model class for trtllm-build
 # tensorrt: the portable ONNX graph built into a serialized TensorRT engine (adaskip/export/tensorrt/)
 BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
 # stand-ins for a skipped sublayer (adaskip/calibrate/compensation.py): the paper's scalar norm ratio, or one fitted on
@@ -87,6 +88,7 @@ class EngineOptions:
     quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
     graph_variant: str = "auto"  # ort backend: see GRAPH_VARIANTS
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # --backend tensorrt only
+    trtllm: TrtllmOptions = field(default_factory=TrtllmOptions)  # --backend trtllm-checkpoint only
 
     def validate(self) -> None:
         check_backend(self.backend)
@@ -102,6 +104,10 @@ class EngineOptions:
         elif self.graph_variant not in ("auto", "portable"):
             raise InputError("--backend tensorrt builds from the portable graph (standard ONNX ops); drop "
                              "--graph-variant")
+        self.trtllm.validate()
+        if self.backend != "trtllm-checkpoint" and self.trtllm.given():
+            raise InputError(f"{', '.join(self.trtllm.given())}: TensorRT-LLM checkpoint options, for --backend "
+                             f"trtllm-checkpoint only")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUA
                                      CalibrationOptions, EngineOptions, SelectionOptions)
 from adaskip.cli.common import defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
+from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
 from adaskip.export.trtllm.checkpoint import trtllm_build_command
 from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.model.load import DTYPES
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--force", action="store_true", help="replace an existing output directory")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_tensorrt_arguments(p)
+    add_trtllm_arguments(p)
     return p
 
 
@@ -75,7 +77,7 @@ def options(a: argparse.Namespace) -> BuildOptions:
         calibration=CalibrationOptions(data=a.calib, prompts=a.calib_prompts, tokens=a.calib_tokens,
                                        engine=a.calib_engine, cache=a.calib_cache, reuse=a.calib_reuse),
         engine=EngineOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant,
-                             tensorrt=tensorrt_options(a)),
+                             tensorrt=tensorrt_options(a), trtllm=trtllm_options(a)),
         force=a.force, progress=not a.quiet)
 
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
           f"decode {e['decode']:.3f}x (before online skipping)")
     if a.backend == "trtllm-checkpoint":
-        print(f"build it where TensorRT-LLM is installed: {trtllm_build_command(report.output)}")
+        command = trtllm_build_command(report.output, world_size=a.tp_size * a.pp_size)
+        print(f"build it where TensorRT-LLM is installed: {command}")
     return 0
 
 

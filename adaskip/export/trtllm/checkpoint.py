@@ -1,8 +1,9 @@
-"""TensorRT-LLM checkpoint (config.json + rank0.safetensors) for the Llama family, carrying the skip plan.
+"""TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) for the Llama family, carrying the skip plan.
 
 Layout (TensorRT-LLM's docs/source/architecture/checkpoint.md): a folder with `config.json` and one
-`rank{N}.safetensors` per rank; we write a single rank (mapping tp = pp = 1). Weight names follow TensorRT-LLM's
-Llama converter (tensorrt_llm/models/llama/convert.py):
+`rank{N}.safetensors` per rank of the mapping (tp_size x pp_size; split rules, local layer names per pipeline stage
+and the rank order in parallel.py; the reader that merges ranks back is merge.py). Global weight names follow
+TensorRT-LLM's Llama converter (tensorrt_llm/models/llama/convert.py):
 
     transformer.vocab_embedding.weight, transformer.ln_f.weight, lm_head.weight
     transformer.layers.{i}.input_layernorm.weight
@@ -31,24 +32,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import torch
 
-from adaskip.errors import EngineDirError, InputError, PlanError
+from adaskip.errors import EngineDirError, InputError
+from adaskip.export.trtllm.parallel import RankMapping, TrtllmOptions, rank_tensors
 from adaskip.model.spec import ModelSpec, layer_role
 from adaskip.layout import SkipLayout
 from adaskip.plan import SkipPlan
 
 CONFIG = "config.json"
-WEIGHTS = "rank0.safetensors"
 MODEL_CLS_FILE = "adaskip_trtllm_model.py"  # the model class trtllm-build loads with --model_cls_file
 MODEL_CLS_NAME = "AdaSkipLlamaForCausalLM"
 EXTENSION_FORMAT = "adaskip.trtllm-checkpoint"
-EXTENSION_VERSION = 1
+EXTENSION_VERSION = 2  # 2: the `parallel` record (tp/pp mapping, pipeline stages, who makes each skip decision)
 SUPPORTED_FAMILIES = ("llama", "mistral")  # TensorRT-LLM builds both with its Llama model (MistralForCausalLM -> LLaMA)
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _ROLES = ("never", "always", "dynamic")
@@ -78,13 +78,15 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "position_embedding_type": {"const": "rope_gpt_neox"},
         "rotary_scaling": {"type": ["object", "null"]},
         "mapping": {"type": "object", "required": ["world_size", "tp_size", "pp_size"],
-                    "properties": {k: {"const": 1} for k in ("world_size", "tp_size", "pp_size")}},
+                    "properties": {k: {"type": "integer", "minimum": 1} for k in ("world_size", "tp_size", "pp_size")}},
+        "use_parallel_embedding": {"type": "boolean"},
+        "embedding_sharding_dim": {"enum": [0, 1]},
         "quantization": {"type": "object", "required": ["quant_algo"], "properties": {"quant_algo": {"const": None}}},
         "layer_configs": {"type": "array", "items": {
             "type": "object", "required": ["attention", "ffn"], "additionalProperties": False,
             "properties": {"attention": _IMPL_ATTN, "ffn": _IMPL_FFN}}},
         "adaskip": {"type": "object", "required": ["format", "version", "layers", "online", "engine_io", "plan",
-                                                    "plan_digest", "model", "model_cls"],
+                                                    "plan_digest", "model", "model_cls", "parallel"],
                     "properties": {
                         "format": {"const": EXTENSION_FORMAT}, "version": {"const": EXTENSION_VERSION},
                         "layers": {"type": "array", "items": {
@@ -94,7 +96,8 @@ CONFIG_SCHEMA: dict[str, Any] = {
                         "engine_io": {"type": ["object", "null"]},
                         "plan": {"type": "object"},
                         "model": {"type": "object", "required": ["fingerprint", "spec"]},
-                        "model_cls": {"type": "object", "required": ["file", "name"]}}},
+                        "model_cls": {"type": "object", "required": ["file", "name"]},
+                        "parallel": {"type": "object", "required": ["tp_size", "pp_size", "stages", "decisions"]}}},
     },
 }
 
@@ -151,6 +154,25 @@ def sublayer_layout(spec: ModelSpec, plan: SkipPlan) -> tuple[list[dict[str, Any
     return layer_configs, layers
 
 
+# Why every rank ends up with the same decision (the model class implements it; docs/trtllm-checkpoint.md).
+DECISIONS = {
+    "tensor_parallel": "each engine uses tensor-parallel rank 0's adaskip_skip / adaskip_scale: the model class "
+                       "all-reduces rank 0's values with exact zeros from the other ranks (v + 0 = v bit for bit, "
+                       "in any reduction order) before any conditional, so every rank takes the same branch; a "
+                       "branch holds the row-parallel all-reduce, and ranks that disagreed would deadlock in it",
+    "pipeline_parallel": "a stage reads and reports only the columns of the layers it owns (NaN elsewhere): the "
+                         "policy of layer i is run for, and fed to, the stage that owns layer i",
+}
+
+
+def parallel_record(num_layers: int, opts: TrtllmOptions) -> dict[str, Any]:
+    """The `adaskip.parallel` record: the mapping, each pipeline stage's ranks and layers, and the decision rule."""
+    ranks = opts.ranks(num_layers)
+    stages = [{"pp_rank": p, "ranks": [r.rank for r in ranks if r.pp_rank == p],
+               "layers": list(next(r.layers for r in ranks if r.pp_rank == p))} for p in range(opts.pp_size)]
+    return {"tp_size": opts.tp_size, "pp_size": opts.pp_size, "stages": stages, "decisions": DECISIONS}
+
+
 def _engine_io(spec: ModelSpec, layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The extra engine tensors the model class adds when some sublayer is decided at run time (else none: the
     engine is a plain TensorRT-LLM engine any of its runtimes can serve)."""
@@ -165,11 +187,14 @@ def _engine_io(spec: ModelSpec, layers: list[dict[str, Any]]) -> dict[str, Any] 
         "outputs": {"adaskip_similarity": {"dtype": "float32", "shape": ["num_tokens", n]},
                     "adaskip_norm_ratio": {"dtype": "float32", "shape": ["num_tokens", n]}},
         "notes": "requires remove_input_padding (packed tokens); in a generation step each request has one token, "
-                 "so row t of the outputs is request t's decode statistics; NaN where a sublayer did not run",
+                 "so row t of the outputs is request t's decode statistics; NaN where a sublayer did not run or "
+                 "belongs to another pipeline stage; with several ranks see adaskip.parallel.decisions",
     }
 
 
-def build_config(spec: ModelSpec, plan: SkipPlan, fingerprint: str, dtype: str) -> dict[str, Any]:
+def build_config(spec: ModelSpec, plan: SkipPlan, fingerprint: str, dtype: str,
+                 opts: TrtllmOptions | None = None) -> dict[str, Any]:
+    opts = opts or TrtllmOptions()
     layer_configs, layers = sublayer_layout(spec, plan)
     layout = SkipLayout.from_plan(plan)
     return {
@@ -195,9 +220,7 @@ def build_config(spec: ModelSpec, plan: SkipPlan, fingerprint: str, dtype: str) 
         # converter does for tied models, so nothing depends on an embedding-sharing build optimization.
         "tie_word_embeddings": spec.tie_word_embeddings,
         "share_embedding_table": False,
-        "use_parallel_embedding": False,
-        "embedding_sharding_dim": 0,
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        **opts.config_fields(),  # mapping, use_parallel_embedding, embedding_sharding_dim
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
         "layer_configs": layer_configs,
         "adaskip": {
@@ -211,15 +234,21 @@ def build_config(spec: ModelSpec, plan: SkipPlan, fingerprint: str, dtype: str) 
             "plan_digest": plan.digest(),
             "model": {"fingerprint": fingerprint, "spec": spec.to_dict()},
             "model_cls": {"file": MODEL_CLS_FILE, "name": MODEL_CLS_NAME},
+            "parallel": parallel_record(spec.num_layers, opts),
         },
     }
 
 
 # -- weights ------------------------------------------------------------------------------------------------------
 
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
 def checkpoint_weights(spec: ModelSpec, weights: dict[str, torch.Tensor],
                        layer_configs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """TensorRT-LLM-named tensors; no_op sublayers contribute nothing (their weights are never read)."""
+    """TensorRT-LLM-named tensors of the whole (unsplit) model, global layer indices; no_op sublayers contribute
+    nothing (their weights are never read)."""
     out = {"transformer.vocab_embedding.weight": weights["embed"],
            "transformer.ln_f.weight": weights["final_norm"],
            "lm_head.weight": weights.get("lm_head", weights["embed"]).clone()}  # clone: safetensors refuses aliases
@@ -239,49 +268,61 @@ def checkpoint_weights(spec: ModelSpec, weights: dict[str, torch.Tensor],
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def checkpoint_names(spec: ModelSpec, layer_configs: list[dict[str, Any]]) -> set[str]:
+    """Every global tensor name a checkpoint with these layer_configs holds, no more."""
+    names = {"transformer.vocab_embedding.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    for i, lc in enumerate(layer_configs):
+        p = f"transformer.layers.{i}"
+        if lc["attention"]["impl"] == "attention":
+            names |= {f"{p}.input_layernorm.weight", f"{p}.attention.qkv.weight", f"{p}.attention.dense.weight"}
+        if lc["ffn"]["impl"] == "mlp":
+            names |= {f"{p}.post_layernorm.weight", f"{p}.mlp.fc.weight", f"{p}.mlp.gate.weight",
+                      f"{p}.mlp.proj.weight"}
+    return names
+
+
 def model_cls_source() -> Path:
     return Path(__file__).with_name("model_class.py")
 
 
 def write_checkpoint(out_dir: Path, spec: ModelSpec, weights: dict[str, torch.Tensor], plan: SkipPlan,
-                     fingerprint: str) -> dict[str, Any]:
-    """Write config.json, rank0.safetensors and the model class file into `out_dir` (an existing, empty folder:
-    the caller makes it atomic). Returns build info for the manifest."""
+                     fingerprint: str, options: TrtllmOptions | None = None) -> dict[str, Any]:
+    """Write config.json, one rank{N}.safetensors per rank of `options`' mapping and the model class file into
+    `out_dir` (an existing, empty folder: the caller makes it atomic). Returns build info for the manifest."""
     from safetensors.torch import save_file
 
+    opts = options or TrtllmOptions()
     check_supported(spec, weights)
+    opts.validate(spec)
     plan.check_model(fingerprint, spec.num_layers)
     if getattr(plan, "compensation", None) is not None:  # per-channel h' = a * h + b: the class applies scalars only
         raise InputError("--backend trtllm-checkpoint carries scalar skip scales only; this plan has per-channel "
                          "compensation, which the TensorRT-LLM model class does not apply yet")
-    config = build_config(spec, plan, fingerprint, _DTYPES[weights["embed"].dtype])
-    tensors = checkpoint_weights(spec, weights, config["layer_configs"])
+    config = build_config(spec, plan, fingerprint, _DTYPES[weights["embed"].dtype], opts)
+    full = checkpoint_weights(spec, weights, config["layer_configs"])
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt", "adaskip_fingerprint": fingerprint})
+    ranks: list[RankMapping] = opts.ranks(spec.num_layers)
+    counts = []
+    for rank in ranks:  # one rank in memory at a time (its parts are mostly views of the full tensors)
+        tensors = rank_tensors(full, spec, opts, rank)
+        save_file(tensors, str(out_dir / rank_file(rank.rank)),
+                  metadata={"format": "pt", "adaskip_fingerprint": fingerprint, "rank": str(rank.rank)})
+        counts.append(len(tensors))
     shutil.copyfile(model_cls_source(), out_dir / MODEL_CLS_FILE)
     layers = config["adaskip"]["layers"]
     return {
-        "config": CONFIG, "weights": WEIGHTS, "model_cls_file": MODEL_CLS_FILE, "model_cls_name": MODEL_CLS_NAME,
+        "config": CONFIG, "weights": [rank_file(r.rank) for r in ranks], "model_cls_file": MODEL_CLS_FILE,
+        "model_cls_name": MODEL_CLS_NAME, "mapping": config["mapping"], "options": opts.record(),
         "no_op": {"attention": [i for i, lc in enumerate(config["layer_configs"]) if lc["attention"]["impl"] == "no_op"],
                   "ffn": [i for i, lc in enumerate(config["layer_configs"]) if lc["ffn"]["impl"] == "no_op"]},
         "conditionals": sum(layer[k]["role"] == "dynamic" for layer in layers for k in ("attention", "ffn")),
         "engine_io": config["adaskip"]["engine_io"] is not None,
-        "tensors": len(tensors),
+        "tensors": counts,
     }
 
 
-# -- reading it back (round trip into the reference engine) -------------------------------------------------------
-
-@dataclass
-class TrtllmCheckpoint:
-    spec: ModelSpec
-    weights: dict[str, torch.Tensor]  # role-named; skipped (no_op) sublayers have none
-    plan: SkipPlan
-    fingerprint: str  # the source model's fingerprint (the plan's); the partial weights cannot be re-hashed to it
-    config: dict[str, Any]
-
-
 def validate_config(config: Any, where: str = "config.json") -> None:
+    """The schema, plus the cross-field rules a schema cannot say."""
     try:
         jsonschema.validate(config, CONFIG_SCHEMA)
     except jsonschema.ValidationError as e:
@@ -299,120 +340,17 @@ def validate_config(config: Any, where: str = "config.json") -> None:
                                      f"adaskip role is {al[kind]['role']!r}")
             if al[kind]["sublayer"] != 2 * i + (kind == "ffn"):
                 raise EngineDirError(f"{where}: layer {i} {kind} names sublayer {al[kind]['sublayer']}")
+    m = config["mapping"]
+    if m["world_size"] != m["tp_size"] * m["pp_size"]:
+        raise EngineDirError(f"{where}: mapping world_size {m['world_size']} is not tp_size {m['tp_size']} x pp_size "
+                             f"{m['pp_size']}")
 
 
-def _spec_from_config(config: dict[str, Any]) -> ModelSpec:
-    """Rebuild the ModelSpec from the TensorRT-LLM fields (what trtllm-build reads), then check it against the
-    spec the exporter recorded, so a config edited by hand cannot silently disagree with its own record."""
-    recorded = ModelSpec.from_dict(config["adaskip"]["model"]["spec"])
-    rs = config["rotary_scaling"]
-    scaling = None
-    if rs is not None:
-        scaling = {"type": rs.get("type", rs.get("rope_type")), "factor": float(rs["factor"])}
-        if scaling["type"] == "llama3":
-            scaling.update(low_freq_factor=float(rs["low_freq_factor"]), high_freq_factor=float(rs["high_freq_factor"]),
-                           original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
-    spec = ModelSpec(
-        family=recorded.family, num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-        num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"],
-        head_dim=config["head_size"], intermediate_size=config["intermediate_size"], vocab_size=config["vocab_size"],
-        max_position_embeddings=config["max_position_embeddings"], rope_theta=float(config["rotary_base"]),
-        norm_eps=float(config["norm_epsilon"]), rope_scaling=scaling,
-        tie_word_embeddings=bool(config["tie_word_embeddings"]), activation="silu", name=recorded.name)
-    if spec != recorded:
-        raise EngineDirError("config.json: the TensorRT-LLM fields disagree with the model spec adaskip recorded "
-                             "(edited by hand?)")
-    return spec
-
-
-def _weights_from_tensors(spec: ModelSpec, tensors: dict[str, torch.Tensor],
-                          layer_configs: list[dict[str, Any]], where: str) -> dict[str, torch.Tensor]:
-    expected = checkpoint_names(spec, layer_configs)
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or extra:
-        raise EngineDirError(f"{where}: tensors do not match config.json's layer_configs (missing {missing[:3]}, "
-                             f"unexpected {extra[:3]})")
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    w = {"embed": tensors["transformer.vocab_embedding.weight"], "final_norm": tensors["transformer.ln_f.weight"]}
-    lm_head = tensors["lm_head.weight"]
-    if spec.tie_word_embeddings:
-        if not torch.equal(lm_head, w["embed"]):
-            raise EngineDirError(f"{where}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
-    else:
-        w["lm_head"] = lm_head
-    for i, lc in enumerate(layer_configs):
-        p = f"transformer.layers.{i}"
-        if lc["attention"]["impl"] == "attention":
-            qkv = tensors[f"{p}.attention.qkv.weight"]
-            if qkv.shape[0] != q + 2 * kv:
-                raise EngineDirError(f"{where}: {p}.attention.qkv.weight has {qkv.shape[0]} rows, expected {q + 2 * kv}")
-            w[layer_role(i, "q")], w[layer_role(i, "k")], w[layer_role(i, "v")] = (
-                t.contiguous() for t in torch.split(qkv, [q, kv, kv], dim=0))
-            w[layer_role(i, "attn_norm")] = tensors[f"{p}.input_layernorm.weight"]
-            w[layer_role(i, "o")] = tensors[f"{p}.attention.dense.weight"]
-        if lc["ffn"]["impl"] == "mlp":
-            w[layer_role(i, "ffn_norm")] = tensors[f"{p}.post_layernorm.weight"]
-            w[layer_role(i, "gate")] = tensors[f"{p}.mlp.fc.weight"]
-            w[layer_role(i, "up")] = tensors[f"{p}.mlp.gate.weight"]
-            w[layer_role(i, "down")] = tensors[f"{p}.mlp.proj.weight"]
-    return w
-
-
-def checkpoint_names(spec: ModelSpec, layer_configs: list[dict[str, Any]]) -> set[str]:
-    """Every tensor name a checkpoint with these layer_configs holds, no more."""
-    names = {"transformer.vocab_embedding.weight", "transformer.ln_f.weight", "lm_head.weight"}
-    for i, lc in enumerate(layer_configs):
-        p = f"transformer.layers.{i}"
-        if lc["attention"]["impl"] == "attention":
-            names |= {f"{p}.input_layernorm.weight", f"{p}.attention.qkv.weight", f"{p}.attention.dense.weight"}
-        if lc["ffn"]["impl"] == "mlp":
-            names |= {f"{p}.post_layernorm.weight", f"{p}.mlp.fc.weight", f"{p}.mlp.gate.weight",
-                      f"{p}.mlp.proj.weight"}
-    return names
-
-
-def read_checkpoint(path: str | Path) -> TrtllmCheckpoint:
-    """Load a checkpoint written by `write_checkpoint` back into adaskip's terms (ModelSpec, role weights, plan)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    try:
-        config = json.loads((root / CONFIG).read_text())
-    except FileNotFoundError:
-        raise EngineDirError(f"{root}: no {CONFIG}: not a TensorRT-LLM checkpoint") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EngineDirError(f"{root / CONFIG} is unreadable: {e}") from None
-    validate_config(config, str(root / CONFIG))
-    try:
-        plan = SkipPlan.from_dict(config["adaskip"]["plan"])
-    except PlanError as e:
-        raise EngineDirError(f"{root / CONFIG}: adaskip.plan: {e}") from None
-    if plan.digest() != config["adaskip"]["plan_digest"]:
-        raise EngineDirError(f"{root / CONFIG}: adaskip.plan does not match its digest (edited by hand?)")
-    spec = _spec_from_config(config)
-    fp = config["adaskip"]["model"]["fingerprint"]
-    try:
-        plan.check_model(fp, spec.num_layers)
-    except PlanError as e:
-        raise EngineDirError(f"{root / CONFIG}: {e}") from None
-    layer_configs, layers = sublayer_layout(spec, plan)
-    if layer_configs != config["layer_configs"] or layers != config["adaskip"]["layers"]:
-        raise EngineDirError(f"{root / CONFIG}: layer_configs / adaskip.layers are not what the plan implies")
-    try:
-        tensors = load_file(str(root / WEIGHTS))
-    except FileNotFoundError:
-        raise EngineDirError(f"{root}: no {WEIGHTS}") from None
-    except (SafetensorError, OSError) as e:
-        raise EngineDirError(f"{root / WEIGHTS} is corrupt: {e}") from None
-    weights = _weights_from_tensors(spec, tensors, config["layer_configs"], str(root / WEIGHTS))
-    return TrtllmCheckpoint(spec=spec, weights=weights, plan=plan, fingerprint=fp, config=config)
-
-
-def trtllm_build_command(checkpoint_dir: str | Path, output_dir: str = "trt_engine") -> str:
+def trtllm_build_command(checkpoint_dir: str | Path, output_dir: str = "trt_engine", world_size: int = 1) -> str:
     """The command line a user runs on a machine with TensorRT-LLM (packed input and the paged KV cache are
-    trtllm-build's defaults; the model class refuses a build without them when the plan has conditionals)."""
+    trtllm-build's defaults; the model class refuses a build without them when the plan has conditionals).
+    With several ranks, --workers builds them in parallel (one engine per rank, run with mpirun -n N)."""
     d = str(checkpoint_dir)
+    workers = f" --workers {world_size}" if world_size > 1 else ""
     return (f"trtllm-build --checkpoint_dir {d} --model_cls_file {d}/{MODEL_CLS_FILE} "
-            f"--model_cls_name {MODEL_CLS_NAME} --output_dir {output_dir}")
-
+            f"--model_cls_name {MODEL_CLS_NAME} --output_dir {output_dir}{workers}")

@@ -19,6 +19,21 @@ real. AdaSkip adds, per sublayer j (role from config["adaskip"]["layers"]):
            the skipped branch really is not executed; the FFN's IO similarity and norm ratio come from the
            IOSimilarity plugin (the one adaskip's TensorRT builder registers) and leave the engine as outputs.
 
+Several ranks (config["mapping"]; the split rules are TensorRT-LLM's, so DeciLM's own loader reads each rank file):
+  * tensor parallelism: every rank of a TP group must take the same branch of every Conditional, because the
+    branch that runs the sublayer holds the row-parallel all-reduce (attention.dense, mlp.proj); a rank that
+    skipped while another ran would leave that all-reduce waiting forever. The residual stream is replicated, but
+    each rank's runtime feeds its own adaskip_skip / adaskip_scale, computed from its own statistics, and
+    floating-point differences between ranks could flip a similarity across beta. So before any layer the model
+    replaces both inputs by TP rank 0's values (from_first_tp_rank: an all-reduce of rank 0's tensor and exact
+    zeros from the others; v + 0 + ... + 0 == v bit for bit in any reduction order), and every predicate is then
+    computed from identical values. The all-reduce is unconditional, once per forward, outside every Conditional.
+  * pipeline parallelism: a stage builds its own layers only; it reads the adaskip_skip columns of those layers
+    and reports their statistics (NaN in the other stages' columns), so the decision for layer i is made for the
+    stage that owns it (SkipPolicy's online rule is per FFN, so deciding per stage is the same rule).
+  * use_parallel_embedding: DeciLM's model builds a replicated embedding; the class swaps in TensorRT-LLM's
+    Embedding with the checkpoint's tp split (embedding_sharding_dim 0 = vocab, 1 = hidden).
+
 Only an engine with some dynamic sublayer has the extra I/O (config["adaskip"]["engine_io"]): inputs
 `adaskip_skip` [num_tokens, 2L] bool and `adaskip_scale` [num_tokens, 2L] float32 (each token carries its request's
 SkipPolicy mask; in a generation step that is one token per request), outputs `adaskip_similarity` and
@@ -36,6 +51,7 @@ import tensorrt as trt
 
 import tensorrt_llm.functional as F
 from tensorrt_llm._common import default_net, default_trtnet
+from tensorrt_llm.layers.embedding import Embedding
 from tensorrt_llm.models.modeling_utils import PretrainedConfig
 from tensorrt_llm.models.nemotron_nas.config import DeciConfig
 from tensorrt_llm.models.nemotron_nas.model import (DeciLMDecoderLayer, DeciLMDecoderLayerList, DeciLMForCausalLM,
@@ -60,8 +76,11 @@ def to_deci_config(config: PretrainedConfig) -> DeciConfig:
     if not isinstance(adaskip, dict) or adaskip.get("format") != "adaskip.trtllm-checkpoint":
         raise ValueError("this model class builds adaskip TensorRT-LLM checkpoints only (config.json has no "
                          "'adaskip' section); write one with adaskip-build --backend trtllm-checkpoint")
-    if config.mapping.world_size != 1:
-        raise ValueError("adaskip checkpoints are single-rank (tp_size = pp_size = 1)")
+    parallel = adaskip.get("parallel", {})
+    mapping = config.mapping
+    if (mapping.tp_size, mapping.pp_size) != (parallel.get("tp_size"), parallel.get("pp_size")):
+        raise ValueError(f"config mapping tp {mapping.tp_size} x pp {mapping.pp_size} is not the one the checkpoint "
+                         f"was written for ({parallel.get('tp_size')} x {parallel.get('pp_size')})")
     d = config.to_dict()
     deci = DeciConfig(architecture="DeciLMForCausalLM", **{k: d[k] for k in _DECI_KEYS if k in d})
     deci.set_rank(config.mapping.rank)
@@ -109,14 +128,34 @@ def _io_similarity(h_in: F.Tensor, h_out: F.Tensor, hidden: int) -> tuple[F.Tens
     return F._create_tensor(layer.get_output(0), layer), F._create_tensor(layer.get_output(1), layer)
 
 
-class _AdaSkipIO:
-    """The per-forward skip/scale inputs and the statistics columns the layers fill in."""
+def from_first_tp_rank(x: F.Tensor, tp_rank: int, tp_group: list[int]) -> F.Tensor:
+    """TP rank 0's x on every rank of the group, bit for bit (float32): rank 0 contributes x, every other rank
+    exact zeros, and the sum all-reduce adds them; v + 0 == v exactly, whatever order the reduction takes, so no
+    rank can see another value. Called unconditionally (every rank reaches it), never inside a Conditional."""
+    if len(tp_group) == 1:
+        return x
+    own = x if tp_rank == 0 else F.expand(F.constant(np.zeros((1, 1), dtype=np.float32)),
+                                           F.concat([F.shape(x, 0), F.shape(x, 1)]))
+    return F.allreduce(own, tp_group)
 
-    def __init__(self, skip: F.Tensor, scale: F.Tensor, num_sublayers: int):
-        self.skip = F.cast(skip, "float32")  # gathered per column below; compared against 0.5 for the selects
-        self.scale = scale
+
+class _AdaSkipIO:
+    """The per-forward skip/scale inputs (TP rank 0's on every rank) and the statistics columns the layers fill in."""
+
+    def __init__(self, skip: F.Tensor, scale: F.Tensor, num_sublayers: int, tp_rank: int = 0,
+                 tp_group: list[int] | None = None):
+        group = tp_group or [0]
+        # every Conditional's predicate and every where() below reads these: identical on every rank of the group
+        self.skip = from_first_tp_rank(F.cast(skip, "float32"), tp_rank, group)  # compared against 0.5
+        self.scale = from_first_tp_rank(F.cast(scale, "float32"), tp_rank, group)
         self.sims: list = [None] * num_sublayers
         self.ratios: list = [None] * num_sublayers
+
+    def statistics(self) -> tuple[F.Tensor, F.Tensor]:
+        """[N, 2L] each; NaN in the columns of layers another pipeline stage owns (it reports them)."""
+        nan = _nan_column(self.skip)
+        return (F.concat([s if s is not None else nan for s in self.sims], dim=1),
+                F.concat([r if r is not None else nan for r in self.ratios], dim=1))
 
     def column(self, t: F.Tensor, j: int) -> F.Tensor:
         return F.index_select(t, 1, F.constant(np.array([j], dtype=np.int32)))  # [N, 1]
@@ -192,6 +231,11 @@ class AdaSkipLlamaForCausalLM(DeciLMForCausalLM):
         config = to_deci_config(config)
         super().__init__(config)
         self.transformer.layers = DeciLMDecoderLayerList(AdaSkipDecoderLayer, config)
+        mapping = config.mapping
+        if config.use_parallel_embedding and mapping.is_first_pp_rank():  # DeciLM's own embedding is replicated
+            self.transformer.vocab_embedding = Embedding(
+                config.vocab_size, config.hidden_size, dtype=config.dtype, tp_size=mapping.tp_size,
+                tp_group=mapping.tp_group, sharding_dim=config.embedding_sharding_dim, tp_rank=mapping.tp_rank)
         self.adaskip_num_sublayers = 2 * config.num_hidden_layers
         self.adaskip_engine_io = config.adaskip.get("engine_io") is not None
         self.adaskip_dynamic_attention = any(layer["attention"]["role"] == "dynamic"
@@ -209,7 +253,8 @@ class AdaSkipLlamaForCausalLM(DeciLMForCausalLM):
     def _check_build_options(self) -> None:
         plugins = default_net().plugin_config
         if plugins.reduce_fusion:
-            raise ValueError("adaskip's model class does not support reduce_fusion (single-rank engines only)")
+            raise ValueError("adaskip's model class does not support reduce_fusion (its layers add the residual "
+                             "around each sublayer themselves)")
         if self.adaskip_engine_io and not plugins.remove_input_padding:
             raise ValueError("adaskip's run-time skipping needs packed input (remove_input_padding enabled, "
                              "trtllm-build's default)")
@@ -238,7 +283,9 @@ class AdaSkipLlamaForCausalLM(DeciLMForCausalLM):
         if self.adaskip_engine_io:
             if adaskip_skip is None or adaskip_scale is None:
                 raise ValueError("this plan decides sublayers at run time: adaskip_skip and adaskip_scale are inputs")
-            io = _AdaSkipIO(adaskip_skip, adaskip_scale, self.adaskip_num_sublayers)
+            mapping = self.config.mapping
+            io = _AdaSkipIO(adaskip_skip, adaskip_scale, self.adaskip_num_sublayers, mapping.tp_rank,
+                            mapping.tp_group)
         for layer in self.transformer.layers:
             layer.adaskip_io = io
         out = super().forward(input_ids, position_ids=position_ids, use_cache=use_cache,
@@ -248,6 +295,7 @@ class AdaSkipLlamaForCausalLM(DeciLMForCausalLM):
                               prompt_tasks=prompt_tasks, prompt_vocab_size=prompt_vocab_size,
                               lora_params=lora_params, spec_decoding_params=spec_decoding_params)
         if io is not None:
-            F.concat(io.sims, dim=1).mark_output("adaskip_similarity", "float32")
-            F.concat(io.ratios, dim=1).mark_output("adaskip_norm_ratio", "float32")
+            sims, ratios = io.statistics()
+            sims.mark_output("adaskip_similarity", "float32")
+            ratios.mark_output("adaskip_norm_ratio", "float32")
         return out
