@@ -194,7 +194,7 @@ def _check_network(net: dict, policy: SkipPolicy) -> None:
     assert net["layer_types"]["PLUGIN_V3"] == running
     assert net["layer_types"]["CONDITION"] == net["conditionals"]["total"]
     # KV inputs and outputs only for live (cached) attention layers
-    assert net["kv_layers"] == policy.layout.cached_layers
+    assert net["kv_layers"] == list(policy.layout.cached_layers)
     kv_in = sorted(n for n in net["inputs"] if n.startswith(("past_key_", "past_value_")))
     assert kv_in == sorted(f"past_{kind}_{i}" for i in policy.layout.cached_layers for kind in ("key", "value"))
     kv_out = sorted(n for n in net["outputs"] if n.startswith("new_"))
