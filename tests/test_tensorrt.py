@@ -289,16 +289,16 @@ def test_smollm2_k8_engine_is_built_and_its_network_matches_the_plan(smollm2_bui
 
 def test_a_graph_the_parser_cannot_read_fails_with_its_message(tiny_model_dir, tiny_plan, tmp_path, monkeypatch,
                                                               capsys):
-    from adaskip.export.onnx import graph as onnx_graph
+    import adaskip.builder.build as build_mod
 
-    real = onnx_graph.build_onnx
+    real = build_mod.build_onnx
 
     def with_unsupported_op(*args, **kwargs):
         model = real(*args, **kwargs)
         model.graph.node.append(helper.make_node("Unique", ["scale"], ["unique_scale"], name="deliberately_unique"))
         return model
 
-    monkeypatch.setattr(onnx_graph, "build_onnx", with_unsupported_op)
+    monkeypatch.setattr(build_mod, "build_onnx", with_unsupported_op)
     out = tmp_path / "engine"
     rc = build_main(["--model", str(tiny_model_dir), "--plan", str(tiny_plan), "--calib-tokens", "64", "--backend",
                      "tensorrt", "--max-seq-len", "128", "--output", str(out), "-q"])
