@@ -16,6 +16,7 @@ from typing import Any
 
 from adaskip.calibrate.corpus import CalibrationOptions
 from adaskip.errors import InputError, check_choice
+from adaskip.export.onnx.variants import REQUESTS, check_request
 from adaskip.export.tensorrt.options import TensorRTOptions
 from adaskip.export.trtllm.parallel import TrtllmOptions
 from adaskip.model.load import check_dtype
@@ -29,8 +30,8 @@ BACKENDS = ("ort", "torch", "trtllm-checkpoint", "tensorrt")
 # the calibration pass (per-token ratio, per-channel scale, per-channel affine a * h + b)
 STAND_INS = COMPENSATION_RULES
 # ort backend: "ort" (ONNX Runtime's fused contrib ops), "portable" (standard ops only), auto: ort where the plan
-# allows it
-GRAPH_VARIANTS = ("auto", "ort", "portable")
+# allows it (adaskip/export/onnx/variants.py decides and checks)
+GRAPH_VARIANTS = REQUESTS
 QUANTIZATIONS = ("int4",)  # weight-only int4 MatMuls (MatMulNBits), ort backend
 
 
@@ -93,7 +94,7 @@ class EngineOptions:
     def validate(self) -> None:
         check_backend(self.backend)
         check_dtype(self.dtype, "--dtype", InputError)
-        check_choice(self.graph_variant, GRAPH_VARIANTS, "--graph-variant")
+        check_request(self.backend, self.graph_variant)
         if self.quantize is not None and (self.quantize not in QUANTIZATIONS or self.backend != "ort"):
             raise InputError("--quantize int4 is available for the ort backend only")
         self.tensorrt.validate()
@@ -101,9 +102,6 @@ class EngineOptions:
             given = self.tensorrt.given()
             if given:
                 raise InputError(f"{', '.join(given)}: TensorRT engine options, for --backend tensorrt only")
-        elif self.graph_variant not in ("auto", "portable"):
-            raise InputError("--backend tensorrt builds from the portable graph (standard ONNX ops); drop "
-                             "--graph-variant")
         self.trtllm.validate()
         if self.backend != "trtllm-checkpoint" and self.trtllm.given():
             raise InputError(f"{', '.join(self.trtllm.given())}: TensorRT-LLM checkpoint options, for --backend "

@@ -8,7 +8,7 @@ a requested variant (the graph builder, adaskip-build's early option check).
 
 from __future__ import annotations
 
-from adaskip.errors import InputError
+from adaskip.errors import InputError, check_choice
 from adaskip.layout import SkipLayout
 from adaskip.model.spec import ModelSpec
 
@@ -35,8 +35,7 @@ def ort_refusal(spec: ModelSpec, layout: SkipLayout, all_logits: bool = False) -
 
 def check_request(backend: str, requested: str) -> None:
     """What a backend accepts whatever the model and plan, so adaskip-build refuses it before loading a model."""
-    if requested not in REQUESTS:
-        raise InputError(f"--graph-variant must be auto, ort or portable; got {requested!r}")
+    check_choice(requested, REQUESTS, "--graph-variant")
     if backend == "tensorrt" and requested == "ort":
         raise InputError("--backend tensorrt builds from the portable graph (standard ONNX ops); drop --graph-variant")
 
