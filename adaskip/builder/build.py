@@ -15,9 +15,10 @@ from adaskip.builder.plot import importance_plot
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
 from adaskip.errors import InputError, ModelLoadError, PlanError
 from adaskip.model import LoadedModel, load_model
+from adaskip.layout import SkipLayout
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.plan import (COMPENSATION_RULES, DEFAULT_WINDOW, METHODS, MODES, SkipPlan, adaskip_plan, baseline_plan,
-                          now_utc, rank_by_similarity)
+from adaskip.plan import (COMPENSATION_RULES, DEFAULT_WINDOW, METHODS, MODES, SKIPDECODE_HORIZON, SkipPlan,
+                          adaskip_plan, baseline_plan, now_utc, rank_by_similarity)
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.torch_engine import TorchEngine
 
@@ -173,8 +174,8 @@ def build(opts: BuildOptions) -> BuildReport:
 
         check_options(opts, spec)
     plan = make_plan(opts, model, tokenizer)
-    prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
-    expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
+    # decode: over SkipDecode's horizon (where its growing set is fully grown; any other plan's is step-independent)
+    expected = cost.speedups(spec, SkipLayout.from_plan(plan), opts.context_len, SKIPDECODE_HORIZON)
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
     with atomic_dir(output, force=opts.force) as tmp:

@@ -275,6 +275,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
     from adaskip import cost
+    from adaskip.layout import SkipLayout
     from adaskip.plan import adaskip_plan
     from adaskip.policy import SkipPolicy
     from adaskip.runtime.torch_engine import TorchEngine
@@ -291,7 +292,7 @@ def _measure(args, model, calib, nothing, budgets, contexts, corpus, work: Path)
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, args.threads)
-        col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
+        col.ideal = {c: cost.speedups(spec, SkipLayout.from_plan(plan), c, args.decode_tokens) for c in contexts}
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
@@ -351,7 +352,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['repeats']} repeats; every "
              f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
              f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
-             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model; our engines run "
+             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model, decode over the "
+             f"same {data['decode_tokens']} steps; our engines run "
              f"the sublayers after a prompt's last attention for its last token only, and so does the model's ideal). "
              f"GFLOP/s = the cost model's prefill FLOPs for the column's plan, as that engine runs it, / TTFT. Kernel "
              f"bound = the prefill time if the "
