@@ -338,8 +338,9 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     # the attention kernel is timed at each context where the model's head size lets the graph use it
     head_ok = gqa_supports(load_model(str(tiny_chat_model)).spec)
     assert all((g is not None and g > 0) == head_ok for g in data["attention_gflops"].values())
+    assert {c["ideal"]["32"]["decode_steps"] for c in data["columns"] if c["ideal"]} == {2}  # the steps measured
     md = (out / "benchmarks.md").read_text()
-    assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists()
+    assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists() and "decode over the same 2 steps" in md
     assert "Kernels alone: fp32 MatMul" in md and ("GroupQueryAttention, causal over 32 tokens" in md) == head_ok
 
 
