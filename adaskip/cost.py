@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from adaskip.errors import PlanError
 from adaskip.model.spec import ModelSpec
-from adaskip.layout import last_token_tail
+from adaskip.layout import SkipLayout, last_token_tail
 
 
 def _attention_span(window: int | None, context: int) -> int:
@@ -73,10 +73,20 @@ def ideal_speedup(spec: ModelSpec, skipped: list[int], context_len: int, phase: 
     return total / (total - sum(costs[j] for j in set(skipped)))
 
 
-def speedups(spec: ModelSpec, prefill_skipped: list[int], decode_skipped: list[int], context_len: int) -> dict:
-    return {"context_len": context_len,
-            "prefill": round(ideal_speedup(spec, prefill_skipped, context_len, "prefill"), 4),
-            "decode": round(ideal_speedup(spec, decode_skipped, context_len, "decode"), 4)}
+def speedups(spec: ModelSpec, layout: SkipLayout, context_len: int, decode_steps: int) -> dict:
+    """The ideal speedups of a plan over one generation at `context_len` tokens: its prefill, and its first
+    `decode_steps` decode steps together (1 / the mean of their per-step FLOP fractions, each step costed at
+    `context_len` tokens of past), with the sets the layout skips in each (SkipDecode's set grows with the step, so
+    its figure depends on the length; every other plan's decode set is the same at every step). Online skipping is
+    per request and not counted."""
+    if decode_steps < 1:
+        raise ValueError(f"decode_steps must be at least 1; got {decode_steps}")
+    steps = [layout.decode_skip_at(t) for t in range(1, decode_steps + 1)]
+    fraction = {s: 1.0 / ideal_speedup(spec, sorted(s), context_len, "decode") for s in set(steps)}
+    total = sum(fraction[s] for s in steps)
+    return {"context_len": context_len, "decode_steps": decode_steps,
+            "prefill": round(ideal_speedup(spec, sorted(layout.prefill_skip), context_len, "prefill"), 4),
+            "decode": round(decode_steps / total, 4)}
 
 
 def k_for_alpha(spec: ModelSpec, ranking: list[int], alpha: float, context_len: int, phase: str) -> int:

@@ -3,7 +3,8 @@
 A SkipPlan says which sublayers were chosen and why; the layout says what that implies for the shape of a forward,
 for any request at any step (TensorRT-LLM's per-layer `layer_configs` play this part for its NAS models):
 
-  * the offline set skipped in prefill (modes prefill/e2e) and in decode step t (SkipDecode in decode mode grows);
+  * the offline set skipped in prefill (modes prefill/e2e) and in decode step t (SkipDecode in decode and e2e
+    mode grows from layer 1, its e2e prefill skips layer 1 only);
   * the FFNs online learning may add during decode (modes decode/e2e, adaskip with online learning);
   * each sublayer's role: "never" (skipped in every forward: removable), "always" (runs in every forward: no
     conditional needed) or "dynamic" (depends on the phase, the step or online learning: needs a conditional);
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from adaskip.errors import PlanError
 from adaskip.plan import Compensation, SkipPlan, skipdecode_layers_at
 
 ROLES = ("never", "always", "dynamic")
@@ -58,20 +60,34 @@ class SkipLayout:
 
     @cached_property
     def prefill_skip(self) -> frozenset[int]:
-        """Skipped in every prefill forward: the offline set in modes prefill and e2e, nothing in decode mode."""
-        return self.offline if self.plan.mode in ("prefill", "e2e") else frozenset()
+        """Skipped in every prefill forward: the offline set in modes prefill and e2e, nothing in decode mode.
+
+        SkipDecode in e2e mode skips its step-0 set (layer 1 only): the reference's e2e variant meant a fresh
+        request's counter, but resets it only after each prefill, so a prefill reads the previous request's final
+        decode count (layer 1 for its first request, up to layers 1..k after a long generation), and the layers of
+        that set that run again at decode step 1 then have no prefill K/V. A per-request counter (0 in prefill) is
+        that rule without the carried-over state, and keeps every prefill set inside the decode sets after it.
+        """
+        if self.plan.mode == "decode":
+            return frozenset()
+        if self.grows_in_decode:
+            return self._layers_at(0)
+        return self.offline
 
     @property
     def grows_in_decode(self) -> bool:
-        """SkipDecode in decode mode: the decode set grows with the step towards the offline set."""
-        return self.plan.method == "skipdecode" and self.plan.mode == "decode"
+        """SkipDecode in decode and e2e mode: the decode set grows with the step towards the offline set."""
+        return self.plan.method == "skipdecode" and self.plan.mode in ("decode", "e2e")
 
     def decode_skip_at(self, step: int) -> frozenset[int]:
         """The offline set skipped at decode step `step` (1-based)."""
-        if self.grows_in_decode:
-            layers = skipdecode_layers_at(step, self.plan.num_layers, self.plan.k)
-            return frozenset(j for i in layers for j in (2 * i, 2 * i + 1))
-        return self.offline
+        if step < 1:
+            raise ValueError(f"decode steps count from 1; got {step}")
+        return self._layers_at(step) if self.grows_in_decode else self.offline
+
+    def _layers_at(self, step: int) -> frozenset[int]:
+        layers = skipdecode_layers_at(step, self.plan.num_layers, self.plan.k)
+        return frozenset(j for i in layers for j in (2 * i, 2 * i + 1))
 
     # -- online learning -----------------------------------------------------------------------------------------
     @property
@@ -108,9 +124,16 @@ class SkipLayout:
 
         Decode-phase skip sets only grow (SkipDecode) or stay fixed, so this is the complement of step 1's set.
         In `decode` mode prefill still computes the other layers' attention, but nothing needs their K/V after it.
+        Every one of them must run its attention in prefill too (else its decode steps would read no K/V of the
+        prompt): a plan whose prefill set is not inside step 1's set is refused.
         """
         skipped_at_1 = self.decode_skip_at(1)
-        return tuple(i for i in range(self.num_layers) if 2 * i not in skipped_at_1)
+        layers = tuple(i for i in range(self.num_layers) if 2 * i not in skipped_at_1)
+        missing = [i for i in layers if 2 * i in self.prefill_skip]
+        if missing:
+            raise PlanError(f"layers {missing} would attend in decode without prefill K/V (their attention is "
+                            f"skipped in prefill only)")
+        return layers
 
     @property
     def has_conditional_cached_attention(self) -> bool:

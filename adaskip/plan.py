@@ -120,7 +120,7 @@ class SkipPlan:
     num_layers: int
     budget_unit: str  # "sublayers" (AdaSkip) or "layers" (baselines)
     k: int
-    skip: list[int]  # offline skip set (for skipdecode in decode mode: the full set it grows into)
+    skip: list[int]  # offline skip set (for skipdecode in decode/e2e mode: the full set it grows into)
     scales: list[float]  # per sublayer: h' = scale * h when skipped
     online_enabled: bool
     window: int
@@ -306,15 +306,24 @@ def baseline_plan(method: str, num_layers: int, k: int, mode: str, fingerprint: 
         selection={"rule": "baseline", "layers": layers})
 
 
-def skipdecode_layers_at(step: int, num_layers: int, k: int) -> list[int]:
-    """SkipDecode in decode mode: layers skipped at decode step `step` (1-based), growing to layers 1..k.
+SKIPDECODE_HORIZON = 512  # decode steps over which SkipDecode's set grows (the reference's MAX_GEN_LEN)
 
-    Reference: idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 always kept, where its counter t is 0 at
-    the first decode step (so step 1 skips layer 1 only).
+
+def skipdecode_layers_at(step: int, num_layers: int, k: int) -> list[int]:
+    """SkipDecode: the layers skipped in forward `step` of a request, growing from layer 1 to layers 1..k.
+
+    `step` 0 is the request's prefill (mode e2e), step t >= 1 its decode step t. Reference (ASISys/AdaSkip, the
+    SkipDecode baseline): idx <= ceil(c / MAX_GEN_LEN * (k - 1)) + 1, capped at k, layer 0 always kept, where c counts
+    the request's decode forwards before this one (0 at decode step 1, so step 1 skips layer 1 only) and MAX_GEN_LEN
+    is its tasks' max_new_tokens (512 for every decode and e2e task it runs). A fresh request's counter is 0, so its
+    prefill skips layer 1 only, a subset of every decode step's set: every layer whose attention runs in decode ran
+    in prefill and has its K/V. (The reference's e2e variant resets the counter only after a prefill, so a prefill
+    reads the previous request's final count: see SkipLayout.prefill_skip.)
     """
     if k == 0:
         return []
-    limit = min(k, math.ceil((step - 1) / 512 * (k - 1)) + 1)
+    counter = max(step - 1, 0)
+    limit = min(k, math.ceil(counter / SKIPDECODE_HORIZON * (k - 1)) + 1)
     return [i for i in range(1, num_layers) if i <= limit]
 
 

@@ -6,9 +6,10 @@ SkipLayout (adaskip/layout.py); this module adds the per-request part.
 Pure Python, no tensors; every backend asks it through the Generator and none re-implements the rule.
 
 Per request, step by step:
-  * prefill forward: skip the offline set in modes `prefill` and `e2e`, nothing in `decode`;
-  * decode step t (1-based): skip the offline set (SkipDecode in `decode` mode: its set at step t), plus, once the
-    first W steps are done, the request's online FFNs;
+  * prefill forward: skip the offline set in modes `prefill` and `e2e`, nothing in `decode` (SkipDecode in `e2e`
+    mode: layer 1 only, its set at step 0);
+  * decode step t (1-based): skip the offline set (SkipDecode in `decode` and `e2e` mode: its set at step t), plus,
+    once the first W steps are done, the request's online FFNs;
   * online learning (modes decode/e2e, adaskip only): during decode steps 1..W record IO similarity and norm ratio
     of every FFN that ran; after step W, each FFN outside the offline set whose mean similarity >= beta joins the
     request's skip set with its mean norm ratio as scale.

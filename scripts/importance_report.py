@@ -73,8 +73,9 @@ def main() -> None:
     eos = tuple(eos_token_ids(model, tok))
     for k in [int(x) for x in a.budgets.split(",")]:
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name)
-        gen = Generator(engine, SkipPolicy(plan), tok, eos)
-        e = cost.speedups(spec, plan.skip, plan.skip, 4096)
+        policy = SkipPolicy(plan)
+        gen = Generator(engine, policy, tok, eos)
+        e = cost.speedups(spec, policy.layout, 4096, max(a.max_new_tokens - 1, 1))  # AdaSkip's: the same every step
         lines += [f"## K = {k}", "",
                   f"Skipped offline: {', '.join(name(j) for j in plan.skip) or 'none'}"
                   + (f"; beta = {plan.beta:.4f}" if plan.beta is not None else "") + ".",

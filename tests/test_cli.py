@@ -226,24 +226,29 @@ def test_smollm2_build_and_run_end_to_end(smollm2_dir, tmp_path, capsys):
     assert len(result["prefill_skipped"]) == 4 and result["kv_bytes_saved"] >= 0
 
 
-@pytest.mark.parametrize("method,mode", [("skipdecode", "decode"), ("early-exit", "e2e"), ("unified", "prefill")])
+@pytest.mark.parametrize("method,mode", [("skipdecode", "decode"), ("skipdecode", "e2e"), ("early-exit", "e2e"),
+                                         ("unified", "prefill")])
 def test_baseline_engines_build_and_run(tiny_chat_model, tmp_path, capsys, method, mode):
     out = tmp_path / method
     assert build_cli.main(["--model", str(tiny_chat_model), "--method", method, "--skip", "2", "--mode", mode,
                            "-o", str(out), "-q"]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["method"] == method and plan["budget"] == {"unit": "layers", "k": 2} and not plan["online"]["enabled"]
-    capsys.readouterr()
+    expected = plan["selection"]["expected_speedup"]  # the provenance states the length its decode figure covers
+    assert expected["decode_steps"] == 512 and f"decode {expected['decode']:.3f}x over 512 decode steps" in \
+        capsys.readouterr().out
     assert run_cli.main(["--engine", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     skipped = [j for i in plan["selection"]["layers"] for j in (2 * i, 2 * i + 1)]
-    if mode == "decode":  # skipdecode grows: layer 1 at decode step 1, layers 1..2 from step 2 (k = 2)
-        assert result["prefill_skipped"] == [] and result["decode_skipped_offline"] == [2, 3, 4, 5]
+    if method == "skipdecode":  # grows: layer 1 at decode step 1, layers 1..2 from step 2 (k = 2)
+        # an e2e prefill skips layer 1 only (a fresh request's step counter), decode mode's nothing
+        assert result["prefill_skipped"] == ([] if mode == "decode" else [2, 3])
+        assert result["decode_skipped_offline"] == [2, 3, 4, 5]
     else:
         assert result["prefill_skipped"] == skipped and result["decode_skipped_offline"] == skipped
     assert result["decode_skipped_online"] == []
     # KV only for layers whose attention runs in decode; tiny model: 4 layers, 2 KV heads x 8 dims, fp32
-    live = 4 - (1 if mode == "decode" else len(plan["selection"]["layers"]))
+    live = 4 - (1 if method == "skipdecode" else len(plan["selection"]["layers"]))
     capacity = result["prompt_tokens"] + 4
     assert result["kv_bytes"] == 2 * live * 2 * 8 * capacity * 4
 
@@ -332,8 +337,9 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     # the attention kernel is timed at each context where the model's head size lets the graph use it
     head_ok = gqa_supports(load_model(str(tiny_chat_model)).spec)
     assert all((g is not None and g > 0) == head_ok for g in data["attention_gflops"].values())
+    assert {c["ideal"]["32"]["decode_steps"] for c in data["columns"] if c["ideal"]} == {2}  # the steps measured
     md = (out / "benchmarks.md").read_text()
-    assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists()
+    assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists() and "decode over the same 2 steps" in md
     assert "Kernels alone: fp32 MatMul" in md and ("GroupQueryAttention, causal over 32 tokens" in md) == head_ok
 
 

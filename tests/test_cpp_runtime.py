@@ -156,6 +156,7 @@ def _policy_traces() -> list[dict]:
         ("early-exit-4-e2e", baseline_plan("early-exit", 30, 4, "e2e", fp, calibration=cal), 6),
         ("unified-5-decode", baseline_plan("unified", 30, 5, "decode", fp, calibration=cal), 6),
         ("skipdecode-6-decode", baseline_plan("skipdecode", 30, 6, "decode", fp, calibration=cal), 600),
+        ("skipdecode-6-e2e", baseline_plan("skipdecode", 30, 6, "e2e", fp, calibration=cal), 600),
     ]
     traces = [_trace(name, plan, steps, seed) for seed, (name, plan, steps) in enumerate(plans)]
     assert traces[0]["expect"]["online"] and traces[4]["expect"]["online"], "the traces should exercise online FFNs"
@@ -362,7 +363,7 @@ def test_cpp_constants_follow_the_python_formats():
 
 def test_policy_matches_python_traces(build, data):
     out = _ctest(build.wait(), data, "policy_trace")
-    assert "skipdecode-6-decode: 600 steps" in out
+    assert "skipdecode-6-decode: 600 steps" in out and "skipdecode-6-e2e: 600 steps" in out
 
 
 def test_plans_refused_like_python(build, data):

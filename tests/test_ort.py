@@ -190,7 +190,7 @@ def test_left_padded_batches_match_solo_runs_in_both_variants(tiny_root, tmp_pat
         assert [r.tokens for r in batch] == ref, variant
 
 
-def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
+def test_skipdecode_growth_uses_the_portable_graph(tiny_root, tmp_path):
     from adaskip.export.onnx.variants import choose_variant
 
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
@@ -200,9 +200,21 @@ def test_skipdecode_growth_uses_the_portable_graph(tiny_root):
         build_onnx(model.spec, model.weights, growing, variant="ort")
     with pytest.raises(InputError, match="portable"):
         choose_variant(model.spec, growing, "ort", requested="ort")
-    fixed = SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", model.fingerprint)).layout
+    fp = model.fingerprint
+    # e2e grows too (its prefill skips layer 1 only, layer 2 attends in prefill and at decode step 1)
+    e2e = SkipPolicy(baseline_plan("skipdecode", 4, 2, "e2e", fp))
+    assert choose_variant(model.spec, e2e.layout, "ort") == "portable"
+    # one layer (k = 1) is skipped in every forward: nothing grows, the ORT variant takes it
+    fixed = SkipPolicy(baseline_plan("skipdecode", 4, 1, "e2e", fp)).layout
     assert choose_variant(model.spec, fixed, "ort") == "ort"
     assert choose_variant(model.spec, fixed, "tensorrt") == "portable"  # TensorRT parses standard ops only
+    # e2e on the portable graph: layer 1 removed, layer 2's attention writes its K/V in prefill and at decode step 1
+    # through a conditional and is skipped from step 2 on; same tokens and logits as the reference engine
+    engine, info = _export(model, e2e, tmp_path)
+    assert info["kv_layers"] == [0, 2, 3] and info["conditionals"] > 0
+    torch.manual_seed(0)
+    report = _parity(model, engine, torch.randint(0, 320, (2, 12)).tolist(), 5, e2e)
+    assert report.passed and report.max_logit_diff <= TOL
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -87,6 +87,7 @@ def test_baselines_follow_the_reference_definitions():
 
 def test_skipdecode_grows_with_the_step():
     # idx <= ceil(t / 512 * (k - 1)) + 1, capped at k, layer 0 kept; the reference's t is 0 at decode step 1
+    assert skipdecode_layers_at(0, 32, 8) == [1]  # an e2e prefill: a fresh request's counter is 0 too
     assert skipdecode_layers_at(1, 32, 8) == [1]
     assert skipdecode_layers_at(2, 32, 8) == [1, 2]
     assert skipdecode_layers_at(74, 32, 8) == [1, 2]
@@ -111,6 +112,35 @@ def test_cost_model_and_alpha_selection():
         cost.k_for_alpha(SPEC, ranking, 0.9, 1024, "prefill")
     with pytest.raises(PlanError, match="out of reach"):
         cost.k_for_alpha(SPEC, ranking, 1e12, 1024, "prefill")
+
+
+def test_ideal_speedup_of_a_growing_set_averages_its_per_step_flop_fractions():
+    from adaskip.layout import SkipLayout
+
+    grows = SkipLayout.from_plan(baseline_plan("skipdecode", 4, 3, "decode", "fp"))
+    costs, fixed = cost.sublayer_flops(SPEC, 1024, "decode")
+    total = sum(costs) + fixed
+
+    def fraction(layers: list[int]) -> float:
+        return (total - sum(costs[j] for i in layers for j in (2 * i, 2 * i + 1))) / total
+
+    # 300 decode steps: step 1 skips layer 1, steps 2..257 layers 1..2, steps 258..300 layers 1..3
+    mean = (fraction([1]) + 256 * fraction([1, 2]) + 43 * fraction([1, 2, 3])) / 300
+    e = cost.speedups(SPEC, grows, 1024, 300)
+    assert e == {"context_len": 1024, "decode_steps": 300, "prefill": 1.0, "decode": round(1 / mean, 4)}
+    grown = cost.ideal_speedup(SPEC, sorted(grows.offline), 1024, "decode")  # what the fully grown set gives
+    assert e["decode"] < round(grown, 4)
+    assert cost.speedups(SPEC, grows, 1024, 100_000)["decode"] == pytest.approx(grown, rel=5e-3)  # long run
+    # e2e: the prefill skips layer 1 only, the decode steps grow as in decode mode
+    e2e = cost.speedups(SPEC, SkipLayout.from_plan(baseline_plan("skipdecode", 4, 3, "e2e", "fp")), 1024, 300)
+    assert e2e == {**e, "prefill": round(cost.ideal_speedup(SPEC, [2, 3], 1024, "prefill"), 4)}
+    # a fixed set gives the same figure at any length
+    fixed_set = SkipLayout.from_plan(baseline_plan("early-exit", 4, 2, "e2e", "fp"))
+    assert cost.speedups(SPEC, fixed_set, 1024, 1) == {**cost.speedups(SPEC, fixed_set, 1024, 700), "decode_steps": 1}
+    assert cost.speedups(SPEC, fixed_set, 1024, 1)["decode"] == round(cost.ideal_speedup(SPEC, [4, 5, 6, 7], 1024,
+                                                                                          "decode"), 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        cost.speedups(SPEC, fixed_set, 1024, 0)
 
 
 def test_prefill_cost_counts_the_tail_for_one_token():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from test_plan import SIMS, calib
 
+from adaskip.errors import PlanError
 from adaskip.plan import adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
 
@@ -119,7 +121,7 @@ def test_batch_rows_learn_independently():
     assert [a.skip[j] for j in range(0, N, 2)] == [b.skip[j] for j in range(0, N, 2)]
 
 
-def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_mode():
+def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_and_e2e_mode():
     policy = SkipPolicy(baseline_plan("early-exit", 4, 1, "e2e", "fp"))
     st = policy.new_request()
     run_window(policy, st, {1: 1.0, 3: 1.0})
@@ -132,8 +134,46 @@ def test_baselines_have_no_online_step_and_skipdecode_grows_in_decode_mode():
     for _ in range(511):
         sd.observe_decode(st, [NAN] * 64, [NAN] * 64)
     assert sd.decode_mask(st).skipped == list(range(2, 18))  # step 512: layers 1..8
-    e2e = SkipPolicy(baseline_plan("skipdecode", 32, 8, "e2e", "fp"))
-    assert e2e.decode_mask(e2e.new_request()).skipped == list(range(2, 18))
+
+
+def test_skipdecode_e2e_skips_layer_1_in_prefill_and_grows_in_decode_step_by_step():
+    """k = 3 on 5 layers: idx <= ceil((t - 1) / 512 * 2) + 1 at decode step t, capped at 3; the prefill reads the
+    request's own counter, 0 (the reference's e2e variant reads the previous request's instead)."""
+    e2e = SkipPolicy(baseline_plan("skipdecode", 5, 3, "e2e", "fp"))
+    layers = {1: [2, 3], 2: [2, 3, 4, 5], 3: [2, 3, 4, 5, 6, 7]}  # layer -> sublayers of layers 1..n
+    for request in range(2):  # a second request starts again from layer 1: no state carried over
+        st = e2e.new_request()
+        assert e2e.prefill_mask(st).skipped == layers[1]
+        seen = []
+        for step in range(1, 600):
+            seen.append(e2e.decode_mask(st).skipped)
+            e2e.observe_decode(st, [NAN] * 10, [NAN] * 10)
+        assert seen[0] == layers[1]  # step 1: the counter is 0
+        assert seen[1] == seen[256] == layers[2]  # steps 2..257: ceil((t - 1) / 256) = 1
+        assert seen[257] == seen[598] == layers[3]  # from step 258 on: capped at k = 3
+        assert all(set(a) <= set(b) for a, b in zip(seen, seen[1:]))  # only grows
+    # layer 1 is skipped in every forward; layers 2, 3 attend in prefill (K/V) and in early decode steps
+    assert list(e2e.layout.roles) == ["always", "always", "never", "never"] + ["dynamic"] * 4 + ["always"] * 2
+    assert e2e.layout.cached_layers == (0, 2, 3, 4) and e2e.layout.has_conditional_cached_attention
+    # k = 1: a single layer, skipped in every forward as before
+    one = SkipPolicy(baseline_plan("skipdecode", 5, 1, "e2e", "fp")).layout
+    assert one.prefill_skip == one.decode_skip_at(1) == one.decode_skip_at(999) == frozenset({2, 3})
+    assert not one.has_conditional_cached_attention
+    # prefill mode keeps the reference's fixed layers 1..k in every forward
+    pre = SkipPolicy(baseline_plan("skipdecode", 5, 3, "prefill", "fp")).layout
+    assert pre.prefill_skip == pre.decode_skip_at(1) == frozenset(range(2, 8))
+
+
+def test_a_layout_refuses_decode_attention_without_prefill_kv():
+    from adaskip.layout import SkipLayout
+
+    class Stale(SkipLayout):  # the reference's e2e rule after a long request: layers 1..k in prefill, 1 at step 1
+        @property
+        def prefill_skip(self) -> frozenset[int]:
+            return self.offline
+
+    with pytest.raises(PlanError, match=r"layers \[2, 3\] would attend in decode without prefill K/V"):
+        Stale(baseline_plan("skipdecode", 5, 3, "e2e", "fp")).cached_layers
 
 
 def test_sublayer_roles_tell_an_exporter_what_can_be_baked_in():

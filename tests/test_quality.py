@@ -367,6 +367,11 @@ def test_eval_end_to_end_tiny_with_study_and_ablations(tiny_chat_model, tmp_path
     assert ("unified", 2) in methods and ("unified", 1) not in methods  # odd K: no whole-layer equivalent
     assert set(data["study"]["kl"]) >= {f"{r}/similarity" for r in comp.RULES}
     assert (out / "quality.png").stat().st_size > 0 and "adaskip-best" in (out / "quality.md").read_text()
+    # ideal decode speedups over each generation's own decode steps (8-token answers: 7; 6-token summaries and LM
+    # targets: 5), stated in the report
+    assert data["decode_steps"] == {"kv": [7], "lm": [5], "multikey": [7], "passkey": [7], "summary": [5]}
+    assert "decode: over each generation's own decode steps (kv 7, lm 5, multikey 7, passkey 7, summary 5)" in \
+        (out / "quality.md").read_text()
     plan = SkipPlan.load(out / "plans" / "adaskip-best-K2-e2e.json")  # what adaskip-build --plan takes
     assert plan.k == 2 and plan.mode == "e2e" and plan.selection["compensation"] == data["study"]["best"][0]
     assert _eval(small + ["--methods", "adaskip", "--budgets", "2", "--modes", "nope"]) == 2  # clear error

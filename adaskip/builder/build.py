@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
 from adaskip.calibrate.corpus import load_calibration
-from adaskip.calibrate.importance import CalibrationCache, calibrate_model, calibration_from_plan
+from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
@@ -25,9 +25,10 @@ from adaskip.export.trtllm.checkpoint import check_supported, write_checkpoint
 from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
 from adaskip.errors import InputError, PlanError
 from adaskip.model import LoadedModel, load_model
-from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.plan import Calibration, SkipPlan, adaskip_plan, baseline_plan, now_utc, rank_by_similarity
 from adaskip.layout import SkipLayout
+from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
+from adaskip.plan import (SKIPDECODE_HORIZON, Calibration, SkipPlan, adaskip_plan, baseline_plan, now_utc,
+                          rank_by_similarity)
 from adaskip.runtime.torch_engine import TorchEngine
 
 
@@ -85,16 +86,10 @@ def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> t
         calib, stats = comp.collect(TorchEngine.from_loaded(model), data, progress=opts.progress)
         scales, compensation = comp.fit(sel.stand_in, stats, calib)
         return calib, scales, compensation
-    cache = CalibrationCache() if cal.cache else None
-    hit = cache.get(model.fingerprint, data) if cache else None
-    if hit is not None:
-        _log(f"calibration reused from the cache ({len(data.prompts)} prompts x {cal.tokens} tokens from "
-             f"{data.source}, computed on {hit[1]}; --no-calib-cache to recompute)", opts)
-        return hit[0], None, None
-    _log(f"calibrating on {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source}", opts)
-    calib, engine = calibrate_model(model, data, cal.engine, progress=opts.progress)
-    if cache:
-        cache.put(model.fingerprint, data, calib, engine)
+    _log(f"calibration: {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source}", opts)
+    calib, engine, cached = cached_calibration(model, data, cal.engine, cal.cache, progress=opts.progress)
+    if cached:
+        _log(f"calibration reused from the cache (computed on {engine}; --no-calib-cache to recompute)", opts)
     return calib, None, None
 
 
@@ -124,8 +119,8 @@ def build(opts: BuildOptions) -> BuildReport:
         trt_settings = TrtSettings.from_options(opts.engine.tensorrt, opts.engine.dtype,
                                                 spec.max_position_embeddings, opts.progress)
     plan = make_plan(opts, model, tokenizer)
-    prefill_skipped = plan.skip if plan.mode in ("prefill", "e2e") else []
-    expected = cost.speedups(spec, prefill_skipped, plan.skip, context_len)
+    # decode: over SkipDecode's horizon (where its growing set is fully grown; any other plan's is step-independent)
+    expected = cost.speedups(spec, SkipLayout.from_plan(plan), context_len, SKIPDECODE_HORIZON)
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
     with atomic_dir(output, force=opts.force) as tmp:

@@ -3,7 +3,9 @@
 Built-in corpus: the Python Language Reference topics that every CPython installation ships in `pydoc_data`
 (~465 kB of real English technical prose, PSF License) — freely licensed, needs no download, and is identical on
 every machine, so a calibration is reproducible. For a deployment, calibrate on text like the traffic it will see
-(`--calib FILE`); the paper calibrates on the task's own data.
+(`--calib FILE`). The reference code calibrates on one fixed data set whatever the task: 20 LongBench qasper
+prompts as warm-up in every experiment, whose evaluated tasks are other LongBench sets. `adaskip-eval`'s
+`task-calib` ablation compares calibrating on the task's own prompts.
 """
 
 from __future__ import annotations

@@ -111,6 +111,19 @@ class CalibrationCache:
             pass
 
 
+def cached_calibration(model: LoadedModel, data: CalibrationSet, engine: str = "auto", use_cache: bool = True,
+                       progress: bool = True, threads: int | None = None) -> tuple[Calibration, str, bool]:
+    """calibrate_model through the cache: (statistics, the engine that computed them, whether they came from it)."""
+    cache = CalibrationCache() if use_cache else None
+    hit = cache.get(model.fingerprint, data) if cache else None
+    if hit is not None:
+        return hit[0], hit[1], True
+    calib, used = calibrate_model(model, data, engine, progress=progress, threads=threads)
+    if cache:
+        cache.put(model.fingerprint, data, calib, used)
+    return calib, used, False
+
+
 def calibration_from_plan(path: str | Path, fingerprint: str) -> Calibration:
     """The statistics stored in an earlier plan (adaskip-build --calibration plan.json): re-select without a pass."""
     plan = SkipPlan.load(path)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan.beta is not None and plan.online_enabled:
         print(f"online: W={plan.window}, beta={plan.beta:.5f} (FFNs with decode similarity >= beta join after W steps)")
     print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
-          f"decode {e['decode']:.3f}x (before online skipping)")
+          f"decode {e['decode']:.3f}x over {e['decode_steps']} decode steps (before online skipping)")
     if a.backend == "trtllm-checkpoint":
         command = trtllm_build_command(report.output, world_size=a.tp_size * a.pp_size)
         print(f"build it where TensorRT-LLM is installed: {command}")

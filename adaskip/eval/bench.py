@@ -26,8 +26,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from adaskip.calibrate.corpus import CalibrationOptions
+from adaskip import cost
+from adaskip.calibrate.corpus import CalibrationOptions, builtin_text, load_calibration
+from adaskip.calibrate.importance import cached_calibration
 from adaskip.errors import InputError
+from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.quantize import quantize_int4
+from adaskip.export.onnx.save import save_onnx
+from adaskip.export.onnx.variants import choose_variant, gqa_supports
+from adaskip.layout import SkipLayout
+from adaskip.model import load_model
+from adaskip.model.tokenizer import load_tokenizer
+from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
+from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
+from adaskip.runtime.registry import engine_class
+from adaskip.runtime.torch_engine import TorchEngine
 
 
 @dataclass
@@ -69,8 +84,6 @@ class Column:
 
 
 def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Column:
-    from adaskip.runtime.generate import Generator, SamplingParams
-
     gen = Generator(engine, policy)  # no tokenizer: time the engine and the policy, not detokenization
 
     def run(prompt: list[int], steps: int) -> tuple[float, float]:
@@ -163,12 +176,6 @@ def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_s
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
                 spinning: bool = False) -> Column:
-    from adaskip.export.onnx.graph import build_onnx
-    from adaskip.export.onnx.quantize import quantize_int4
-    from adaskip.export.onnx.save import save_onnx
-    from adaskip.export.onnx.variants import choose_variant
-    from adaskip.policy import SkipPolicy
-    from adaskip.runtime.registry import engine_class
 
     out = work / name
     out.mkdir()
@@ -189,7 +196,6 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from adaskip.runtime.ort_engines import session_options
 
     d, f = spec.hidden_size, spec.intermediate_size
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((d, f)).astype(np.float32), "w")
@@ -214,8 +220,6 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from adaskip.export.onnx.variants import gqa_supports
-    from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 
     if not gqa_supports(spec):
         return None
@@ -260,13 +264,6 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
-    from adaskip.model.tokenizer import load_tokenizer
-    from adaskip.calibrate.importance import calibrate
-    from adaskip.calibrate.corpus import builtin_text, load_calibration
-    from adaskip.model import load_model
-    from adaskip.plan import SkipPlan, baseline_plan
-    from adaskip.runtime.torch_engine import TorchEngine
-
     opts.validate()
     torch.set_num_threads(opts.threads)
     model = load_model(opts.model)
@@ -283,9 +280,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         source_plan = SkipPlan.load(opts.calibration)
         source_plan.check_model(model.fingerprint, spec.num_layers)
         calib = source_plan.calibration
-    elif budgets:
-        calib = calibrate(TorchEngine.from_loaded(model),
-                          load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens))
+    elif budgets:  # the same pass and cache as adaskip-build's
+        data = load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens)
+        calib = cached_calibration(model, data, threads=opts.threads)[0]
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
     try:
@@ -295,11 +292,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
 
 def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
-    from adaskip import cost
-    from adaskip.plan import adaskip_plan
-    from adaskip.policy import SkipPolicy
-    from adaskip.runtime.torch_engine import TorchEngine
-
     spec = model.spec
     columns: list[Column] = []
     if opts.hf:
@@ -312,7 +304,7 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
-        col.ideal = {c: cost.speedups(spec, plan.skip, plan.skip, c) for c in contexts}
+        col.ideal = {c: cost.speedups(spec, SkipLayout.from_plan(plan), c, opts.decode_tokens) for c in contexts}
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
@@ -372,7 +364,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['repeats']} repeats; every "
              f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
              f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
-             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model; our engines run "
+             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model, decode over the "
+             f"same {data['decode_tokens']} steps; our engines run "
              f"the sublayers after a prompt's last attention for its last token only, and so does the model's ideal). "
              f"GFLOP/s = the cost model's prefill FLOPs for the column's plan, as that engine runs it, / TTFT. Kernel "
              f"bound = the prefill time if the "

@@ -153,6 +153,24 @@ def study_table(study: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def decode_steps(records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Task -> the decode steps its records' ideal decode speedups average over (records that say so)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for r in records:
+        if (r.get("speedup") or {}).get("decode_steps"):
+            out[r["task"]].add(r["speedup"]["decode_steps"])
+    return {t: sorted(v) for t, v in sorted(out.items())}
+
+
+def _steps_note(data: dict[str, Any]) -> str:
+    steps = data.get("decode_steps")
+    if not steps:
+        return ""
+    each = ", ".join(f"{t} {'/'.join(map(str, v))}" for t, v in steps.items())
+    return (f"; decode: over each generation's own decode steps ({each}), 1 / the mean per-step FLOP fraction "
+            f"(only SkipDecode's set changes with the step)")
+
+
 def _documents(per_context: list[dict[str, Any]]) -> str:
     """'1024: 2, 2048: 1' — documents per task at each context, from the full model's rows."""
     out = []
@@ -217,7 +235,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     paper = {c: verdicts([r for r in per_context if r["context"] == c], "adaskip") for c in contexts} \
         if ours != "adaskip" else {}
     data = {"meta": meta, "study": study, "rows": rows, "per_context": per_context, "verdicts": vs,
-            "verdicts_paper_rule": paper, "ours": ours}
+            "verdicts_paper_rule": paper, "ours": ours, "decode_steps": decode_steps(records)}
     _write(out / "quality.json", json.dumps(data, indent=1))
     # the plot shows the context with the most rows (contexts may cover different budgets)
     shown = max(contexts, key=lambda c: (sum(r["context"] == c for r in per_context), -c)) if contexts else 0
@@ -286,7 +304,8 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1) -> str:
               f"* Equal budget: AdaSkip skips K sublayers, baselines k = K/2 whole layers; an odd K has no "
               f"whole-layer equivalent, so those rows are AdaSkip-only. `skipped` is the number of sublayers a "
               f"plan really skips (Unified Skipping's rule can skip more than k layers). Online window W = "
-              f"{o['window']}. Ideal speedups: FLOP model at the context length (adaskip/cost.py).", ""]
+              f"{o['window']}. Ideal speedups: FLOP model at the context length (adaskip/cost.py){_steps_note(data)}.",
+              ""]
     if study:
         best = " + ".join(study["best"])
         lines += [f"{h2} Stand-ins for skipped sublayers (held-out text)", "",

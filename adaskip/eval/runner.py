@@ -629,24 +629,29 @@ class Evaluator:
     def _save_records(self, row: Row, s: tasks.Sample, out: dict[str, Any], ref: dict[str, Any]) -> None:
         if self._record_id(row, s, "done") in self.records:
             return
-        # ideal (FLOP) speedups of the offline skip sets; SkipDecode's decode set is the full set it grows into
-        prefill_skipped = row.policy.prefill_mask(row.policy.new_request()).skipped
         base = {"method": row.label or row.method.name, "k": row.k, "mode": row.mode, "context": s.context,
-                "sample": s.name, "skipped": len(row.plan.skip),
-                "speedup": cost.speedups(self.spec, prefill_skipped, sorted(row.plan.skip), s.context)}
+                "sample": s.name, "skipped": len(row.plan.skip)}
+
+        def ideal(new_tokens: int) -> dict[str, Any]:
+            """The offline sets' ideal (FLOP) speedups over a generation of `new_tokens`: its prefill and the decode
+            steps after the prefill's token (SkipDecode's set grows with the step)."""
+            return cost.speedups(self.spec, row.policy.layout, s.context, max(new_tokens - 1, 1))
+
         recs = []
         if s.task in tasks.RETRIEVAL:
             for n, (q, text) in enumerate(zip(s.queries, out["texts"])):
                 recs.append({**base, "id": self._record_id(row, s, f"q{n}"), "task": s.task, "answer": q.answer,
-                             "text": text, "score": metrics.exact_match(text, q.answer)})
+                             "text": text, "score": metrics.exact_match(text, q.answer),
+                             "speedup": ideal(s.max_new_tokens)})
         else:
             recs.append({**base, "id": self._record_id(row, s, "summary"), "task": "summary", "text": out["texts"][0],
-                         "score": metrics.rouge_l(out["texts"][0], ref["texts"][0])})
+                         "score": metrics.rouge_l(out["texts"][0], ref["texts"][0]),
+                         "speedup": ideal(s.max_new_tokens)})
             target = torch.tensor(s.target)
             nll = metrics.token_nll(out["target_logits"], target)
             kl = comp.kl_divergence(ref["target_logits"], out["target_logits"])
             recs.append({**base, "id": self._record_id(row, s, "lm"), "task": "lm", "nll": nll.tolist(),
-                         "kl": kl.tolist()})
+                         "kl": kl.tolist(), "speedup": ideal(len(s.target))})
         recs.append({**base, "id": self._record_id(row, s, "done"), "task": "done"})
         self._save(recs)
 

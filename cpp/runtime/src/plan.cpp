@@ -262,8 +262,9 @@ void SkipPlan::check_model(const std::string& model_fingerprint, int model_num_l
 
 std::vector<int> skipdecode_layers_at(int step, int num_layers, int k) {
   if (k == 0) return {};
-  // same arithmetic as the Python: ceil((step - 1) / 512 * (k - 1)) in doubles
-  double grown = std::ceil(static_cast<double>(step - 1) / 512.0 * static_cast<double>(k - 1));
+  // same arithmetic as the Python: ceil(counter / 512 * (k - 1)) in doubles, counter = decode forwards before
+  double counter = static_cast<double>(std::max(step - 1, 0));
+  double grown = std::ceil(counter / 512.0 * static_cast<double>(k - 1));
   long long limit = std::min<long long>(k, static_cast<long long>(grown) + 1);
   std::vector<int> layers;
   for (int i = 1; i < num_layers; ++i) {

@@ -19,7 +19,7 @@ SkipPolicy::SkipPolicy(SkipPlan plan)
     : plan_(std::move(plan)),
       n_(plan_.num_sublayers()),
       offline_(plan_.skip.begin(), plan_.skip.end()),
-      growing_(plan_.method == "skipdecode" && plan_.mode == "decode") {}
+      growing_(plan_.method == "skipdecode" && (plan_.mode == "decode" || plan_.mode == "e2e")) {}
 
 bool SkipPolicy::learns_online() const {
   return plan_.online_enabled && plan_.beta.has_value() && (plan_.mode == "decode" || plan_.mode == "e2e");
@@ -27,8 +27,8 @@ bool SkipPolicy::learns_online() const {
 
 Mask SkipPolicy::prefill_mask(const RequestState&) const {
   static const std::set<int> none;
-  bool skips = plan_.mode == "prefill" || plan_.mode == "e2e";
-  return make_mask(skips ? offline_ : none, {});
+  if (plan_.mode == "decode") return make_mask(none, {});
+  return make_mask(growing_ ? skipdecode_set(0) : offline_, {});  // SkipDecode e2e: its step-0 set (layer 1)
 }
 
 Mask SkipPolicy::decode_mask(const RequestState& state) const {
@@ -36,7 +36,10 @@ Mask SkipPolicy::decode_mask(const RequestState& state) const {
 }
 
 std::set<int> SkipPolicy::decode_offline(int step) const {
-  if (!growing_) return offline_;
+  return growing_ ? skipdecode_set(step) : offline_;
+}
+
+std::set<int> SkipPolicy::skipdecode_set(int step) const {
   std::set<int> out;
   for (int i : skipdecode_layers_at(step, plan_.num_layers, plan_.k)) {
     out.insert(2 * i);

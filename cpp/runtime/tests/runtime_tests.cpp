@@ -119,11 +119,12 @@ void unit_policy(const std::string& plan_path) {
   check(m.skip[25] && m.scales[25] == 1.5 && !m.skip[27] && m.scales[27] == plan.scales[27],
         "decode mask after the window skips the online FFN with its learned scale");
   check(policy.new_request().online.empty(), "a new request starts from the plan alone");
-  check(adaskip::skipdecode_layers_at(1, 30, 4) == std::vector<int>{1} &&
+  check(adaskip::skipdecode_layers_at(0, 30, 4) == std::vector<int>{1} &&
+            adaskip::skipdecode_layers_at(1, 30, 4) == std::vector<int>{1} &&
             adaskip::skipdecode_layers_at(2, 30, 4) == std::vector<int>({1, 2}) &&
             adaskip::skipdecode_layers_at(2000, 30, 4) == std::vector<int>({1, 2, 3, 4}) &&
             adaskip::skipdecode_layers_at(5, 30, 0).empty(),
-        "SkipDecode's growing layer set");
+        "SkipDecode's growing layer set (step 0: an e2e prefill)");
 }
 
 void unit_plan_errors(const std::string& plan_path) {

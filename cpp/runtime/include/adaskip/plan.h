@@ -59,7 +59,8 @@ struct SkipPlan {
   void check_model(const std::string& model_fingerprint, int model_num_layers) const;
 };
 
-// SkipDecode in decode mode: layers skipped at decode step `step` (1-based), growing to layers 1..k.
+// SkipDecode: layers skipped in forward `step` of a request (0: its e2e prefill, t >= 1: decode step t), growing
+// from layer 1 to layers 1..k (adaskip/plan.py skipdecode_layers_at).
 std::vector<int> skipdecode_layers_at(int step, int num_layers, int k);
 
 }  // namespace adaskip

@@ -55,6 +55,7 @@ class SkipPolicy {
 
  private:
   std::set<int> decode_offline(int step) const;
+  std::set<int> skipdecode_set(int step) const;
   Mask make_mask(const std::set<int>& offline, const std::map<int, double>& online) const;
 
   SkipPlan plan_;
