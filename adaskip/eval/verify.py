@@ -136,9 +136,7 @@ def parser() -> argparse.ArgumentParser:
 
 @main_wrapper("adaskip-verify")
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
-
-    from adaskip.engine_dir import TOKENIZER, open_engine_dir
+    from adaskip.engine_dir import open_engine_dir
     from adaskip.errors import EngineDirError
     from adaskip.model import load_model
     from adaskip.runtime.loader import load_runtime
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         raise EngineDirError(f"{source} is not the model this engine was built from (fingerprint differs); pass "
                              f"--model with the original model")
     runtime = load_runtime(ed.root)
-    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
+    tokenizer = runtime.tokenizer
     prompt_tokens = min(a.prompt_tokens, ed.spec.max_position_embeddings - a.decode_steps)
     prompts = verification_prompts(tokenizer, a.prompts, prompt_tokens)
     report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.layout.compensation), runtime.engine, runtime.policy, prompts,

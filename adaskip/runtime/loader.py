@@ -9,6 +9,7 @@ from typing import Any
 from adaskip.engine_dir import TOKENIZER, WEIGHTS, EngineDir, open_engine_dir
 from adaskip.errors import EngineDirError
 from adaskip.model.spec import fingerprint
+from adaskip.model.tokenizer import open_tokenizer
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import GRAPH_INTERFACE
 from adaskip.runtime.generate import Generator
@@ -25,8 +26,6 @@ class Runtime:
 
 
 def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
-    from transformers import AutoTokenizer
-
     ed = open_engine_dir(path)
     if ed.backend == "torch":
         engine: Any = TorchEngine(ed.spec, load_checked_weights(ed), ed.plan.compensation)
@@ -48,7 +47,7 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
                              f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
     else:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} is not available in this build of adaskip")
-    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
+    tokenizer = open_tokenizer(ed.root / TOKENIZER)
     policy = SkipPolicy(ed.plan)
     eos = tuple(ed.manifest.get("tokenizer", {}).get("eos_token_ids", []))
     return Runtime(ed, engine, policy, tokenizer, Generator(engine, policy, tokenizer, eos))
