@@ -44,52 +44,169 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+@dataclass(frozen=True)
+class OutputState:
+    """What `--output` was when a build checked it: absent, or which directory with which manifest. Publishing
+    refuses to replace anything else (a directory created or rebuilt at `--output` while the build ran)."""
+    identity: tuple[int, int, int, int] | None  # (st_dev, st_ino of the dir, st_ino and st_mtime_ns of its manifest)
+
+
+def _state(output: Path) -> OutputState:
+    try:
+        d = os.lstat(output)
+    except FileNotFoundError:
+        return OutputState(None)
+    try:
+        m = os.lstat(output / MANIFEST)
+        return OutputState((d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns))
+    except OSError:
+        return OutputState((d.st_dev, d.st_ino, 0, 0))
+
+
 @contextlib.contextmanager
-def atomic_dir(output: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `output`; on success rename it into place, on any failure or interrupt
-    (Ctrl-C, SIGTERM) remove it, so `output` never holds a half-written engine."""
+def atomic_dir(output: Path, force: bool = False, expect: OutputState | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `output`; on success publish it at `output`, on any failure or interrupt (Ctrl-C,
+    SIGTERM) remove it, so `output` never holds a half-written engine.
+
+    Publishing holds a lock per output (a concurrent build into the same output is refused, not silently overwritten),
+    re-checks `output` (nothing may have appeared there or changed since `expect`, the state check_replaceable saw
+    when the build started; --force replaces a real engine only), swaps with signals blocked and puts the old engine
+    back if the swap fails, and then removes only the files the old engine's manifest lists."""
     output = output.resolve()
-    check_replaceable(output, force)
+    expect = check_replaceable(output, force) if expect is None else expect
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
 
     def _term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
     try:
-        yield tmp
-        _publishable(tmp)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _output_lock(output):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+            try:
+                yield tmp
+                _publishable(tmp)
+                if _state(output) != expect:
+                    raise EngineDirError(f"{output} was created or replaced by someone else while this build ran; "
+                                         f"nothing was replaced (build again, with --force to replace it)")
+                check_replaceable(output, force)
+                _swap(tmp, output)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def check_replaceable(output: Path, force: bool) -> None:
-    """--force replaces an earlier engine or an empty directory, never anything else (`-o . --force` is refused)."""
-    if not output.exists():
-        return
+@contextlib.contextmanager
+def _output_lock(output: Path) -> Iterator[None]:
+    """An exclusive flock on `.NAME.lock` beside `output`, removed afterwards. A lock file unlinked by its previous
+    holder between our open and our flock is not the lock any more: open it again."""
+    import fcntl
+
+    path = output.with_name(f".{output.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EngineDirError(f"another build is writing {output} right now; wait for it or choose another "
+                                 f"--output") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _swap(new: Path, output: Path) -> None:
+    """Put `new` at `output`; an earlier engine there is moved aside, restored if the swap fails, else removed.
+    SIGINT/SIGTERM wait until the swap is done: an interrupt never leaves the old engine hidden and no new one."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    masked = _main_thread()
+    if masked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        old = None
+        if os.path.lexists(output):
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+        try:
+            os.replace(new, output)
+        except BaseException:
+            if old is not None:
+                os.replace(old, output)
+            raise
+        if old is not None:
+            remove_engine(old)
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+
+
+def check_replaceable(output: Path, force: bool) -> OutputState:
+    """--force replaces an earlier engine or an empty directory, never anything else (`-o . --force` is refused).
+    An engine is a directory whose manifest has the engine format and lists every file in it; returns the state
+    that publishing re-checks."""
+    output = Path(output).resolve()
+    state = _state(output)
+    if state.identity is None:
+        return state
     if not force:
         raise EngineDirError(f"{output} already exists (pass --force to replace it)")
-    if output.is_dir() and not any(output.iterdir()):
-        return
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        return state
+    if _engine_files(output) is None:
+        raise EngineDirError(f"{output} exists and is not an adaskip engine directory (or holds files its manifest "
+                             f"does not list); --force only replaces engines (choose another --output)")
+    return state
+
+
+def _engine_files(root: Path) -> list[Path] | None:
+    """The files of engine dir `root` (its manifest, and the files it lists), or None unless `root` is a real
+    directory whose manifest has the engine format and lists every file found in it (symlinks count as files)."""
+    if root.is_symlink() or not root.is_dir():
+        return None
     try:
-        is_engine = json.loads((output / MANIFEST).read_text()).get("format") == ENGINE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_engine = False
-    if not is_engine:
-        raise EngineDirError(f"{output} exists and is not an adaskip engine directory; --force only replaces "
-                             f"engines (choose another --output)")
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        listed = set(manifest["files"]) if manifest.get("format") == ENGINE_FORMAT else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        return None
+    if listed is None:
+        return None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if rel != MANIFEST and rel not in listed:
+                return None
+            found.append(path)
+    return found
+
+
+def remove_engine(root: Path) -> None:
+    """Remove engine dir `root`: the files its manifest lists, then its empty directories; anything else stays."""
+    files = _engine_files(root)
+    if files is None:  # an empty directory that --force replaced; anything else is left alone
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+        return
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
 
 
 def _publishable(root: Path) -> None:

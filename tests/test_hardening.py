@@ -85,3 +85,121 @@ def test_built_engine_carries_no_code(engine):
     files = json.loads((engine / MANIFEST).read_text())["files"]
     assert not [f for f in files if f.endswith((".py", ".pyc", ".so"))]
     assert not list(engine.rglob("*.py"))
+
+
+# -- 2. publishing an engine dir --------------------------------------------------------------------------------------
+def _manifest_digest(root: Path) -> str:
+    return sha256_file(root / MANIFEST)
+
+
+def _no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_dir_created_at_output_during_the_build_is_kept(tiny_chat_model, engine, tmp_path, capsys, monkeypatch):
+    import adaskip.builder.build as build_mod
+
+    out = tmp_path / "engine"
+    real_plot = build_mod.importance_plot
+
+    def someone_else_writes_there(*a, **k):
+        out.mkdir()
+        (out / "theirs.txt").write_text("precious")
+        return real_plot(*a, **k)
+
+    monkeypatch.setattr(build_mod, "importance_plot", someone_else_writes_there)
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(out), "-q"]
+    _fails(build_cli.main, args, capsys, "while this build ran")
+    assert (out / "theirs.txt").read_text() == "precious" and _no_leftovers(tmp_path) == []
+    # with --force too: it is not an engine
+    shutil.rmtree(out)
+    _fails(build_cli.main, args + ["--force"], capsys, "while this build ran")
+    assert (out / "theirs.txt").read_text() == "precious"
+
+
+def test_concurrent_builds_into_one_output_the_second_is_refused(tiny_chat_model, engine, tmp_path, capsys,
+                                                                  monkeypatch):
+    import adaskip.builder.build as build_mod
+
+    out = tmp_path / "engine"
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(out), "-q", "--force"]
+    real_plot, inner = build_mod.importance_plot, {}
+
+    def second_build_meanwhile(*a, **k):  # build B starts and tries to publish while A holds the output
+        if not inner:
+            inner["started"] = True
+            inner["rc"] = build_cli.main(args)
+            inner["err"] = capsys.readouterr().err
+        return real_plot(*a, **k)
+
+    monkeypatch.setattr(build_mod, "importance_plot", second_build_meanwhile)
+    assert build_cli.main(args) == 0
+    assert inner["rc"] == 2 and "another build is writing" in inner["err"], inner
+    first = _manifest_digest(out)
+
+    # B finishes while A is still calibrating: A's publish sees an output it did not check and refuses, --force or not
+    monkeypatch.setattr(build_mod, "importance_plot", real_plot)
+    real_make_plan, done = build_mod.make_plan, {}
+
+    def another_build_publishes_first(*a, **k):
+        if not done:
+            done["started"] = True
+            done["rc"] = build_cli.main(args)
+        return real_make_plan(*a, **k)
+
+    monkeypatch.setattr(build_mod, "make_plan", another_build_publishes_first)
+    _fails(build_cli.main, args, capsys, "while this build ran")
+    assert done["rc"] == 0 and _manifest_digest(out) != first  # the other build's engine, intact
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_force_replaces_only_a_real_engine_and_removes_only_its_files(tiny_chat_model, engine, tmp_path, capsys):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / MANIFEST).write_text(json.dumps({"format": "adaskip.engine", "files": {}}))
+    (fake / "thesis.tex").write_text("years of work")
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(fake), "-q", "--force"]
+    _fails(build_cli.main, args, capsys, "not an adaskip engine directory")
+    assert (fake / "thesis.tex").read_text() == "years of work"
+    # a real engine with one stray file added is not replaced either
+    real = tmp_path / "real"
+    shutil.copytree(engine, real)
+    (real / "tokenizer" / "notes.txt").write_text("mine")
+    args[args.index(str(fake))] = str(real)
+    _fails(build_cli.main, args, capsys, "not an adaskip engine directory")
+    (real / "tokenizer" / "notes.txt").unlink()
+    assert build_cli.main(args) == 0
+    assert _no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["error", "interrupt"])
+def test_a_failed_or_interrupted_swap_never_loses_the_old_engine(tiny_chat_model, engine, tmp_path, capsys,
+                                                                monkeypatch, how):
+    import os
+    import signal
+
+    import adaskip.engine_dir as ed_mod
+    from adaskip.engine_dir import open_engine_dir
+
+    out = tmp_path / "engine"
+    shutil.copytree(engine, out)
+    before = _manifest_digest(out)
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # between moving the old engine aside and moving the new one in
+            if how == "error":
+                raise OSError(28, "No space left on device")
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ed_mod.os, "replace", flaky_replace)
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(out), "-q", "--force"]
+    rc = build_cli.main(args)
+    capsys.readouterr()
+    assert rc == (1 if how == "error" else 130)
+    open_engine_dir(out)  # a complete engine is in place: the old one (error) or the finished new one (interrupt)
+    if how == "error":
+        assert _manifest_digest(out) == before
+    assert _no_leftovers(tmp_path) == []

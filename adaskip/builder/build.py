@@ -154,7 +154,7 @@ def build(opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     opts.validate()
     output = Path(opts.output)
-    check_replaceable(output, opts.force)  # before any heavy work
+    output_state = check_replaceable(output, opts.force)  # before any heavy work; re-checked at publish
     _log(f"loading {opts.model}", opts)
     model = load_model(opts.model, dtype=opts.dtype)
     tokenizer = load_tokenizer(model)
@@ -177,7 +177,7 @@ def build(opts: BuildOptions) -> BuildReport:
     expected = cost.speedups(spec, prefill_skipped, plan.skip, opts.context_len)
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
-    with atomic_dir(output, force=opts.force) as tmp:
+    with atomic_dir(output, force=opts.force, expect=output_state) as tmp:
         _log(f"writing engine ({opts.backend}) to {output}", opts)
         plan.save(tmp / PLAN)
         build_info = {"options": {k: v for k, v in vars(opts).items() if k not in ("force", "progress", "output")},
