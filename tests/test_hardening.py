@@ -203,3 +203,104 @@ def test_a_failed_or_interrupted_swap_never_loses_the_old_engine(tiny_chat_model
     if how == "error":
         assert _manifest_digest(out) == before
     assert _no_leftovers(tmp_path) == []
+
+
+# -- 3. manifest confinement, coverage, schema, plan <-> graph ---------------------------------------------------------
+def _copy(engine: Path, tmp_path: Path, name: str = "e") -> Path:
+    out = tmp_path / name
+    shutil.copytree(engine, out)
+    return out
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    edit(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _run_fails(root: Path, capsys, match: str) -> str:
+    return _fails(run_cli.main, ["--engine", str(root), "--prompt", "hi", "--max-new-tokens", "2"], capsys, match)
+
+
+def test_manifest_paths_are_confined_to_the_engine_dir(engine, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    entry = {"sha256": sha256_file(secret), "bytes": secret.stat().st_size}
+    for rel in ("../secret.txt", str(secret), "tokenizer/../../secret.txt", "./plan.json", "a\\b"):
+        bad = _copy(engine, tmp_path, "paths")
+        _edit_manifest(bad, lambda m: m["files"].__setitem__(rel, entry))
+        _run_fails(bad, capsys, "manifest.json is malformed at files")
+        shutil.rmtree(bad)
+    bad = _copy(engine, tmp_path, "graph")
+    _edit_manifest(bad, lambda m: m["build"]["graph"].__setitem__("file", "/etc/passwd"))
+    _run_fails(bad, capsys, "malformed at build/graph/file")
+    _edit_manifest(bad, lambda m: m["build"]["graph"].__setitem__("file", "importance.png.onnx"))
+    _run_fails(bad, capsys, "not in the manifest's file table")
+    # a listed file that is a symlink to the outside, with a matching digest
+    link = _copy(engine, tmp_path, "link")
+    (link / "importance.png").unlink()
+    (link / "importance.png").symlink_to(secret)
+    _relist(link, "importance.png")
+    _run_fails(link, capsys, "symbolic link")
+    link2 = _copy(engine, tmp_path, "link2")
+    shutil.move(str(link2 / "tokenizer"), str(tmp_path / "tok-outside"))
+    (link2 / "tokenizer").symlink_to(tmp_path / "tok-outside")
+    _run_fails(link2, capsys, "symbolic link")
+
+
+@pytest.mark.parametrize("planted", ["tokenizer/added_tokens.json", "tokenizer/additional_chat_templates/x.jinja",
+                                     "tokenizer/special_tokens_map.json"])
+def test_unlisted_tokenizer_files_are_refused(engine, tmp_path, capsys, planted):
+    bad = _copy(engine, tmp_path)
+    (bad / planted).parent.mkdir(exist_ok=True)
+    (bad / planted).write_text(json.dumps({"<evil>": 5}) if planted.endswith(".json") else "{{ 'x' }}")
+    _run_fails(bad, capsys, "is not in the manifest")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("files"), "'files' is a required property"),
+    (lambda m: m.__setitem__("model", []), "malformed at model"),
+    (lambda m: m["model"].pop("spec"), "'spec' is a required property"),
+    (lambda m: m["model"]["spec"].__setitem__("vocab_size", 1 << 40), "malformed at model/spec/vocab_size"),
+    (lambda m: m["model"]["spec"].__setitem__("num_layers", 4.5), "malformed at model/spec/num_layers"),
+    (lambda m: m["model"]["spec"].__setitem__("hidden_size", -1), "malformed at model/spec/hidden_size"),
+    (lambda m: m["model"]["spec"].__setitem__("bogus", 1), "unknown ModelSpec fields"),
+    (lambda m: m["files"]["plan.json"].__setitem__("bytes", "12"), "malformed at files/plan.json/bytes"),
+    (lambda m: m["build"].__setitem__("graph", "model.onnx"), "malformed at build/graph"),
+    (lambda m: m["tokenizer"].__setitem__("eos_token_ids", [2, -1]), "malformed at tokenizer/eos_token_ids"),
+    (lambda m: m["plan"].__setitem__("file", "/etc/passwd"), "malformed at plan/file"),
+    (lambda m: m.__setitem__("build", {"graph": {"file": "model.onnx", "x": [[[[[[[[[[[]]]]]]]]]]]}}), None),
+])
+def test_hand_edited_manifests_give_one_line(engine, tmp_path, capsys, edit, match):
+    bad = _copy(engine, tmp_path)
+    _edit_manifest(bad, edit)
+    if match is None:  # unknown keys are allowed; the engine still opens
+        from adaskip.engine_dir import open_engine_dir
+
+        open_engine_dir(bad)
+        return
+    _run_fails(bad, capsys, match)
+
+
+def test_deeply_nested_manifest_and_plan_give_one_line(engine, tmp_path, capsys):
+    bad = _copy(engine, tmp_path)
+    (bad / MANIFEST).write_text("[" * 200_000 + "]" * 200_000)
+    _run_fails(bad, capsys, "manifest.json is corrupt")
+    bad = _copy(engine, tmp_path, "plan")
+    plan = json.loads((bad / "plan.json").read_text())
+    (bad / "plan.json").write_text(json.dumps(plan)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _relist(bad, "plan.json")
+    _run_fails(bad, capsys, "plan.json")
+
+
+def test_a_plan_that_contradicts_the_graph_is_refused(engine, tmp_path, capsys):
+    from adaskip.plan import SkipPlan
+
+    bad = _copy(engine, tmp_path)
+    plan = SkipPlan.load(bad / "plan.json")
+    other = [j for j in range(1, 2 * plan.num_layers, 2) if j not in plan.skip][0]  # another FFN, same K
+    plan.skip = [plan.skip[0], other] if plan.skip[0] % 2 else [other, plan.skip[1]]
+    plan.save(bad / "plan.json")
+    _relist(bad, "plan.json")
+    _edit_manifest(bad, lambda m: m["plan"].__setitem__("digest", plan.digest()))
+    _run_fails(bad, capsys, "not the plan this engine was built with")
