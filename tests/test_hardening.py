@@ -304,3 +304,75 @@ def test_a_plan_that_contradicts_the_graph_is_refused(engine, tmp_path, capsys):
     _relist(bad, "plan.json")
     _edit_manifest(bad, lambda m: m["plan"].__setitem__("digest", plan.digest()))
     _run_fails(bad, capsys, "not the plan this engine was built with")
+
+
+# -- 4. stop strings: bounded, and searched in linear time -------------------------------------------------------------
+def _reference_stop(previous: str, text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """The definition: earliest stop string that ends in the new text; else the longest suffix that begins one."""
+    starts = [i for s in stops for i in range(len(text) - len(s) + 1) if text.startswith(s, i)
+              and i + len(s) > len(previous)]
+    if starts:
+        return min(starts), 0
+    return None, max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def test_stop_matcher_agrees_with_the_definition():
+    import random
+
+    from adaskip.runtime.stops import StopMatcher
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = tuple({"".join(rng.choice("ab c") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))})
+        matcher, text = StopMatcher(stops), ""
+        for _ in range(15):
+            new = text + "".join(rng.choice("ab cd") for _ in range(rng.randint(0, 3)))
+            cut, held = matcher.feed(new)
+            want = _reference_stop(text, new, stops)
+            assert (cut, 0 if cut is not None else held) == want, (stops, text, new)
+            text = new
+            if cut is not None:
+                break
+
+
+def test_stop_search_is_linear_in_the_text():
+    import time
+
+    from adaskip.runtime.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS
+    from adaskip.runtime.stops import StopMatcher
+
+    # the worst case for a rescanning search: every stop string is a long run of one character plus a distinct end
+    stops = tuple("x" * (MAX_STOP_CHARS - 1) + chr(0x4E00 + i) for i in range(MAX_STOP_STRINGS))
+    matcher, text = StopMatcher(stops), ""
+    t0 = time.perf_counter()
+    for _ in range(20_000):  # 20k tokens of 5 characters
+        text += "xxxxx"
+        cut, held = matcher.feed(text)
+        assert cut is None and held == min(len(text), MAX_STOP_CHARS - 1)
+    assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(stop_strings=("x",) * 65), "at most 64 stop strings"),
+    (dict(stop_strings=("y" * 257,)), "1 to 256 characters"),
+    (dict(stop_strings=("",)), "1 to 256 characters"),
+])
+def test_sampling_params_bound_stop_strings(params, match):
+    from adaskip.errors import InputError
+    from adaskip.runtime.generate import SamplingParams
+
+    with pytest.raises(InputError, match=match):
+        SamplingParams(**params).validate()
+
+
+def test_triton_config_bounds_the_queue_and_the_input(engine, tmp_path, capsys):
+    from adaskip.cli import deploy as deploy_cli
+
+    repo = tmp_path / "repo"
+    assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(repo), "--engine-mode", "reference",
+                            "--max-queue-size", "7", "--max-input-bytes", "4096"]) == 0
+    config = (repo / "adaskip" / "config.pbtxt").read_text()
+    assert "default_queue_policy { max_queue_size: 7 }" in config
+    assert 'key: "max_input_bytes" value { string_value: "4096" }' in config
+    _fails(deploy_cli.main, ["triton", "--engine", str(engine), "--repo", str(tmp_path / "r2"),
+                             "--max-queue-size", "0"], capsys, "--max-queue-size must be in")

@@ -15,6 +15,14 @@ import torch
 from adaskip.errors import InputError
 from adaskip.policy import Mask, RequestState, SkipPolicy
 from adaskip.runtime.engine import Engine, StepOutput
+from adaskip.runtime.stops import StopMatcher
+
+
+# Documented ranges (README "Sampling options"): a request outside them is refused, never run.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256  # per stop string
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # or 0 (greedy): below, logits / temperature overflows to inf/NaN
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -31,8 +39,16 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer; got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0; got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InputError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                             f"{MAX_TEMPERATURE:g}; got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and 2**64-1; got {self.seed}")
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise InputError(f"at most {MAX_STOP_STRINGS} stop strings; got {len(self.stop_strings)}")
+        for stop in self.stop_strings:
+            if not stop or len(stop) > MAX_STOP_CHARS:
+                raise InputError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters; got {len(stop)}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0; got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -76,17 +92,6 @@ class TokenEvent:
     row: int
     token: int | None  # None: a final flush of text held back while it could have been the start of a stop string
     text: str  # newly decoded text (may be empty while a multi-byte character is incomplete)
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 class _Detokenizer:
@@ -210,7 +215,7 @@ class Generator:
         done = [False] * batch
         texts = [""] * batch
         detok = [_Detokenizer(self._decode) for _ in range(batch)]
-        longest_stop = max((len(s) for s in params.stop_strings), default=0)
+        stops = [StopMatcher(params.stop_strings) for _ in range(batch)]
         cut_by_string: set[int] = set()
         step = 0
         while True:
@@ -231,15 +236,13 @@ class Generator:
                     continue
                 r.tokens.append(tok)
                 text = detok[b].add(r.tokens)
-                since = max(len(texts[b]) - longest_stop, 0)  # a new stop string ends in text not emitted yet
-                hit = min(((text.find(s, since), s) for s in params.stop_strings if text.find(s, since) >= 0),
-                          default=None)
-                if hit is not None:
-                    text = text[:hit[0]]
+                cut, held = stops[b].feed(text)  # linear in the text, however many stop strings
+                if cut is not None:
+                    text = text[:cut]
                     done[b], r.finish_reason = True, "stop"
                     cut_by_string.add(b)
                 else:  # hold back what could be the start of a stop string
-                    text = text[:len(text) - _partial_stop(text, params.stop_strings)]
+                    text = text[:len(text) - held]
                 delta = text[len(texts[b]):]
                 texts[b] = max(texts[b], text, key=len)
                 yield TokenEvent(row=b, token=tok, text=delta)
