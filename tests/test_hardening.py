@@ -376,3 +376,54 @@ def test_triton_config_bounds_the_queue_and_the_input(engine, tmp_path, capsys):
     assert 'key: "max_input_bytes" value { string_value: "4096" }' in config
     _fails(deploy_cli.main, ["triton", "--engine", str(engine), "--repo", str(tmp_path / "r2"),
                              "--max-queue-size", "0"], capsys, "--max-queue-size must be in")
+
+
+# -- 6. CLI edges ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, match", [
+    (["--prompt", "caf\udce9"], "argument 4 is not valid UTF-8"),  # what Python makes of latin-1 bytes in argv
+    (["--prompt", "hi", "--seed", str(2**70)], "seed must be between 0 and 2**64-1"),
+    (["--prompt", "hi", "--seed", "-1"], "seed must be between"),
+    (["--prompt", "hi", "--temperature", "1e-45"], "temperature must be 0 (greedy) or between"),
+    (["--prompt", "hi", "--temperature", "nan"], "temperature must be"),
+    (["--prompt", "hi", "--threads", "0"], "--threads must be between 1 and"),
+    (["--prompt", "hi", "--threads", "-1"], "--threads must be between 1 and"),
+    (["--prompt", "hi", "--threads", "10000"], "--threads must be between 1 and"),
+    (["--prompt", "hi", "--stop", ""], "1 to 256 characters"),
+])
+def test_run_cli_edges_give_one_line(engine, capsys, extra, match):
+    _fails(run_cli.main, ["--engine", str(engine)] + extra + ["--max-new-tokens", "2"], capsys, match)
+
+
+@pytest.mark.parametrize("writer", ["weights", "tokenizer"])
+def test_a_full_disk_while_writing_gives_one_line_and_no_output(tiny_chat_model, engine, tmp_path, capsys,
+                                                               monkeypatch, writer):
+    """A real write failure (the file-size limit makes the kernel refuse the write, as a full disk does) inside
+    safetensors' and tokenizers' own (Rust) writers."""
+    import resource
+    import signal
+
+    import safetensors.torch
+    from transformers import PreTrainedTokenizerBase
+
+    def limited(real):
+        def call(*a, **k):
+            old = resource.getrlimit(resource.RLIMIT_FSIZE)
+            handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old[1]))
+            try:
+                return real(*a, **k)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, old)
+                signal.signal(signal.SIGXFSZ, handler)
+        return call
+
+    if writer == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file", limited(safetensors.torch.save_file))
+    else:
+        monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained",
+                            limited(PreTrainedTokenizerBase.save_pretrained))
+    out = tmp_path / "engine"
+    args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "--backend", "torch", "-o", str(out),
+            "-q"]
+    _fails(build_cli.main, args, capsys, "File too large", rc=1)
+    assert not out.exists() and _no_leftovers(tmp_path) == []

@@ -12,7 +12,8 @@ from adaskip import cost
 from adaskip.calibrate.importance import calibrate
 from adaskip.calibrate.corpus import load_calibration
 from adaskip.builder.plot import importance_plot
-from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
+from adaskip.engine_dir import (PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, save_tokenizer, save_weights,
+                                write_manifest)
 from adaskip.errors import InputError, ModelLoadError, PlanError
 from adaskip.model import LoadedModel, load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
@@ -149,8 +150,6 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
 
 def build(opts: BuildOptions) -> BuildReport:
     """Build an engine directory. Fails before any heavy work on bad options; never leaves a partial output."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     opts.validate()
     output = Path(opts.output)
@@ -183,7 +182,7 @@ def build(opts: BuildOptions) -> BuildReport:
         build_info = {"options": {k: v for k, v in vars(opts).items() if k not in ("force", "progress", "output")},
                       "created": now_utc(), "source": model.source}
         if opts.backend == "torch":
-            save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
+            save_weights(tmp / WEIGHTS, model.weights, metadata={"fingerprint": model.fingerprint})
         elif opts.backend == "trtllm-checkpoint":
             from adaskip.export.trtllm.checkpoint import write_checkpoint
 
@@ -209,7 +208,7 @@ def build(opts: BuildOptions) -> BuildReport:
                 from adaskip.export.tensorrt.builder import build_into
 
                 build_into(tmp, build_info, opts, spec.max_position_embeddings, lambda msg: _log(msg, opts))
-        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        save_tokenizer(tokenizer, tmp / TOKENIZER)
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),
                     "chat_template": bool(getattr(tokenizer, "chat_template", None))}

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from adaskip.errors import AdaskipError
+from adaskip.errors import AdaskipError, InputError
 
 
 def quiet_libraries() -> None:
@@ -22,12 +22,23 @@ def quiet_libraries() -> None:
         pass
 
 
+def check_utf8(argv: list[str]) -> None:
+    """Python turns argv bytes that are not UTF-8 into lone surrogates, which fail much later (a traceback while
+    tokenizing or printing): refuse them up front."""
+    for n, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"argument {n} is not valid UTF-8: {arg.encode('utf-8', 'backslashreplace')[:80]!r}") from None
+
+
 def main_wrapper(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
     def deco(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
         @functools.wraps(fn)
         def wrapped(argv: list[str] | None = None) -> int:
             quiet_libraries()
             try:
+                check_utf8(sys.argv[1:] if argv is None else argv)
                 return fn(argv)
             except AdaskipError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
