@@ -47,6 +47,6 @@ setup(
         "adaskip-bench=adaskip.eval.bench:main",
         "adaskip-eval=adaskip.cli.eval:main",
         "adaskip-deploy=adaskip.cli.deploy:main",
-        "adaskip-serve=adaskip.deploy.serve:main",
+        "adaskip-serve=adaskip.cli.serve:main",
     ]},
 )
