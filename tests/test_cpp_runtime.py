@@ -293,7 +293,7 @@ def _generate_cases(engine: Path) -> dict:
 
 
 def _open_errors(engine: Path, root: Path) -> list[dict]:
-    """Engine dirs the C++ runtime must refuse: copies of the real one (weights linked, not copied), each broken in
+    """Engine dirs the C++ runtime must refuse: copies of the real one (weights hard-linked), each broken in
     one way, with the manifest's digests rewritten where the break must reach a later check."""
     from adaskip.engine_dir import sha256_file
 
@@ -305,7 +305,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
             if f.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             elif f.stat().st_size > 64 << 20:
-                target.symlink_to(f)
+                os.link(f, target)  # a hard link: engine files reached through a symlink are refused
             else:
                 shutil.copy(f, target)
         manifest = json.loads((d / "manifest.json").read_text())
@@ -451,3 +451,47 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
 def test_unit_suite(build):
     """Needs no prepared data: plan parsing, policy, sampler and prompt checks on the repo's plan file."""
     _ctest(build.wait(), None, "unit")
+
+
+# -- fuzzing (issue 14) ----------------------------------------------------------------------------------------------
+
+def _fuzz_cpp(cli: Path, engine: Path, root: Path, data, which: str) -> None:
+    import time
+
+    from engine_mutations import json_mutation, mutated_copy
+
+    doc = json.loads((engine / which).read_text())
+    text = data.draw(json_mutation(doc))
+    d = mutated_copy(engine, root / "m", text if which == "manifest.json" else None,
+                     text if which == "plan.json" else None)
+    t0 = time.monotonic()
+    run = subprocess.run([str(cli), "--engine", str(d), "--ids", "1,2", "--max-new-tokens", "1"], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert run.returncode in (0, 2), (run.returncode, run.stderr[-2000:])  # never a crash (negative) or internal error
+    if run.returncode == 2:
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("adaskip_generate: error: "), run.stderr[-2000:]
+
+
+def _fuzz_settings():
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "plan.json"])
+def test_fuzzed_engine_dirs_never_crash_the_cpp_loader(build, engine, tmp_path, which):
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+
+    @_fuzz_settings()
+    @given(data=st.data())
+    def fuzz(data):
+        _fuzz_cpp(cli, engine, tmp_path, data, which)
+
+    fuzz()
