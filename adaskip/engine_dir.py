@@ -361,8 +361,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise EngineDirError(f"{path} is malformed at {where}: {_short(error.message)}")
     files = manifest["files"]
-    named = [("graph", manifest["build"].get("graph", {}).get("file")),
-             ("graph data", manifest["build"].get("graph", {}).get("data")),
+    graph = manifest["build"].get("graph", {})
+    kept = graph.get("kept", True) is not False  # a TensorRT build drops the graph it was built from
+    named = [("graph", graph.get("file") if kept else None), ("graph data", graph.get("data") if kept else None),
              ("TensorRT engine", manifest["build"].get("tensorrt", {}).get("engine")), ("plan", PLAN)]
     for what, rel in named:
         if rel is not None and rel not in files:

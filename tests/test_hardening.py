@@ -473,3 +473,19 @@ def test_torch_floor_excludes_the_torch_load_cve():
     setup = (Path(__file__).parents[1] / "setup.py").read_text()
     floor = re.search(r'"torch>=([0-9.]+)"', setup).group(1)
     assert tuple(map(int, floor.split("."))) >= (2, 6)  # CVE-2025-32434: torch.load(weights_only=True) RCE below 2.6
+
+
+def test_a_tensorrt_manifest_without_its_source_graph_still_opens(engine, tmp_path):
+    """A TensorRT build drops the ONNX graph it was built from (graph.kept false): not a missing listed file."""
+    from adaskip.engine_dir import open_engine_dir
+
+    trt = _copy(engine, tmp_path)
+
+    def drop_graph(m):
+        m["build"]["graph"]["kept"] = False
+        for rel in (m["build"]["graph"]["file"], m["build"]["graph"]["data"]):
+            del m["files"][rel]
+            (trt / rel).unlink()
+
+    _edit_manifest(trt, drop_graph)
+    assert open_engine_dir(trt).manifest["build"]["graph"]["kept"] is False
