@@ -62,7 +62,7 @@ def json_mutation(draw, doc: Any) -> str:
 
 
 def mutated_copy(engine: Path, dest: Path, manifest_text: str | None, plan_text: str | None) -> Path:
-    """A copy of `engine` (hard-linked where possible) with the given manifest and/or plan text; a new plan
+    """A copy of `engine` (files over 64 MB hard-linked) with the given manifest and/or plan text; a new plan
     is re-listed in the manifest, so the mutation reaches the plan checks, not only the digest check."""
     from adaskip.engine_dir import sha256_file
 
@@ -74,9 +74,9 @@ def mutated_copy(engine: Path, dest: Path, manifest_text: str | None, plan_text:
             target.mkdir(parents=True, exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:  # a hard link: no copy of large weights, and (unlike a symlink) a file inside the dir
+            if f.stat().st_size > 64 << 20:  # weights: a hard link (never written below; a symlink is refused)
                 os.link(f, target)
-            except OSError:
+            else:  # a real copy: manifest.json and plan.json are rewritten, and must not write through a link
                 shutil.copy(f, target)
     if plan_text is not None:
         (dest / "plan.json").write_text(plan_text)

@@ -283,7 +283,7 @@ def _generate_cases(engine: Path) -> dict:
         ("no-room", [1, 2], {"max_new_tokens": rt.engine.spec.max_position_embeddings}, "leaves no room"),
         ("max-new-tokens-0", [1, 2], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
         ("top-p-0", [1, 2], {"top_p": 0.0}, "top_p must be in (0, 1]"),
-        ("negative-temperature", [1, 2], {"temperature": -1.0}, "temperature must be >= 0"),
+        ("negative-temperature", [1, 2], {"temperature": -1.0}, "temperature must be 0 (greedy) or between"),
     ]
     for name, ids, options, message in errors:
         with pytest.raises(InputError):  # the Python runtime refuses the same requests
@@ -367,7 +367,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
          "expect_error": "is not a path inside the engine dir"},
         {"name": "graph-not-listed", "engine": broken("graph-file", manifest_edit=graph_field("file", "/etc/passwd")),
          "expect_error": "is not in the manifest's file table"},
-        {"name": "bytes-type", "engine": broken("bytes", manifest_edit=lambda m: m["files"]["plan.json"].update(
+        {"name": "bytes-type", "engine": broken("bytes", manifest_edit=lambda m: m["files"]["importance.png"].update(
             bytes=1.5)), "expect_error": "bad 'files' table"},
     ]
     return hostile + [
