@@ -10,7 +10,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["adaskip", "adaskip.*"]),
     install_requires=[
-        "torch>=2.5",  # install the CPU wheel first (README): a bare requirement would pull a CUDA build
+        # 2.6 fixes CVE-2025-32434 (code execution through torch.load(weights_only=True), which loads .bin checkpoints);
+        # install the CPU wheel first (README): a bare requirement would pull a CUDA build
+        "torch>=2.6",
         "transformers>=5.0,<6",
         "tokenizers",
         "safetensors",
@@ -32,7 +34,7 @@ setup(
         "eval": ["rouge-score"],
         "bench": ["onnxruntime-genai"],
         "test": [
-            "pytest>=8",
+            "pytest>=8", "hypothesis>=6",
             "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
             "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0",
             "rouge-score",
@@ -45,6 +47,6 @@ setup(
         "adaskip-bench=adaskip.cli.bench:main",
         "adaskip-eval=adaskip.cli.eval:main",
         "adaskip-deploy=adaskip.cli.deploy:main",
-        "adaskip-serve=adaskip.deploy.serve:main",
+        "adaskip-serve=adaskip.cli.serve:main",
     ]},
 )

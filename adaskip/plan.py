@@ -229,7 +229,12 @@ class SkipPlan:
             raise PlanError(f"skip plan {path} does not exist") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PlanError(f"skip plan {path} is not readable JSON: {e}") from None
-        return cls.from_dict(data)
+        except RecursionError:
+            raise PlanError(f"skip plan {path} is nested too deeply") from None
+        try:
+            return cls.from_dict(data)
+        except RecursionError:  # the schema check walks a hand-made deep nesting
+            raise PlanError(f"skip plan {path} is nested too deeply") from None
 
     def check_model(self, fingerprint: str, num_layers: int) -> None:
         """Refuse a plan calibrated for another model (an engine must never run a plan on weights it was not fitted to)."""

@@ -16,7 +16,7 @@ from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.calibrate.importance import calibrate
 from adaskip.calibrate.corpus import load_calibration
 from adaskip.builder.plot import importance_plot
-from adaskip.cli.common import quiet_libraries
+from adaskip.model.environment import quiet_libraries
 from adaskip.model import load_model
 from adaskip.plan import adaskip_plan
 from adaskip.policy import SkipPolicy

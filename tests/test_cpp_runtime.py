@@ -284,7 +284,7 @@ def _generate_cases(engine: Path) -> dict:
         ("no-room", [1, 2], {"max_new_tokens": rt.engine.spec.max_position_embeddings}, "leaves no room"),
         ("max-new-tokens-0", [1, 2], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
         ("top-p-0", [1, 2], {"top_p": 0.0}, "top_p must be in (0, 1]"),
-        ("negative-temperature", [1, 2], {"temperature": -1.0}, "temperature must be >= 0"),
+        ("negative-temperature", [1, 2], {"temperature": -1.0}, "temperature must be 0 (greedy) or between"),
     ]
     for name, ids, options, message in errors:
         with pytest.raises(InputError):  # the Python runtime refuses the same requests
@@ -294,7 +294,7 @@ def _generate_cases(engine: Path) -> dict:
 
 
 def _open_errors(engine: Path, root: Path) -> list[dict]:
-    """Engine dirs the C++ runtime must refuse: copies of the real one (weights linked, not copied), each broken in
+    """Engine dirs the C++ runtime must refuse: copies of the real one (weights hard-linked), each broken in
     one way, with the manifest's digests rewritten where the break must reach a later check."""
     from adaskip.engine_dir import sha256_file
 
@@ -306,7 +306,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
             if f.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             elif f.stat().st_size > 64 << 20:
-                target.symlink_to(f)
+                os.link(f, target)  # a hard link: engine files reached through a symlink are refused
             else:
                 shutil.copy(f, target)
         manifest = json.loads((d / "manifest.json").read_text())
@@ -326,9 +326,52 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
     def graph_field(field: str, value):
         return lambda m: m["build"]["graph"].update({field: value})
 
+    def raw_manifest(name: str, old: str, new: str) -> str:  # text edits: json.dumps cannot nest 200,000 deep
+        d = Path(broken(name))
+        text = (d / "manifest.json").read_text()
+        assert old in text
+        (d / "manifest.json").write_text(text.replace(old, new, 1))
+        return str(d)
+
+    deep = "[" * 200_000 + "]" * 200_000
+    deep_method = json.dumps({**plan, "method": "DEEP"}).replace('"DEEP"', deep)
+    nested_method = json.dumps({**plan, "method": "DEEP"}).replace('"DEEP"', "[" * 100 + "]" * 100)
+    huge_window = {**plan, "online": {**plan["online"], "window": 2**32}}
+
+    def spec_field(field: str, value):
+        return lambda m: m["model"]["spec"].update({field: value})
+
+    def add_file(rel: str):
+        return lambda m: m["files"].update({rel: {"sha256": "sha256:" + "0" * 64, "bytes": 1}})
+
     empty = root / "empty"
     empty.mkdir(parents=True)
-    return [
+    hostile = [  # issue 14: never a crash, a wrapped integer or a file outside the dir
+        {"name": "deep-plan-value", "engine": broken("deep-plan", deep_method, lambda m: None),
+         "expect_error": "is nested deeper than 512 levels"},
+        {"name": "nested-plan-value", "engine": broken("nested-plan", nested_method, lambda m: None),
+         "expect_error": "an array is not one of"},  # in the error message by its type, not dumped
+        {"name": "deep-manifest-value", "engine": raw_manifest("deep-manifest", '"format_version": 1',
+                                                               '"format_version": ' + deep),
+         "expect_error": "manifest.json is nested deeper than 512 levels"},
+        {"name": "type-error", "engine": broken("type-error", manifest_edit=lambda m: m["model"].update(
+            fingerprint=5)), "expect_error": "manifest is malformed: [json.exception.type_error"},
+        {"name": "window-2^32", "engine": broken("window", json.dumps(huge_window), lambda m: None),
+         "expect_error": "online/window: 4294967296 is greater than the maximum of 2147483647"},
+        {"name": "num-layers-2^32+4", "engine": broken("layers", manifest_edit=spec_field("num_layers", 2**32 + 4)),
+         "expect_error": "model/spec/num_layers: 4294967300 is not an integer in 1..1024"},
+        {"name": "vocab-2^64-1", "engine": broken("vocab", manifest_edit=spec_field("vocab_size", 2**64 - 1)),
+         "expect_error": "model/spec/vocab_size"},
+        {"name": "path-escapes", "engine": broken("escape", manifest_edit=add_file("../../etc/passwd")),
+         "expect_error": "is not a path inside the engine dir"},
+        {"name": "absolute-path", "engine": broken("absolute", manifest_edit=add_file("/etc/passwd")),
+         "expect_error": "is not a path inside the engine dir"},
+        {"name": "graph-not-listed", "engine": broken("graph-file", manifest_edit=graph_field("file", "/etc/passwd")),
+         "expect_error": "is not in the manifest's file table"},
+        {"name": "bytes-type", "engine": broken("bytes", manifest_edit=lambda m: m["files"]["importance.png"].update(
+            bytes=1.5)), "expect_error": "bad 'files' table"},
+    ]
+    return hostile + [
         {"name": "missing-dir", "engine": str(root / "does-not-exist"), "expect_error": "is not an adaskip engine"},
         {"name": "no-manifest", "engine": str(empty), "expect_error": "no manifest.json"},
         {"name": "corrupt-plan", "engine": broken("corrupt-plan", plan_text="{this is not a plan"),
@@ -397,6 +440,7 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
         (["--engine", str(engine), "--ids", ""], "prompt is empty"),
         (["--engine", str(engine), "--ids", "1,x"], "needs an integer"),
         (["--engine", str(engine), "--ids", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--engine", str(engine), "--ids", "1", "--temperature", "1e-45"], "temperature must be 0 (greedy) or"),
         (["--ids", "1"], "--engine DIR is required"),
     ]
     for args, message in bad:
@@ -408,3 +452,47 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
 def test_unit_suite(build):
     """Needs no prepared data: plan parsing, policy, sampler and prompt checks on the repo's plan file."""
     _ctest(build.wait(), None, "unit")
+
+
+# -- fuzzing (issue 14) ----------------------------------------------------------------------------------------------
+
+def _fuzz_cpp(cli: Path, engine: Path, root: Path, data, which: str) -> None:
+    import time
+
+    from engine_mutations import json_mutation, mutated_copy
+
+    doc = json.loads((engine / which).read_text())
+    text = data.draw(json_mutation(doc))
+    d = mutated_copy(engine, root / "m", text if which == "manifest.json" else None,
+                     text if which == "plan.json" else None)
+    t0 = time.monotonic()
+    run = subprocess.run([str(cli), "--engine", str(d), "--ids", "1,2", "--max-new-tokens", "1"], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert run.returncode in (0, 2), (run.returncode, run.stderr[-2000:])  # never a crash (negative) or internal error
+    if run.returncode == 2:
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("adaskip_generate: error: "), run.stderr[-2000:]
+
+
+def _fuzz_settings():
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "plan.json"])
+def test_fuzzed_engine_dirs_never_crash_the_cpp_loader(build, engine, tmp_path, which):
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+
+    @_fuzz_settings()
+    @given(data=st.data())
+    def fuzz(data):
+        _fuzz_cpp(cli, engine, tmp_path, data, which)
+
+    fuzz()

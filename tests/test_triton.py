@@ -22,7 +22,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from adaskip.cli import deploy as deploy_cli
-from adaskip.deploy import serve as serve_cli
+from adaskip.cli import serve as serve_cli
 from adaskip.deploy.triton_repo import MODEL_TEMPLATE
 
 MODEL, STREAM_MODEL = "adaskip", "adaskip_stream"
@@ -61,7 +61,7 @@ class Server:
         env = {**os.environ, "ADASKIP_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # 2 instances on 2 cores
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adaskip.deploy.serve", "--repo", str(repo), "--http-port", str(self.http_port),
+            [sys.executable, "-m", "adaskip.cli.serve", "--repo", str(repo), "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port)],
             env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -282,7 +282,7 @@ def test_serve_exits_with_the_server_status_when_a_model_cannot_load(engine, tmp
     config = bad / MODEL / "config.pbtxt"
     config.write_text(config.read_text().replace(str(engine.resolve()), str(tmp_path / "gone")))
     http, grpc, metrics = _free_ports(3)
-    run = subprocess.run([sys.executable, "-m", "adaskip.deploy.serve", "--repo", str(bad), "--http-port", str(http),
+    run = subprocess.run([sys.executable, "-m", "adaskip.cli.serve", "--repo", str(bad), "--http-port", str(http),
                           "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "ADASKIP_THREADS": "1"})
     assert run.returncode == 1, run.stderr[-3000:]

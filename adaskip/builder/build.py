@@ -8,8 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
 from adaskip.calibrate.corpus import load_calibration
@@ -22,7 +20,8 @@ from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant
 from adaskip.export.tensorrt.builder import TrtSettings, build_into, check_environment
 from adaskip.export.trtllm.checkpoint import check_supported, write_checkpoint
-from adaskip.engine_dir import PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, write_manifest
+from adaskip.engine_dir import (PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, save_tokenizer, save_weights,
+                                write_manifest)
 from adaskip.errors import InputError, PlanError
 from adaskip.model import LoadedModel, load_model
 from adaskip.layout import SkipLayout
@@ -99,7 +98,7 @@ def build(opts: BuildOptions) -> BuildReport:
     opts.validate()
     backend = opts.engine.backend
     output = Path(opts.output)
-    check_replaceable(output, opts.force)  # before any heavy work
+    output_state = check_replaceable(output, opts.force)  # before any heavy work; re-checked at publish
     if backend == "tensorrt":  # TensorRT present and able to build at --dtype: before loading the model
         check_environment(opts.engine.dtype)
     _log(f"loading {opts.model}", opts)
@@ -123,12 +122,12 @@ def build(opts: BuildOptions) -> BuildReport:
     expected = cost.speedups(spec, SkipLayout.from_plan(plan), context_len, SKIPDECODE_HORIZON)
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
-    with atomic_dir(output, force=opts.force) as tmp:
+    with atomic_dir(output, force=opts.force, expect=output_state) as tmp:
         _log(f"writing engine ({backend}) to {output}", opts)
         plan.save(tmp / PLAN)
         build_info = {"options": opts.record(), "created": now_utc(), "source": model.source}
         if backend == "torch":
-            save_file(model.weights, str(tmp / WEIGHTS), metadata={"fingerprint": model.fingerprint})
+            save_weights(tmp / WEIGHTS, model.weights, metadata={"fingerprint": model.fingerprint})
         elif backend == "trtllm-checkpoint":
             build_info["trtllm"] = write_checkpoint(tmp, spec, model.weights, plan, model.fingerprint,
                                                     opts.engine.trtllm)
@@ -147,7 +146,7 @@ def build(opts: BuildOptions) -> BuildReport:
                  + "; onnx.checker (full) passed", opts)
             if backend == "tensorrt":
                 build_into(tmp, build_info, trt_settings, lambda msg: _log(msg, opts))
-        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        save_tokenizer(tokenizer, tmp / TOKENIZER)
         importance_plot(plan, tmp / "importance.png")
         tok_info = {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, tokenizer),
                     "chat_template": bool(getattr(tokenizer, "chat_template", None))}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 from types import SimpleNamespace
 from typing import Any, Callable
 
+from adaskip.model.environment import quiet_libraries
 from adaskip.errors import AdaskipError, InputError
 
 
@@ -42,16 +42,14 @@ def word_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adaskip never reaches the hub
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+def check_utf8(argv: list[str]) -> None:
+    """Python turns argv bytes that are not UTF-8 into lone surrogates, which fail much later (a traceback while
+    tokenizing or printing): refuse them up front."""
+    for n, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"argument {n} is not valid UTF-8: {arg.encode('utf-8', 'backslashreplace')[:80]!r}") from None
 
 
 def main_wrapper(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
@@ -60,6 +58,7 @@ def main_wrapper(prog: str) -> Callable[[Callable[[list[str] | None], int]], Cal
         def wrapped(argv: list[str] | None = None) -> int:
             quiet_libraries()
             try:
+                check_utf8(sys.argv[1:] if argv is None else argv)
                 return fn(argv)
             except AdaskipError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)

@@ -26,6 +26,10 @@ def parser() -> argparse.ArgumentParser:
                    help="most requests one generation batch holds (Triton dynamic batching); 0 = no batching")
     t.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
                    help="how long the dynamic batcher waits for more requests before a batch starts")
+    t.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                   help="requests the dynamic batcher queues; more are refused at once (UNAVAILABLE)")
+    t.add_argument("--max-input-bytes", type=int, default=d.max_input_bytes,
+                   help="largest text_input accepted, checked before tokenizing (0: 32 bytes per context token)")
     t.add_argument("--decoupled", action="store_true",
                    help="decoupled transaction policy: token streaming over gRPC (HTTP infer refuses such models)")
     t.add_argument("--threads", type=int, default=d.threads,

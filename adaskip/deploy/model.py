@@ -52,7 +52,7 @@ class TritonPythonModel:
         import torch
 
         from adaskip import __version__
-        from adaskip.cli.common import quiet_libraries
+        from adaskip.model.environment import quiet_libraries
 
         quiet_libraries()
         self.config = json.loads(args["model_config"])
@@ -70,13 +70,17 @@ class TritonPythonModel:
         if params.get("adaskip_version", __version__) != __version__:
             pb_utils.Logger.log_warn(f"model deployed with adaskip {params['adaskip_version']}, serving with "
                                      f"{__version__}: redeploy if requests fail")
+        from adaskip.runtime import generate
         from adaskip.runtime.generate import SamplingParams
         from adaskip.runtime.loader import load_runtime
+
+        self.max_stops, self.max_stop_chars = generate.MAX_STOP_STRINGS, generate.MAX_STOP_CHARS
 
         self.SamplingParams = SamplingParams
         self.runtime = load_runtime(engine, threads=threads or None)
         self.generator = self.runtime.generator
         self.context = self.generator.context_len
+        self.max_input_bytes = int(params.get("max_input_bytes") or 0) or 32 * self.context
         pb_utils.Logger.log_info(f"adaskip: serving {engine} ({self.runtime.engine_dir.backend} backend, plan "
                                  f"{self.runtime.policy.plan.method} K={len(self.runtime.policy.plan.skip)}, "
                                  f"{'decoupled' if self.decoupled else 'request/response'}, "
@@ -110,7 +114,11 @@ class TritonPythonModel:
     def _parse(self, request: Any) -> tuple[list[int], Any, bool]:
         from adaskip.errors import InputError
 
-        text = self._text(self._scalar(request, "text_input", required=True), "text_input")
+        raw = self._scalar(request, "text_input", required=True)
+        if len(raw if isinstance(raw, bytes) else str(raw)) > self.max_input_bytes:  # before decoding or tokenizing
+            raise RequestError(f"text_input has {len(raw)} bytes; this model takes at most {self.max_input_bytes} "
+                               f"(its context is {self.context} tokens)")
+        text = self._text(raw, "text_input")
         if not text.strip():
             raise RequestError("text_input is empty")
         max_tokens = int(self._scalar(request, "max_tokens", required=True))
@@ -126,6 +134,10 @@ class TritonPythonModel:
         top_p = self._scalar(request, "top_p")
         seed = self._scalar(request, "random_seed")
         stops = self._input(request, "stop_words")
+        if stops is not None and stops.size > self.max_stops:  # bounded before anything is decoded
+            raise RequestError(f"at most {self.max_stops} stop_words; got {stops.size}")
+        if stops is not None and any(len(v) > 4 * self.max_stop_chars for v in stops if isinstance(v, bytes)):
+            raise RequestError(f"a stop word has at most {self.max_stop_chars} characters")
         stop_words = tuple(s for s in (self._text(v, "stop_words") for v in stops) if s) if stops is not None else ()
         chat = self._scalar(request, "chat")
         stream = self._scalar(request, "stream")

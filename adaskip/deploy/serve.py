@@ -6,15 +6,20 @@ its utils module, the stub for this Python), set LD_LIBRARY_PATH (this Python's 
 `libpython3.x.so` and must get the one this interpreter's standard library belongs to, then the wheel's libraries),
 put this environment's bin/ first on PATH (the stub's embedded Python locates its environment from `python3` on PATH,
 as an activated virtualenv would), start the server on 127.0.0.1, wait until it is ready, and forward SIGTERM/SIGINT.
+
+Hardening (README "Security"): the shared-memory, model-repository (model control), trace and logging APIs are
+restricted by default (Triton's --http-restricted-api / --grpc-restricted-protocol: a request must carry a header
+only adaskip-serve knows), and the server is supervised: if it dies (tritonserver 2.51 crashes on some malformed
+HTTP bodies, see docs/triton.md) it is restarted with a log line, a bounded number of times.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,15 +30,53 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaskip.cli.common import main_wrapper
 from adaskip.errors import AdaskipError, InputError
 from adaskip.deploy.triton_repo import CONFIG
 
 
 class ServeError(AdaskipError):
     """The server could not be started or did not become ready."""
+
+
+# Triton API groups a client could misuse: registering (the Python backend's own) system shared-memory regions, loading
+# or unloading models, tracing and log settings. Inference, health, metadata, model config and statistics stay open.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
+ALL_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics",
+            "trace", "logging")
+ADMIN_HEADER = "adaskip-admin-key"
+
+
+@dataclass
+class ServeOptions:
+    repo: str
+    address: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout: float = 600.0  # seconds to wait for every model to load
+    verbose: bool = False
+    triton_args: list[str] = field(default_factory=list)
+    restricted_apis: tuple[str, ...] = RESTRICTED_APIS  # () opens every API
+    admin_key: str = field(default_factory=lambda: secrets.token_hex(16))  # the header value restricted APIs need
+    max_restarts: int = 5  # restarts of a crashed server within restart_window_s; then adaskip-serve gives up
+    restart_window_s: float = 600.0
+
+    def validate(self) -> None:
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise InputError("--http-port, --grpc-port and --metrics-port must differ")
+        unknown = sorted(set(self.restricted_apis) - set(ALL_APIS))
+        if unknown:
+            raise InputError(f"--restrict-api: unknown API group(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(ALL_APIS)} or 'none'")
+        if not 0 <= self.max_restarts <= 1000:
+            raise InputError(f"--max-restarts must be in 0..1000; got {self.max_restarts}")
+        if not 0 < self.ready_timeout <= 86400:
+            raise InputError(f"--ready-timeout must be in (0, 86400] seconds; got {self.ready_timeout}")
+        if not self.admin_key.isalnum():
+            raise InputError("--admin-key must be letters and digits only")
 
 
 def pytriton_dist() -> tuple[Path, Path]:
@@ -96,18 +139,25 @@ def check_port_free(address: str, port: int, what: str) -> None:
                              f"--{what}-port") from None
 
 
-def server_command(dist: Path, repo: Path, backends: Path, a: argparse.Namespace) -> list[str]:
+def server_command(dist: Path, repo: Path, backends: Path, o: ServeOptions, start: int = 0) -> list[str]:
+    restricted = []
+    if o.restricted_apis:
+        apis = ",".join(o.restricted_apis)
+        restricted = [f"--http-restricted-api={apis}:{ADMIN_HEADER}={o.admin_key}",
+                      f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={o.admin_key}"]
     return [
         str(dist / "bin" / "tritonserver"),
         f"--model-repository={repo}",
         f"--backend-directory={backends}",
-        f"--http-address={a.address}", f"--http-port={a.http_port}",
-        f"--grpc-address={a.address}", f"--grpc-port={a.grpc_port}",
-        f"--metrics-address={a.address}", f"--metrics-port={a.metrics_port}",
-        # a prefix of our own: two servers on one machine must not share the backend's shared-memory regions
-        f"--backend-config=python,shm-region-prefix-name=adaskip{os.getpid()}_",
-        f"--log-verbose={1 if a.verbose else 0}",
-        *a.triton_arg,
+        f"--http-address={o.address}", f"--http-port={o.http_port}",
+        f"--grpc-address={o.address}", f"--grpc-port={o.grpc_port}",
+        f"--metrics-address={o.address}", f"--metrics-port={o.metrics_port}",
+        # a prefix of our own, per start: two servers on one machine, or a restarted server and the shared-memory
+        # regions its crashed predecessor left behind, must not share the backend's regions
+        f"--backend-config=python,shm-region-prefix-name=adaskip{os.getpid()}s{start}_",
+        f"--log-verbose={1 if o.verbose else 0}",
+        *restricted,
+        *o.triton_args,
     ]
 
 
@@ -127,8 +177,10 @@ def http_ready(address: str, port: int) -> bool:
         return False
 
 
-def ready_models(address: str, port: int) -> list[str]:
-    req = urllib.request.Request(f"http://{address}:{port}/v2/repository/index", data=b"{}", method="POST")
+def ready_models(address: str, port: int, admin_key: str | None = None) -> list[str]:
+    headers = {ADMIN_HEADER: admin_key} if admin_key else {}
+    req = urllib.request.Request(f"http://{address}:{port}/v2/repository/index", data=b"{}", method="POST",
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return [m["name"] for m in json.loads(r.read()) if m.get("state") == "READY"]
@@ -136,31 +188,13 @@ def ready_models(address: str, port: int) -> list[str]:
         return []
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Serve a model repository written by `adaskip-deploy triton` with the "
-                                            "Triton Inference Server bundled in nvidia-pytriton.")
-    p.add_argument("--repo", required=True, help="model repository")
-    p.add_argument("--address", default="127.0.0.1", help="address every endpoint binds to")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every model to load")
-    p.add_argument("--verbose", action="store_true", help="verbose server log")
-    p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
-                   help="extra tritonserver argument, e.g. --triton-arg=--exit-timeout-secs=10; repeatable")
-    return p
-
-
-@main_wrapper("adaskip-serve")
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
-    repo = Path(a.repo).absolute()
+def serve(o: ServeOptions) -> int:
+    """Run and supervise tritonserver on `o.repo` until it is stopped (SIGTERM/SIGINT) or gives up."""
+    o.validate()
+    repo = Path(o.repo).absolute()
     models = repo_models(repo)
-    if len({a.http_port, a.grpc_port, a.metrics_port}) != 3:
-        raise InputError("--http-port, --grpc-port and --metrics-port must differ")
-    for what, port in (("http", a.http_port), ("grpc", a.grpc_port), ("metrics", a.metrics_port)):
-        check_port_free(a.address, port, what)
+    for what, port in (("http", o.http_port), ("grpc", o.grpc_port), ("metrics", o.metrics_port)):
+        check_port_free(o.address, port, what)
     dist, libs = pytriton_dist()
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         print(f"adaskip-serve: warning: {sys.executable} is a static Python build; the backend stub will load the "
@@ -169,49 +203,86 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="adaskip-serve-"))
     try:
         backends = assemble_backends(dist, work / "backends")
-        return _run(server_command(dist, repo, backends, a), server_env(libs), a, models)
+        return _Supervisor(lambda n: server_command(dist, repo, backends, o, n), server_env(libs), o, models).run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(cmd: list[str], env: dict[str, str], a: argparse.Namespace, models: list[str]) -> int:
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    signals = {"count": 0}
+def _log(msg: str, error: bool = False) -> None:
+    print(f"adaskip-serve: {'error: ' if error else ''}{msg}", file=sys.stderr if error else sys.stdout, flush=True)
 
-    def forward(signum, frame):  # first signal: graceful stop; a second one: kill
-        signals["count"] += 1
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM if signals["count"] == 1 else signal.SIGKILL)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        deadline = time.monotonic() + a.ready_timeout
-        while proc.poll() is None and not signals["count"]:
-            if http_ready(a.address, a.http_port):
-                ready = ready_models(a.address, a.http_port)
-                print(f"adaskip-serve: ready (tritonserver pid {proc.pid}): HTTP http://{a.address}:{a.http_port}  "
-                      f"gRPC {a.address}:{a.grpc_port}  metrics http://{a.address}:{a.metrics_port}/metrics  "
-                      f"models: {', '.join(ready or models)}", flush=True)
+class _Supervisor:
+    """Start tritonserver, wait until it is ready, restart it when it dies unasked (bounded), forward signals."""
+
+    def __init__(self, command, env: dict[str, str], o: ServeOptions, models: list[str]):
+        self.command, self.env, self.o, self.models = command, env, o, models
+        self.signals = 0
+        self.failed = 1  # adaskip-serve's exit status when a server never got ready
+        self.proc: subprocess.Popen | None = None
+
+    def _forward(self, signum, frame) -> None:  # first signal: graceful stop; a second one: kill
+        self.signals += 1
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if self.signals == 1 else signal.SIGKILL)
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        restarts: list[float] = []
+        try:
+            start = 0
+            while True:
+                rc = self._serve_once(start)
+                if rc is None:
+                    return self.failed
+                if self.signals:  # asked to stop
+                    return _status(rc)
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < self.o.restart_window_s] + [now]
+                how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+                if len(restarts) > self.o.max_restarts:
+                    _log(f"tritonserver exited with {how}; it failed {len(restarts)} times within "
+                         f"{self.o.restart_window_s:.0f} s, not restarting it (see its log above)", error=True)
+                    return _status(rc) or 1
+                start += 1
+                _log(f"tritonserver (pid {self.proc.pid}) exited with {how}; restarting it (restart {len(restarts)} "
+                     f"of at most {self.o.max_restarts} within {self.o.restart_window_s:.0f} s)", error=True)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.proc is not None and self.proc.poll() is None:  # an exception above: never leave it behind
+                self.proc.kill()
+                self.proc.wait()
+
+    def _serve_once(self, start: int) -> int | None:
+        """One server process that got ready (or was asked to stop): its exit status once it ends. None when it
+        did not get ready: it timed out (stopped) or exited first (a model cannot load: restarting would not help);
+        self.failed then holds adaskip-serve's exit status."""
+        o = self.o
+        self.proc = subprocess.Popen(self.command(start), env=self.env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + o.ready_timeout
+        while not self.signals:
+            if self.proc.poll() is not None:
+                self.failed = _status(self.proc.returncode) or 1
+                _log(f"tritonserver exited with status {self.proc.returncode} (see its log above)", error=True)
+                return None
+            if http_ready(o.address, o.http_port):
+                ready = ready_models(o.address, o.http_port, o.admin_key if o.restricted_apis else None)
+                restricted = ", ".join(o.restricted_apis) or "none"
+                _log(f"ready (tritonserver pid {self.proc.pid}): HTTP http://{o.address}:{o.http_port}  "
+                     f"gRPC {o.address}:{o.grpc_port}  metrics http://{o.address}:{o.metrics_port}/metrics  "
+                     f"models: {', '.join(ready or self.models)}  restricted APIs: {restricted}")
                 break
             if time.monotonic() > deadline:
-                print(f"adaskip-serve: error: the server was not ready after {a.ready_timeout:.0f} s; stopping it",
-                      file=sys.stderr, flush=True)
-                forward(signal.SIGTERM, None)
-                proc.wait()
-                return 1
+                _log(f"the server was not ready after {o.ready_timeout:.0f} s; stopping it", error=True)
+                self._forward(signal.SIGTERM, None)
+                self.proc.wait()
+                return None
             time.sleep(0.25)
-        rc = proc.wait()  # signals arriving meanwhile run `forward` (and wait resumes, PEP 475)
-        if rc != 0 and not signals["count"]:
-            print(f"adaskip-serve: error: tritonserver exited with status {rc} (see its log above)",
-                  file=sys.stderr, flush=True)
-        return rc if rc >= 0 else 128 - rc
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if proc.poll() is None:  # an exception above: never leave the server behind
-            proc.kill()
-            proc.wait()
+        return self.proc.wait()  # signals arriving meanwhile run `_forward` (and wait resumes, PEP 475)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _status(rc: int) -> int:
+    """A child's exit status as a shell reports it (killed by signal N: 128 + N)."""
+    return rc if rc >= 0 else 128 - rc

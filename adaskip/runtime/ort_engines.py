@@ -55,9 +55,12 @@ def session_options(threads: int | None = None, spinning: bool = False):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    cores = os.cpu_count() or 1  # more threads than cores only adds contention (10000 took minutes to start)
     env = os.environ.get("ADASKIP_THREADS", "0") or "0"
-    if not env.isdigit():
-        raise InputError(f"ADASKIP_THREADS must be a number of threads; got {env!r}")
+    if not env.isdigit() or int(env) > cores:
+        raise InputError(f"ADASKIP_THREADS must be 0 (all cores) or a number of threads up to {cores}; got {env!r}")
+    if threads is not None and not 1 <= threads <= cores:
+        raise InputError(f"--threads must be between 1 and {cores} (this machine's cores); got {threads}")
     so.intra_op_num_threads = threads or int(env)
     so.log_severity_level = 3
     return so

@@ -17,12 +17,45 @@ namespace {
   throw EngineDirError(root.string() + ": " + what);
 }
 
-int spec_int(const json& spec, const fs::path& root, const char* key) {
+// The bounds of adaskip/engine_dir.py's MANIFEST_SCHEMA: beyond them sizes derived from the spec could overflow or
+// ask for absurd buffers.
+int spec_int(const json& spec, const fs::path& root, const char* key, long long maximum) {
   auto it = spec.find(key);
-  if (it == spec.end() || !it->is_number_integer() || it->get<long long>() < 1 || it->get<long long>() > (1 << 30)) {
-    fail(root, std::string("manifest is malformed: model spec has no valid '") + key + "'");
+  long long x = 0;
+  if (it == spec.end() || !it->is_number_integer() || !as_int64(*it, x) || x < 1 || x > maximum) {
+    fail(root, std::string("manifest is malformed at model/spec/") + key + ": " +
+                   (it == spec.end() ? std::string("missing") : brief(*it)) + " is not an integer in 1.." +
+                   std::to_string(maximum));
   }
-  return it->get<int>();
+  return static_cast<int>(x);
+}
+
+// A manifest path: relative, '/'-separated names of [A-Za-z0-9_.+-] not starting with '.' (no '..', no absolute
+// path, no backslash), as in the Python schema; and reached through no symlink.
+void check_confined(const fs::path& root, const std::string& rel) {
+  bool ok = !rel.empty() && rel.size() <= 1024;
+  size_t start = 0;
+  int parts = 0;
+  while (ok && start <= rel.size()) {
+    size_t end = rel.find('/', start);
+    if (end == std::string::npos) end = rel.size();
+    const std::string part = rel.substr(start, end - start);
+    ok = !part.empty() && part.size() <= 128 && part[0] != '.' && part[0] != '-' && part[0] != '+' && ++parts <= 4;
+    for (char ch : part) {
+      ok = ok && ((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+                  ch == '.' || ch == '+' || ch == '-');
+    }
+    start = end + 1;
+  }
+  if (!ok) fail(root, "manifest is malformed at files: '" + rel.substr(0, 80) + "' is not a path inside the engine dir");
+  fs::path p = root;
+  std::error_code ec;
+  for (const auto& part : fs::path(rel)) {
+    p /= part;
+    if (fs::is_symlink(fs::symlink_status(p, ec))) {
+      fail(root, rel + " is reached through a symbolic link; engine files must lie inside the engine dir");
+    }
+  }
 }
 
 void verify_files(const fs::path& root, const json& manifest, bool verify_large_files) {
@@ -31,14 +64,16 @@ void verify_files(const fs::path& root, const json& manifest, bool verify_large_
   if (ok) {
     for (const auto& entry : files->items()) {
       const json& e = entry.value();
+      long long bytes = -1;
       ok = ok && e.is_object() && e.contains("sha256") && e["sha256"].is_string() && e.contains("bytes") &&
-           e["bytes"].is_number_integer();
+           e["bytes"].is_number_integer() && as_int64(e["bytes"], bytes) && bytes >= 0;
     }
   }
   if (!ok) fail(root, "manifest is malformed: bad 'files' table");
   if (!files->contains("plan.json")) fail(root, "manifest is malformed: it does not list plan.json");
   for (const auto& entry : files->items()) {
     const std::string& rel = entry.key();
+    check_confined(root, rel);
     fs::path f = root / rel;
     std::error_code ec;
     if (!fs::is_regular_file(f, ec)) fail(root, "file " + rel + " listed in the manifest is missing");
@@ -60,7 +95,8 @@ std::vector<int> int_list(const json& v) {
   std::vector<int> out;
   if (v.is_array()) {
     for (const auto& x : v) {
-      if (x.is_number_integer()) out.push_back(x.get<int>());
+      long long i = -1;
+      if (x.is_number_integer() && as_int64(x, i) && i >= 0 && i < (1 << 24)) out.push_back(static_cast<int>(i));
     }
   }
   return out;
@@ -94,9 +130,9 @@ std::string sha256_file(const fs::path& path) {
   return out;
 }
 
+EngineDir open_checked(const fs::path& path, json manifest, bool verify_large_files);
+
 EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
-  EngineDir ed;
-  ed.root = path;
   const fs::path manifest_path = path / "manifest.json";
   std::error_code ec;
   if (!fs::is_regular_file(manifest_path, ec)) {
@@ -104,12 +140,15 @@ EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
                                                   : (fs::exists(path, ec) ? "" : " (it does not exist)");
     throw EngineDirError(path.string() + " is not an adaskip engine directory: no manifest.json" + hint);
   }
+  if (fs::file_size(manifest_path, ec) > kMaxManifestBytes) {
+    fail(path, "manifest.json is larger than " + std::to_string(kMaxManifestBytes) + " bytes");
+  }
   json manifest;
   try {
     std::ifstream in(manifest_path, std::ios::binary);
     std::stringstream buf;
     buf << in.rdbuf();
-    manifest = json::parse(buf.str());
+    manifest = parse_bounded<EngineDirError>(buf.str(), manifest_path.string());
   } catch (const json::exception& e) {
     throw EngineDirError(manifest_path.string() + " is corrupt: " + e.what());
   }
@@ -117,9 +156,20 @@ EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
     fail(path, "not an adaskip engine manifest");
   }
   if (manifest.value("format_version", json()) != kEngineVersion) {
-    fail(path, "engine format version " + manifest.value("format_version", json()).dump() +
+    fail(path, "engine format version " + brief(manifest.value("format_version", json())) +
                    " is not supported (this adaskip reads " + std::to_string(kEngineVersion) + "); rebuild it");
   }
+  try {
+    return open_checked(path, std::move(manifest), verify_large_files);
+  } catch (const json::exception& e) {  // a type_error on a shape the checks missed: a malformed manifest
+    fail(path, std::string("manifest is malformed: ") + e.what());
+  }
+}
+
+EngineDir open_checked(const fs::path& path, json manifest, bool verify_large_files) {
+  EngineDir ed;
+  ed.root = path;
+  std::error_code ec;
   verify_files(path, manifest, verify_large_files);
 
   try {
@@ -127,11 +177,11 @@ EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
     ed.fingerprint = manifest.at("model").at("fingerprint").get<std::string>();
     ed.backend = manifest.at("backend").get<std::string>();
     ed.model.name = spec.value("name", std::string());
-    ed.model.num_layers = spec_int(spec, path, "num_layers");
-    ed.model.num_kv_heads = spec_int(spec, path, "num_kv_heads");
-    ed.model.head_dim = spec_int(spec, path, "head_dim");
-    ed.model.vocab_size = spec_int(spec, path, "vocab_size");
-    ed.model.context_len = spec_int(spec, path, "max_position_embeddings");
+    ed.model.num_layers = spec_int(spec, path, "num_layers", 1024);
+    ed.model.num_kv_heads = spec_int(spec, path, "num_kv_heads", 1024);
+    ed.model.head_dim = spec_int(spec, path, "head_dim", 4096);
+    ed.model.vocab_size = spec_int(spec, path, "vocab_size", 1 << 24);
+    ed.model.context_len = spec_int(spec, path, "max_position_embeddings", 1 << 24);
     for (int64_t id : int_list(manifest.value("tokenizer", json::object()).value("eos_token_ids", json::array()))) {
       ed.model.eos_token_ids.push_back(id);
     }
@@ -152,7 +202,7 @@ EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
   }
   json graph = manifest.value("build", json::object()).value("graph", json::object());
   if (!graph.is_object() || graph.value("interface", json()) != kGraphInterface) {
-    fail(path, "graph interface " + (graph.is_object() ? graph.value("interface", json()).dump() : "null") +
+    fail(path, "graph interface " + (graph.is_object() ? brief(graph.value("interface", json())) : "null") +
                    " is not the one this runtime runs (" + std::to_string(kGraphInterface) +
                    "); rebuild the engine with adaskip-build");
   }
@@ -163,7 +213,9 @@ EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
                "cached attention is conditional, such as SkipDecode in decode mode, need the Python runtime)");
   }
   std::string file = graph.value("file", std::string());
-  if (file.empty() || !fs::is_regular_file(path / file, ec)) fail(path, "graph file '" + file + "' is missing");
+  if (file.empty() || !manifest["files"].contains(file)) {
+    fail(path, "the graph file '" + file.substr(0, 80) + "' is not in the manifest's file table");
+  }
   ed.graph_file = path / file;
   ed.manifest_kv_layers = int_list(graph.value("kv_layers", json::array()));
   return ed;

@@ -22,6 +22,7 @@ struct EngineDir {
 };
 
 inline constexpr long long kLargeFile = 64LL << 20;  // larger files are size-checked only, unless asked
+inline constexpr std::uintmax_t kMaxManifestBytes = 16u << 20;  // as MAX_MANIFEST_BYTES in adaskip/engine_dir.py
 
 // Throws EngineDirError (PlanError problems are reported as EngineDirError naming the dir, as in Python).
 EngineDir open_engine_dir(const std::filesystem::path& path, bool verify_large_files);

@@ -9,6 +9,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include "adaskip/errors.h"
+#include "json_util.h"
 
 namespace adaskip::detail {
 namespace {
@@ -159,7 +160,8 @@ OrtGraph::~OrtGraph() = default;
 KVCache OrtGraph::new_cache(int capacity) const {
   KVCache c;
   c.capacity = capacity;
-  const size_t size = static_cast<size_t>(model_.num_kv_heads) * capacity * model_.head_dim;
+  const auto size = static_cast<size_t>(checked_mul<InputError>(
+      checked_mul<InputError>(model_.num_kv_heads, capacity, "KV cache size"), model_.head_dim, "KV cache size"));
   for (int i : kv_layers_) {
     c.k[i].assign(size, 0.0f);
     c.v[i].assign(size, 0.0f);

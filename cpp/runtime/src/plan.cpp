@@ -2,6 +2,7 @@
 #include "adaskip/plan.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -31,11 +32,17 @@ const json& object_field(const json& obj, const std::string& path, const char* k
   return v;
 }
 
-long long int_field(const json& obj, const std::string& path, const char* key, long long minimum) {
+// Every integer a plan holds ends up in an int: anything beyond INT_MAX is refused, never truncated (a window of
+// 2^32 used to become 0).
+long long int_field(const json& obj, const std::string& path, const char* key, long long minimum,
+                    long long maximum = INT_MAX) {
   const json& v = field(obj, path, key);
   std::string where = detail::join_path(path, key);
-  if (!detail::is_integer(v)) invalid(where, "is not of type 'integer'");
-  long long x = v.is_number_float() ? static_cast<long long>(v.get<double>()) : v.get<long long>();
+  long long x = 0;
+  if (!detail::is_integer(v)) invalid(where, detail::brief(v) + " is not of type 'integer'");
+  if (!detail::as_int64(v, x) || x > maximum) {
+    invalid(where, detail::brief(v) + " is greater than the maximum of " + std::to_string(maximum));
+  }
   if (x < minimum) invalid(where, std::to_string(x) + " is less than the minimum of " + std::to_string(minimum));
   return x;
 }
@@ -52,7 +59,7 @@ std::string enum_field(const json& obj, const std::string& path, const char* key
   if (!v.is_string() || std::find(allowed.begin(), allowed.end(), v.get<std::string>()) == allowed.end()) {
     std::string list;
     for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
-    invalid(detail::join_path(path, key), v.dump() + " is not one of " + list);
+    invalid(detail::join_path(path, key), detail::brief(v) + " is not one of " + list);
   }
   return v.get<std::string>();
 }
@@ -63,7 +70,7 @@ std::vector<double> number_array(const json& obj, const std::string& path, const
   if (!v.is_array()) invalid(where, "is not of type 'array'");
   std::vector<double> out;
   for (size_t i = 0; i < v.size(); ++i) {
-    if (!v[i].is_number()) invalid(where + "/" + std::to_string(i), v[i].dump() + " is not of type 'number'");
+    if (!v[i].is_number()) invalid(where + "/" + std::to_string(i), detail::brief(v[i]) + " is not of type 'number'");
     out.push_back(v[i].get<double>());
   }
   return out;
@@ -124,7 +131,7 @@ SkipPlan parse(const json& d) {
     known = known || (version.is_number() && version == v);
   }
   if (!known) {
-    throw PlanError("skip plan version " + (version.is_null() ? std::string("None") : version.dump()) +
+    throw PlanError("skip plan version " + (version.is_null() ? std::string("None") : detail::brief(version)) +
                     " is not supported (this adaskip reads " + readable + "); rebuild the plan with adaskip-build");
   }
   const bool has_compensation = d.contains("compensation") && !d["compensation"].is_null();
@@ -135,7 +142,7 @@ SkipPlan parse(const json& d) {
   p.version = version.get<int>();
   p.method = enum_field(d, "", "method", {"adaskip", "early-exit", "skipdecode", "unified"});
   p.mode = enum_field(d, "", "mode", {"prefill", "decode", "e2e"});
-  p.num_layers = static_cast<int>(int_field(d, "", "num_layers", 1));
+  p.num_layers = static_cast<int>(int_field(d, "", "num_layers", 1, INT_MAX / 2));  // 2 * num_layers sublayers
 
   const json& budget = object_field(d, "", "budget");
   p.budget_unit = enum_field(budget, "budget", "unit", {"sublayers", "layers"});
@@ -145,8 +152,9 @@ SkipPlan parse(const json& d) {
   if (!skip.is_array()) invalid("skip", "is not of type 'array'");
   for (size_t i = 0; i < skip.size(); ++i) {
     std::string where = "skip/" + std::to_string(i);
-    if (!detail::is_integer(skip[i])) invalid(where, skip[i].dump() + " is not of type 'integer'");
-    long long j = skip[i].is_number_float() ? static_cast<long long>(skip[i].get<double>()) : skip[i].get<long long>();
+    long long j = 0;
+    if (!detail::is_integer(skip[i])) invalid(where, detail::brief(skip[i]) + " is not of type 'integer'");
+    if (!detail::as_int64(skip[i], j)) j = LLONG_MAX;  // out of range: reported below with the other bad ones
     if (j < 0) invalid(where, std::to_string(j) + " is less than the minimum of 0");
     if (std::find(p.skip.begin(), p.skip.end(), j) != p.skip.end()) invalid("skip", "has non-unique elements");
     p.skip.push_back(j > 1 << 30 ? 1 << 30 : static_cast<int>(j));  // out of range either way: reported below
@@ -155,14 +163,14 @@ SkipPlan parse(const json& d) {
 
   const json& online = object_field(d, "", "online");
   const json& enabled = field(online, "online", "enabled");
-  if (!enabled.is_boolean()) invalid("online/enabled", enabled.dump() + " is not of type 'boolean'");
+  if (!enabled.is_boolean()) invalid("online/enabled", detail::brief(enabled) + " is not of type 'boolean'");
   p.online_enabled = enabled.get<bool>();
   p.window = static_cast<int>(int_field(online, "online", "window", 1));
   const json& beta = field(online, "online", "beta");
   if (beta.is_number()) {
     p.beta = beta.get<double>();
   } else if (!beta.is_null()) {
-    invalid("online/beta", beta.dump() + " is not of type 'number', 'null'");
+    invalid("online/beta", detail::brief(beta) + " is not of type 'number', 'null'");
   }
 
   if (d.contains("calibration") && !d["calibration"].is_null()) {
@@ -220,16 +228,25 @@ SkipPlan parse(const json& d) {
   return p;
 }
 
+// nlohmann's own errors (a type_error on some shape the checks above missed) are a bad plan, not an internal error.
+SkipPlan parse_checked(const json& d) {
+  try {
+    return parse(d);
+  } catch (const json::exception& e) {
+    throw PlanError(std::string("invalid skip plan: ") + e.what());
+  }
+}
+
 }  // namespace
 
 SkipPlan SkipPlan::from_json(const std::string& text) {
   json d;
   try {
-    d = json::parse(text);
+    d = detail::parse_bounded<PlanError>(text, "skip plan");
   } catch (const json::parse_error& e) {
     throw PlanError(std::string("skip plan is not readable JSON: ") + e.what());
   }
-  return parse(d);
+  return parse_checked(d);
 }
 
 SkipPlan SkipPlan::load(const std::filesystem::path& path) {
@@ -241,11 +258,11 @@ SkipPlan SkipPlan::load(const std::filesystem::path& path) {
   buf << in.rdbuf();
   json d;
   try {
-    d = json::parse(buf.str());
+    d = detail::parse_bounded<PlanError>(buf.str(), "skip plan " + path.string());
   } catch (const json::parse_error& e) {
     throw PlanError("skip plan " + path.string() + " is not readable JSON: " + e.what());
   }
-  return parse(d);
+  return parse_checked(d);
 }
 
 void SkipPlan::check_model(const std::string& model_fingerprint, int model_num_layers) const {

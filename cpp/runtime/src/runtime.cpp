@@ -49,8 +49,9 @@ void validate(const SamplingOptions& o) {
   if (o.max_new_tokens < 1) {
     throw InputError("max_new_tokens must be a positive integer; got " + std::to_string(o.max_new_tokens));
   }
-  if (!(o.temperature >= 0) || std::isinf(o.temperature)) {
-    throw InputError("temperature must be >= 0; got " + std::to_string(o.temperature));
+  // as SamplingParams.validate: below 1e-3, logits / temperature overflows and the weights become NaN
+  if (!(o.temperature == 0 || (o.temperature >= 1e-3 && o.temperature <= 100))) {
+    throw InputError("temperature must be 0 (greedy) or between 0.001 and 100; got " + std::to_string(o.temperature));
   }
   if (o.top_k < 0) throw InputError("top_k must be >= 0; got " + std::to_string(o.top_k));
   if (!(o.top_p > 0 && o.top_p <= 1)) throw InputError("top_p must be in (0, 1]; got " + std::to_string(o.top_p));
