@@ -252,7 +252,10 @@ class OrtGqaEngine(OrtGraphEngine):
         where = [s - first for s in slots]
         ids = np.zeros((width, 1), np.int64)
         ids[where, 0] = tokens.numpy().astype(np.int64)
-        skip_all = skip[:1].expand(width, -1).clone()  # fillers copy a decoding row's mask (attention agrees)
+        # fillers take a decoding row's attention decisions (they agree across a forward) and skip every FFN, so a
+        # conditional FFN that all decoding rows skip is not computed for the fillers' sake
+        skip_all = skip[:1].expand(width, -1).clone()
+        skip_all[:, 1::2] = True
         scales_all = scales[:1].expand(width, -1).clone()
         skip_all[where], scales_all[where] = skip, scales
         saved = cache.lengths[first:stop].copy()
