@@ -234,7 +234,7 @@ class Generator:
         # KV bytes per position of one row, with and without the skipped attention; each request is charged for its
         # own prompt + max_new_tokens positions, not the padded batch width, so it reports what it would alone
         row_kv_per_pos = cache.nbytes() // (batch * capacity)
-        full_kv_per_pos = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _dtype_bytes(engine)
+        full_kv_per_pos = spec.kv_bytes_per_token(spec.num_layers, dtype_bytes(engine))
 
         t0 = time.perf_counter()
         rows = stepper.new_rows(batch)
@@ -304,5 +304,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-def _dtype_bytes(engine: Engine) -> int:
+def dtype_bytes(engine: Engine) -> int:
+    """Bytes per element of the engine's KV cache."""
     return torch.empty(0, dtype=getattr(engine, "dtype", torch.float32)).element_size()

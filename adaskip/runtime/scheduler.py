@@ -35,7 +35,8 @@ import torch
 from adaskip.errors import AdaskipError, InputError
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import Engine
-from adaskip.runtime.generate import GenerationResult, SamplingParams, Sequence, TokenEvent, _dtype_bytes, check_prompt
+from adaskip.runtime.generate import (GenerationResult, SamplingParams, Sequence, TokenEvent, check_prompt,
+                                      dtype_bytes)
 from adaskip.runtime.stepper import Row, Stepper
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class Scheduler:
         opts = self.options
         self.pool = self.stepper.new_cache(opts.slots, opts.slot_capacity)
         self._row_kv_per_pos = self.pool.nbytes() // (opts.slots * opts.slot_capacity)
-        self._full_kv_per_pos = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _dtype_bytes(engine)
+        self._full_kv_per_pos = spec.kv_bytes_per_token(spec.num_layers, dtype_bytes(engine))
         self._free = list(range(opts.slots))  # a heap: the lowest free slot first
         self._active: list[_Active] = []  # admission order
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -267,7 +268,7 @@ class Scheduler:
             for b, act in enumerate(group):
                 mask = act.row.mask
                 skipped += len(mask.skipped)
-                online += sum(1 for j in mask.skipped if mask.skip[j] and j in act.row.state.online)
+                online += sum(1 for j in mask.skipped if j in act.row.state.online)
                 event = act.seq.accept(out.logits[b], False, now)
                 act.seq.observe_step()
                 self._after_token(act, event, finished)
