@@ -28,7 +28,7 @@ def tiny_engine(tmp_path_factory, smollm2_dir) -> Path:
     a calibrated K=2 plan."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from adaskip.builder.build import BuildOptions, build
+    from adaskip.cli.build import main as build_main
     from conftest import TINY
 
     root = tmp_path_factory.mktemp("serve-tiny")
@@ -41,8 +41,8 @@ def tiny_engine(tmp_path_factory, smollm2_dir) -> Path:
         if (smollm2_dir / f).exists():
             shutil.copy(smollm2_dir / f, model_dir / f)
     out = root / "tiny-k2"
-    build(BuildOptions(model=str(model_dir), output=str(out), skip=2, calib_prompts=2, calib_tokens=64,
-                       progress=False))
+    assert build_main(["--model", str(model_dir), "-o", str(out), "--skip", "2", "--calib-prompts", "2",
+                       "--calib-tokens", "64", "--quiet"]) == 0
     return out
 
 

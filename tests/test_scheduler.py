@@ -3,6 +3,7 @@ skipping firing), chunked prefill interleaved with decode steps, cancellation, t
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -10,29 +11,39 @@ import torch
 from conftest import make_tiny_hf
 
 from adaskip.errors import InputError
-from adaskip.export.onnx.graph import build_onnx, save_onnx
 from adaskip.model import load_model
 from adaskip.plan import Calibration, adaskip_plan
-from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
+from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.ort_engines import OrtGqaEngine
 from adaskip.runtime.scheduler import QueueFull, Scheduler, SchedulerOptions
 from adaskip.runtime.torch_engine import TorchEngine
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_root, tmp_path_factory):
-    """The tiny Llama exported as the `ort` variant under a plan whose online FFN skipping fires (beta 0.3)."""
-    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+def tiny(tiny_root, tmp_path_factory, smollm2_dir):
+    """The tiny Llama built by adaskip-build (the `ort` variant) under a plan whose online FFN skipping fires (beta
+    0.3). Built through the command line, whose flags are the stable interface; the builder wants tokenizer files
+    next to the model (SmolLM2's stand in: the tests pass token ids)."""
+    from adaskip.cli.build import main as build_main
+
+    root = tmp_path_factory.mktemp("sched-engine")
+    hf = root / "model"
+    shutil.copytree(make_tiny_hf("llama", tiny_root), hf)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / f, hf / f)
+    model = load_model(str(hf))
     n = model.spec.num_sublayers
     sims = [0.0] * n
     sims[2] = 0.3  # attention of layer 1 is the offline skip; beta = 0.3, which random FFNs pass
     calib = Calibration(similarity=sims, norm_ratio=[1.05] * n, num_prompts=1, prompt_tokens=8,
                         data_digest="sha256:t", source="test")
-    policy = SkipPolicy(adaskip_plan(calib, 1, "e2e", model.fingerprint, window=4))
-    out = tmp_path_factory.mktemp("sched-graph")
-    save_onnx(build_onnx(model.spec, model.weights, policy, variant="ort"), out)
-    return model, policy, OrtGqaEngine(out / "model.onnx", model.spec, threads=2)
+    adaskip_plan(calib, 1, "e2e", model.fingerprint, window=4).save(root / "plan.json")
+    assert build_main(["--model", str(hf), "-o", str(root / "engine"), "--plan", str(root / "plan.json"),
+                       "--calib-tokens", "64", "--quiet"]) == 0
+    rt = load_runtime(root / "engine", threads=2)
+    assert isinstance(rt.engine, OrtGqaEngine)
+    return model, rt.policy, rt.engine
 
 
 def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
