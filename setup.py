@@ -33,8 +33,10 @@ setup(
         "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0"],
         "eval": ["rouge-score"],
         "bench": ["onnxruntime-genai"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus_client>=0.20"],
         "test": [
             "pytest>=8", "hypothesis>=6",
+            "fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus_client>=0.20", "openai>=1.30",
             "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
             "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0",
             "rouge-score",

@@ -65,7 +65,7 @@ class GenerationResult:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" | "length"
+    finish_reason: str = "length"  # "stop" | "length" | "cancelled" (the scheduler: the client went away)
     truncated_prompt: bool = False
     ttft_s: float = 0.0
     decode_s: float = 0.0
@@ -216,28 +216,8 @@ class Generator:
     def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], bool]]:
         if not prompts:
             raise InputError("no prompts given")
-        out = []
-        budget = self.context_len - params.max_new_tokens
-        if budget < 1:
-            raise InputError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's "
-                             f"context of {self.context_len} tokens")
-        vocab = self.engine.spec.vocab_size
-        for n, ids in enumerate(prompts):
-            if len(ids) == 0:
-                raise InputError(f"prompt {n} is empty")
-            if min(ids) < 0 or max(ids) >= vocab:
-                raise InputError(f"prompt {n} has token ids outside the vocabulary (0..{vocab - 1})")
-            if len(ids) <= budget:
-                out.append((list(ids), False))
-            elif params.truncate == "middle":
-                head = budget // 2
-                out.append((list(ids[:head]) + list(ids[len(ids) - (budget - head):]), True))
-            else:
-                raise InputError(
-                    f"prompt {n} has {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} that exceeds the "
-                    f"model's context of {self.context_len} tokens (shorten it, lower max_new_tokens, or truncate "
-                    f"the middle with --truncate middle)")
-        return out
+        return [check_prompt(ids, params, self.context_len, self.engine.spec.vocab_size, f"prompt {n}")
+                for n, ids in enumerate(prompts)]
 
     def _run(self, prompts: list[list[int]], params: SamplingParams,
              results: list[GenerationResult]) -> Iterator[TokenEvent]:
@@ -258,7 +238,7 @@ class Generator:
         # KV bytes per position of one row, with and without the skipped attention; each request is charged for its
         # own prompt + max_new_tokens positions, not the padded batch width, so it reports what it would alone
         row_kv_per_pos = cache.nbytes() // (batch * capacity)
-        full_kv_per_pos = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _dtype_bytes(engine)
+        full_kv_per_pos = spec.kv_bytes_per_token(spec.num_layers, dtype_bytes(engine))
 
         t0 = time.perf_counter()
         rows = stepper.new_rows(batch)
@@ -288,6 +268,28 @@ class Generator:
             s.result.kv_bytes, s.result.kv_bytes_full = row_kv_per_pos * positions, full_kv_per_pos * positions
 
 
+def check_prompt(ids: list[int], params: SamplingParams, context: int, vocab: int, name: str = "prompt",
+                 where: str = "the model's context") -> tuple[list[int], bool]:
+    """A prompt that fits `context` positions with its max_new_tokens (truncated in the middle when the params ask
+    for it), and whether it was truncated; InputError otherwise."""
+    budget = context - params.max_new_tokens
+    if budget < 1:
+        raise InputError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in {where} of "
+                         f"{context} tokens")
+    if len(ids) == 0:
+        raise InputError(f"{name} is empty")
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise InputError(f"{name} has token ids outside the vocabulary (0..{vocab - 1})")
+    if len(ids) <= budget:
+        return list(ids), False
+    if params.truncate == "middle":
+        head = budget // 2
+        return list(ids[:head]) + list(ids[len(ids) - (budget - head):]), True
+    raise InputError(
+        f"{name} has {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} that exceeds {where} of "
+        f"{context} tokens (shorten it, lower max_new_tokens, or truncate the middle with --truncate middle)")
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab] under one request's sampling params (greedy at temperature 0)."""
     logits = logits.float()
@@ -306,5 +308,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
     return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-def _dtype_bytes(engine: Engine) -> int:
+def dtype_bytes(engine: Engine) -> int:
+    """Bytes per element of the engine's KV cache."""
     return torch.empty(0, dtype=getattr(engine, "dtype", torch.float32)).element_size()

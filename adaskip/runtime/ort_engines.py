@@ -158,7 +158,17 @@ class GqaKVCache(_BufferCache):
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
-        self.binding = None  # the session's IO binding with this cache's buffers bound once (OrtGqaEngine)
+        # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
+        # [first, stop) a forward runs over: a slot's rows are contiguous in BNSH, so any range is a view
+        self.bindings: dict[tuple[int, int], object] = {}
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def release(self, slot: int) -> None:
+        """Empties one slot for the next request (its stale K/V stays; lengths say what is valid)."""
+        self.lengths[slot] = 0
 
 
 class OrtGqaEngine(OrtGraphEngine):
@@ -211,9 +221,64 @@ class OrtGqaEngine(OrtGraphEngine):
         return self._run_gqa(ids, cache.lengths[:, None].copy(), np.ones_like(ids, dtype=bool), ones, cache, skip,
                              scales, want_stats)
 
+    # -- slots: a cache as a pool of independent rows (the serving scheduler) ----------------------------------------
+    supports_slots = True
+
+    def prefill_slot(self, slot: int, ids: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
+                     scales: torch.Tensor) -> StepOutput:
+        """Appends a chunk of one request's prompt (ids [T]) to its slot, after what the slot holds already (an
+        earlier chunk, or nothing). The kernel reads the slot's past length from seqlens_k and the chunk width, so
+        chunks of any size give the logits of one pass. Returns the chunk's last-token logits [1, vocab]."""
+        if not 0 <= slot < cache.slots:
+            raise InputError(f"slot {slot} is outside the pool of {cache.slots}")
+        n = int(ids.numel())
+        if n < 1:
+            raise InputError("a prefill chunk needs at least one token")
+        start = int(cache.lengths[slot])
+        return self._run_gqa(ids.numpy().astype(np.int64).reshape(1, n), np.arange(start, start + n)[None],
+                             np.ones((1, n), bool), np.array([n]), cache, skip, scales, want_stats=False,
+                             rows=(slot, slot + 1))
+
+    def decode_slots(self, slots: list[int], tokens: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
+                     scales: torch.Tensor, want_stats: bool = True) -> StepOutput:
+        """One decode step for the rows in `slots` (any order, any subset of the pool); outputs in `slots` order.
+
+        The forward runs over the contiguous range of slots they span (a view of every buffer). A slot inside that
+        range that is not decoding (free, or between prefill chunks) rides along as a filler row: it writes one
+        position at its current length, which its next token or chunk overwrites, and its length does not move."""
+        if len(set(slots)) != len(slots) or not slots:
+            raise InputError(f"decode_slots needs distinct slots; got {slots}")
+        first, stop = min(slots), max(slots) + 1
+        if first < 0 or stop > cache.slots:
+            raise InputError(f"slots {slots} are outside the pool of {cache.slots}")
+        width = stop - first
+        where = [s - first for s in slots]
+        ids = np.zeros((width, 1), np.int64)
+        ids[where, 0] = tokens.numpy().astype(np.int64)
+        # fillers take a decoding row's attention decisions (they agree across a forward) and skip every FFN, so a
+        # conditional FFN that all decoding rows skip is not computed for the fillers' sake
+        skip_all = skip[:1].expand(width, -1).clone()
+        skip_all[:, 1::2] = True
+        scales_all = scales[:1].expand(width, -1).clone()
+        skip_all[where], scales_all[where] = skip, scales
+        saved = cache.lengths[first:stop].copy()
+        lengths = np.minimum(saved, cache.capacity - 1)  # a filler never writes past its buffer
+        lengths[where] = saved[where]
+        cache.lengths[first:stop] = lengths
+        try:
+            out = self._run_gqa(ids, lengths[:, None].copy(), np.ones((width, 1), bool), np.ones(width, np.int64),
+                                cache, skip_all, scales_all, want_stats, rows=(first, stop))
+        finally:
+            moved = cache.lengths[first:stop].copy()
+            cache.lengths[first:stop] = saved
+            cache.lengths[slots] = moved[where]
+        return StepOutput(logits=out.logits[where], similarity=out.similarity[where],
+                          norm_ratio=out.norm_ratio[where])
+
     def _run_gqa(self, ids, positions, token_valid, counts, cache: GqaKVCache, skip, scales,
-                 want_stats: bool) -> StepOutput:
-        total = cache.lengths + counts
+                 want_stats: bool, rows: tuple[int, int] | None = None) -> StepOutput:
+        first, stop = rows or (0, cache.slots)
+        total = cache.lengths[first:stop] + counts
         if int(total.max()) > cache.capacity:
             raise InputError(f"KV cache holds {cache.capacity} positions; {int(total.max())} requested")
         skip_np = self._check_skip(skip)
@@ -223,13 +288,13 @@ class OrtGqaEngine(OrtGraphEngine):
                  "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
         outputs = [n for n in self.outputs if not n.startswith("present_")]
-        binding = cache.binding
-        if binding is None:  # the KV buffers are bound once per request, not every step
-            binding = cache.binding = self.session.io_binding()
+        binding = cache.bindings.get((first, stop))
+        if binding is None:  # the KV buffers are bound once per request (or range of slots), not every step
+            binding = cache.bindings[(first, stop)] = self.session.io_binding()
             for name in outputs:  # bound first: get_outputs() returns them in binding order
                 binding.bind_output(name, "cpu")
             for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
-                for kind, buf in (("key", cache.k[i]), ("value", cache.v[i])):
+                for kind, buf in (("key", cache.k[i][first:stop]), ("value", cache.v[i][first:stop])):
                     binding.bind_cpu_input(f"past_{kind}_{i}", buf)
                     binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape),
                                         buf.ctypes.data)
@@ -241,6 +306,7 @@ class OrtGqaEngine(OrtGraphEngine):
         # the raw vector: wrapping all 2 + 2L outputs (the KV buffers too) in Python objects costs ~1 ms per step
         raw = getattr(binding, "get_outputs_as_ortvaluevector", binding.get_outputs)()
         out = {name: raw[k].numpy() for k, name in enumerate(outputs)}
-        cache.lengths = total
-        cache.length += ids.shape[1]
+        cache.lengths[first:stop] = total
+        if rows is None:
+            cache.length += ids.shape[1]
         return self._step_output(out, skip_np)

@@ -7,13 +7,16 @@ the KV cache; per forward the stepper asks the policy for each row's mask, runs 
 (for a decode step) feeds each row's similarity statistics back to the policy, which learns its online FFN skips.
 
 Rows carry their own RequestState, so a row can join or leave between steps without touching the others; `slot` is
-the row's place in the KV cache. The engines of this package run every slot of their cache in each forward, so
-`rows[b].slot == b` here; a scheduler with per-slot engines passes any subset of slots.
+the row's place in the KV cache. `prefill`/`decode` run every slot of the cache in one forward, so `rows[b].slot
+== b` there; engines that treat their cache as a pool of slots (`supports_slots`: the `ort` variant) also take a
+prompt chunk into one slot (`prefill_chunk`) and a decode step over any subset of slots (`decode_slots`), which is
+what the serving scheduler (adaskip/runtime/scheduler.py) drives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,9 +56,9 @@ class Stepper:
         """A KV cache of `batch` slots x `capacity` positions for the layers the plan keeps a cache for."""
         return self.engine.new_cache(batch, capacity, list(self.policy.layout.cached_layers))
 
-    def _masks(self, rows: list[Row], decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masks(self, rows: list[Row], decode: bool, any_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         for b, row in enumerate(rows):
-            if row.slot != b:
+            if row.slot != b and not any_slot:
                 raise InputError(f"row {b} sits in slot {row.slot}: these engines run every slot of the cache")
             row.mask = self.policy.decode_mask(row.state) if decode else self.policy.prefill_mask(row.state)
         return stack_masks([row.mask for row in rows])
@@ -71,7 +74,38 @@ class Stepper:
         """One decode step for every row (tokens [B]); each row's policy state observes its statistics."""
         skip, scales = self._masks(rows, decode=True)
         want = any(self.policy.wants_decode_stats(row.state) for row in rows)
-        out = self.engine.decode(tokens, cache, skip, scales, want_stats=want)
+        return self._observe(rows, self.engine.decode(tokens, cache, skip, scales, want_stats=want))
+
+    # -- rows in any slots of a pool (engines with supports_slots) -------------------------------------------------
+    def _slot_engine(self) -> Any:
+        if not getattr(self.engine, "supports_slots", False):
+            raise InputError(f"{type(self.engine).__name__} runs whole batches only; serving rows in their own KV "
+                             "slots needs the `ort` graph variant (OrtGqaEngine)")
+        return self.engine
+
+    def prefill_chunk(self, row: Row, ids: list[int], pool: KVCacheLike) -> StepOutput:
+        """The next chunk of one row's prompt into its slot, under its prefill mask; logits of the chunk's last
+        token (the first generated token's, once the last chunk is in)."""
+        engine = self._slot_engine()
+        skip, scales = self._masks([row], decode=False, any_slot=True)
+        return engine.prefill_slot(row.slot, torch.tensor(ids, dtype=torch.long), pool, skip, scales)
+
+    def decode_slots(self, rows: list[Row], tokens: torch.Tensor, pool: KVCacheLike) -> StepOutput:
+        """One decode step for rows in any slots of a pool (their attention decisions must agree: see
+        `attention_key`); outputs in `rows` order; each row's policy state observes its statistics."""
+        engine = self._slot_engine()
+        skip, scales = self._masks(rows, decode=True, any_slot=True)
+        want = any(self.policy.wants_decode_stats(row.state) for row in rows)
+        return self._observe(rows, engine.decode_slots([r.slot for r in rows], tokens, pool, skip, scales,
+                                                       want_stats=want))
+
+    def attention_key(self, row: Row) -> tuple[int, ...]:
+        """The attention sublayers the row's next decode step skips: rows with equal keys can share a forward
+        (attention decisions agree across a forward's rows; FFN decisions may differ per row)."""
+        skip = self.policy.decode_mask(row.state).skip
+        return tuple(j for j in range(0, len(skip), 2) if skip[j])
+
+    def _observe(self, rows: list[Row], out: StepOutput) -> StepOutput:
         sims, ratios = out.similarity.tolist(), out.norm_ratio.tolist()
         for b, row in enumerate(rows):
             self.policy.observe_decode(row.state, sims[b], ratios[b])
