@@ -1,10 +1,13 @@
-"""adaskip-serve: serve a model repository written by `adaskip-deploy triton` with the bundled tritonserver."""
+"""adaskip-serve: `--engine DIR` serves an engine directory over the OpenAI API on the in-flight batching scheduler
+(adaskip/cli/serve_openai.py); `--repo DIR` serves a model repository written by `adaskip-deploy triton` with the
+bundled tritonserver."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from adaskip.cli import serve_openai
 from adaskip.cli.common import main_wrapper
 from adaskip.deploy.serve import ADMIN_HEADER, ALL_APIS, RESTRICTED_APIS, ServeOptions, serve
 
@@ -14,7 +17,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Serve a model repository written by `adaskip-deploy triton` with the "
                                             "Triton Inference Server bundled in nvidia-pytriton, restarting it if it "
-                                            "crashes.")
+                                            "crashes. `adaskip-serve --engine DIR` serves an engine directory over "
+                                            "the OpenAI API instead (`adaskip-serve --engine DIR --help`).")
     p.add_argument("--repo", required=True, help="model repository")
     p.add_argument("--address", default=d.address, help="address every endpoint binds to")
     p.add_argument("--http-port", type=int, default=d.http_port)
@@ -35,8 +39,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@main_wrapper("adaskip-serve")
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--engine" or a.startswith("--engine=") for a in args):
+        return serve_openai.main(args)
+    return triton_main(args)
+
+
+@main_wrapper("adaskip-serve")
+def triton_main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     apis = () if a.restrict_api.strip() == "none" else tuple(x.strip() for x in a.restrict_api.split(",") if x.strip())
     opts = ServeOptions(repo=a.repo, address=a.address, http_port=a.http_port, grpc_port=a.grpc_port,

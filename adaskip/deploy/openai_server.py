@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from adaskip.errors import AdaskipError, InputError
 from adaskip.runtime.generate import GenerationResult, SamplingParams, TokenEvent

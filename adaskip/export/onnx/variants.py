@@ -13,7 +13,7 @@ from adaskip.layout import SkipLayout
 from adaskip.model.spec import ModelSpec
 
 VARIANTS = ("portable", "ort")
-REQUESTS = ("auto",) + VARIANTS  # auto: the fastest variant the backend, model and plan allow
+REQUESTS = ("auto", "ort", "portable")  # auto: the fastest variant the backend, model and plan allow
 VARIANT_KEY = "adaskip.graph_variant"  # model metadata: the variant a graph was lowered to (build_onnx records it)
 
 
