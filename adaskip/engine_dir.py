@@ -64,6 +64,22 @@ def _state(output: Path) -> OutputState:
         return OutputState((d.st_dev, d.st_ino, 0, 0))
 
 
+def swap_into_place(new: Path, target: Path, aside: Path) -> Path | None:
+    """Rename `new` to `target`, moving an existing `target` to `aside` first and back if the rename fails.
+    Returns where the old one now is (None when there was none); the caller removes it."""
+    old = None
+    if os.path.lexists(target):
+        os.replace(target, aside)
+        old = aside
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    return old
+
+
 @contextlib.contextmanager
 def atomic_dir(output: Path, force: bool = False, expect: OutputState | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `output`; on success publish it at `output`, on any failure or interrupt (Ctrl-C,
@@ -137,16 +153,7 @@ def _swap(new: Path, output: Path) -> None:
     if masked:
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
-        old = None
-        if os.path.lexists(output):
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-        try:
-            os.replace(new, output)
-        except BaseException:
-            if old is not None:
-                os.replace(old, output)
-            raise
+        old = swap_into_place(new, output, output.with_name(f".{output.name}.old-{os.getpid()}"))
         if old is not None:
             remove_engine(old)
     finally:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaskip import __version__
-from adaskip.engine_dir import open_engine_dir
+from adaskip.engine_dir import open_engine_dir, swap_into_place
 from adaskip.errors import AdaskipError, InputError
 
 CONFIG = "config.pbtxt"
@@ -199,16 +199,8 @@ def write_model_repository(engine: str | Path, repo: str | Path, opts: TritonMod
             engine_param = str(engine_root)
         (model / CONFIG).write_text(model_config(opts, engine_param, python_env, ed.plan.digest()), encoding="utf-8")
         repo.mkdir(exist_ok=True)
-        old = None
-        if target.exists():  # --force: move the earlier model aside, put it back if the swap fails
-            old = staging / f".old-{opts.name}"
-            os.replace(target, old)
-        try:
-            os.replace(model, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
+        # --force: the earlier model moves aside and comes back if the swap fails
+        swap_into_place(model, target, staging / f".old-{opts.name}")
     except OSError as e:
         raise AdaskipError(f"cannot write the model repository {repo}: {e.strerror or e}"
                            f"{f' ({e.filename})' if e.filename else ''}") from None
