@@ -147,18 +147,23 @@ def _output_lock(output: Path) -> Iterator[None]:
 
 def _swap(new: Path, output: Path) -> None:
     """Put `new` at `output`; an earlier engine there is moved aside, restored if the swap fails, else removed.
-    SIGINT/SIGTERM wait until the swap is done: an interrupt never leaves the old engine hidden and no new one."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    masked = _main_thread()
-    if masked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    SIGINT/SIGTERM wait until the swap is done: an interrupt never leaves the old engine hidden and no new one.
+    (Deferred by handlers rather than a signal mask: a mask covers the calling thread only, and ONNX Runtime's or
+    torch's worker threads would take the signal and have Python raise it here anyway.)"""
+    deferred: list[int] = []
+    previous = {}
+    if _main_thread():
+        previous = {s: signal.signal(s, lambda signum, frame: deferred.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         old = swap_into_place(new, output, output.with_name(f".{output.name}.old-{os.getpid()}"))
         if old is not None:
             remove_engine(old)
     finally:
-        if masked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if deferred:  # delivered now, to the handlers the process had
+            signal.raise_signal(deferred[0])
 
 
 def check_replaceable(output: Path, force: bool) -> OutputState:
