@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
 def options(a: argparse.Namespace) -> TritonModelOptions:
     return TritonModelOptions(name=a.model_name, instances=a.instances, max_batch_size=a.max_batch_size,
                               decoupled=a.decoupled, threads=a.threads, engine_mode=a.engine_mode,
-                              python_env=a.python_env, queue_delay_us=a.queue_delay_us)
+                              python_env=a.python_env, queue_delay_us=a.queue_delay_us,
+                              max_queue_size=a.max_queue_size, max_input_bytes=a.max_input_bytes)
 
 
 @main_wrapper("adaskip-deploy")
