@@ -1,11 +1,12 @@
 """Offline importance learning: run the full model over the calibration prompts and average the per-sublayer
 IO similarity and norm ratio per request, then over requests (docs/architecture.md, "The method").
 
-The pass runs on the fastest engine that yields the same statistics: the `ort` graph of the unskipped model on
-ONNX Runtime (its IOSimilarity outputs under want_stats; 5-10x faster than the reference engine on a CPU), else the
-reference torch engine. Both are checked against each other in tests (within 1e-5). A finished calibration is kept
-in a cache keyed by what it depends on (model fingerprint, the prompts' token digest), so a second build with
-another K, mode or method does not calibrate again.
+The pass runs on the `ort` graph of the unskipped model on ONNX Runtime (its IOSimilarity outputs under
+want_stats) where the model allows it, else on the reference torch engine; both give the same statistics (tested
+within 1e-5). Measured on SmolLM2, one 2048-token prompt with statistics, 2 threads, a quiet machine: ONNX Runtime
+3.9 s, torch 4.3 s, so the engine choice saves little; what saves the time is the cache: a finished calibration is
+kept, keyed by what it depends on (model fingerprint, the prompts' token digest), so a second build with another K,
+mode or method does not calibrate again.
 """
 
 from __future__ import annotations
