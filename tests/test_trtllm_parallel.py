@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import make_tiny_hf
 from test_trtllm_checkpoint import _T, QUICK, TOL, _aligned, _calibration, load_model_class
+from test_trtllm_checkpoint import tiny_checkpoint  # noqa: F401  (the same tiny checkpoint fixture)
 
 from adaskip.builder.options import EngineOptions
 from adaskip.cli import build as build_cli
@@ -460,12 +461,3 @@ def test_pipeline_stage_reports_only_its_own_layers(monkeypatch, tiny_checkpoint
                                                                                          "pipeline_parallel"}
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-trtllm-parallel")
-    model = load_model(str(make_tiny_hf("llama", root / "models")))
-    plan = adaskip_plan(_calibration(8, seed=5), 2, "e2e", model.fingerprint, window=3)
-    out = root / "ck"
-    out.mkdir()
-    tc.write_checkpoint(out, model.spec, model.weights, plan, model.fingerprint)
-    return out
