@@ -349,6 +349,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     import jsonschema
 
     path = root / MANIFEST
+    if not root.exists():
+        raise EngineDirError(f"{root} does not exist (build one with adaskip-build)")
     if not path.is_file():
         hint = " (an interrupted build leaves no engine: rerun adaskip-build)" if root.is_dir() else ""
         raise EngineDirError(f"{root} is not an adaskip engine directory: no {MANIFEST}{hint}")

@@ -372,7 +372,7 @@ def _open_errors(engine: Path, root: Path) -> list[dict]:
             bytes=1.5)), "expect_error": "bad 'files' table"},
     ]
     return hostile + [
-        {"name": "missing-dir", "engine": str(root / "does-not-exist"), "expect_error": "is not an adaskip engine"},
+        {"name": "missing-dir", "engine": str(root / "does-not-exist"), "expect_error": "does-not-exist does not exist"},
         {"name": "no-manifest", "engine": str(empty), "expect_error": "no manifest.json"},
         {"name": "corrupt-plan", "engine": broken("corrupt-plan", plan_text="{this is not a plan"),
          "expect_error": "plan.json has 19 bytes"},
@@ -436,7 +436,7 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
     assert got["ttft_s"] > 0
 
     bad = [
-        (["--engine", str(engine.parent / "nope"), "--ids", "1,2"], "is not an adaskip engine directory"),
+        (["--engine", str(engine.parent / "nope"), "--ids", "1,2"], "nope does not exist"),
         (["--engine", str(engine), "--ids", ""], "prompt is empty"),
         (["--engine", str(engine), "--ids", "1,x"], "needs an integer"),
         (["--engine", str(engine), "--ids", "1", "--top-p", "0"], "top_p must be in (0, 1]"),

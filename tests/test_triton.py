@@ -286,7 +286,7 @@ def test_serve_exits_with_the_server_status_when_a_model_cannot_load(engine, tmp
                           "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "ADASKIP_THREADS": "1"})
     assert run.returncode == 1, run.stderr[-3000:]
-    assert "is not an adaskip engine directory" in run.stderr  # the model's own message, in the server log
+    assert "gone does not exist" in run.stderr  # the model's own message, in the server log
     assert "adaskip-serve: error: tritonserver exited with status 1" in run.stderr
     assert "ready" not in run.stdout
 

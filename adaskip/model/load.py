@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adaskip.errors import AdaskipError, ModelLoadError, check_choice
+from adaskip.errors import AdaskipError, ModelLoadError, check_choice, did_you_mean
 from adaskip.model import builtin, families
 from adaskip.model.spec import LoadedModel, ModelSpec, layer_role
 
@@ -48,8 +48,9 @@ def load_model(source: str, dtype: str = "float32") -> LoadedModel:
     if _looks_like_hub_id(source):
         return _load_hf_dir(_resolve_hub_cache(source), torch_dtype, name=source)
     raise ModelLoadError(
-        f"model {source!r} not found: pass a Hugging Face model directory, a .gguf file, a hub id already in the "
-        f"local cache, or a built-in name ({', '.join(builtin.BUILTIN_MODELS)})")
+        f"model {source!r} not found{did_you_mean(source, tuple(builtin.BUILTIN_MODELS))}: pass a Hugging Face model "
+        f"directory, a .gguf file, a hub id already in the local cache, or a built-in name "
+        f"({', '.join(builtin.BUILTIN_MODELS)})")
 
 
 def _looks_like_hub_id(source: str) -> bool:

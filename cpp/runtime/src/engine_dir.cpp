@@ -135,9 +135,9 @@ EngineDir open_checked(const fs::path& path, json manifest, bool verify_large_fi
 EngineDir open_engine_dir(const fs::path& path, bool verify_large_files) {
   const fs::path manifest_path = path / "manifest.json";
   std::error_code ec;
+  if (!fs::exists(path, ec)) throw EngineDirError(path.string() + " does not exist (build one with adaskip-build)");
   if (!fs::is_regular_file(manifest_path, ec)) {
-    std::string hint = fs::is_directory(path, ec) ? " (an interrupted build leaves no engine: rerun adaskip-build)"
-                                                  : (fs::exists(path, ec) ? "" : " (it does not exist)");
+    std::string hint = fs::is_directory(path, ec) ? " (an interrupted build leaves no engine: rerun adaskip-build)" : "";
     throw EngineDirError(path.string() + " is not an adaskip engine directory: no manifest.json" + hint);
   }
   if (fs::file_size(manifest_path, ec) > kMaxManifestBytes) {
