@@ -9,7 +9,7 @@ from adaskip.builder.build import build
 from adaskip.calibrate.corpus import CALIBRATION_ENGINES
 from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUANTIZATIONS, STAND_INS, BuildOptions,
                                      CalibrationOptions, EngineOptions, SelectionOptions)
-from adaskip.cli.common import defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
 from adaskip.export.trtllm.checkpoint import trtllm_build_command
@@ -19,7 +19,7 @@ from adaskip.plan import METHODS, MODES
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="adaskip-build", description="Calibrate AdaSkip sublayer skipping for a model and build an engine dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,

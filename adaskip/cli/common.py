@@ -3,14 +3,27 @@ read from the library's options dataclasses; comma-separated list flags."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import sys
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from adaskip.model.environment import quiet_libraries
-from adaskip.errors import AdaskipError, InputError
+from adaskip.errors import AdaskipError, InputError, did_you_mean
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`prog: error: ... (see prog --help)`, exit 2): the usage block belongs to
+    --help, not to a typo. A misspelled flag gets the closest real one suggested."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flags = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            if flags:
+                message += did_you_mean(flags[0], tuple(self._option_string_actions))
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def defaults(options: type) -> Any:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adaskip.cli.common import defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
 from adaskip.deploy.triton_repo import ENGINE_MODES, TritonModelOptions, write_model_repository
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-deploy", description="Deploy an adaskip engine dir to a serving system.")
+    p = ArgumentParser(prog="adaskip-deploy", description="Deploy an adaskip engine dir to a serving system.")
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     t = sub.add_parser("triton", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="write a Triton Inference Server model repository (Python backend)",

@@ -8,13 +8,13 @@ import argparse
 import sys
 
 from adaskip.cli import serve_openai
-from adaskip.cli.common import main_wrapper
+from adaskip.cli.common import ArgumentParser, main_wrapper
 from adaskip.deploy.serve import ADMIN_HEADER, ALL_APIS, RESTRICTED_APIS, ServeOptions, serve
 
 
 def parser() -> argparse.ArgumentParser:
     d = ServeOptions(repo="")
-    p = argparse.ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Serve a model repository written by `adaskip-deploy triton` with the "
                                             "Triton Inference Server bundled in nvidia-pytriton, restarting it if it "
                                             "crashes. `adaskip-serve --engine DIR` serves an engine directory over "
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a == "--engine" or a.startswith("--engine=") for a in args):
         return serve_openai.main(args)
+    if not any(a in ("-h", "--help", "--repo") or a.startswith("--repo=") for a in args):
+        print("adaskip-serve: error: give --engine DIR (OpenAI API server) or --repo DIR (Triton model repository) "
+              "(see adaskip-serve --help)", file=sys.stderr)
+        return 2
     return triton_main(args)
 
 
