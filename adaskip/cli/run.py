@@ -7,14 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
 from adaskip.errors import InputError
 from adaskip.runtime.generate import TRUNCATE_MODES, GenerationResult, SamplingParams
 from adaskip.runtime.loader import load_runtime
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-run", description="Generate text with an adaskip engine directory.",
+    p = ArgumentParser(prog="adaskip-run", description="Generate text with an adaskip engine directory.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engine", required=True, help="engine directory written by adaskip-build")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
@@ -42,6 +42,11 @@ def _summary_line(r: GenerationResult) -> str:
             f"{len(s['prefill_skipped'])}, decode {len(s['decode_skipped_offline'])} offline + "
             f"{len(s['decode_skipped_online'])} online | KV saved {s['kv_bytes_saved'] / 2**20:.1f} MiB "
             f"of {(s['kv_bytes'] + s['kv_bytes_saved']) / 2**20:.1f} MiB")
+
+
+def _excerpt(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[:width - 3] + "...")
 
 
 def sampling(a: argparse.Namespace) -> SamplingParams:
@@ -77,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             print()
     else:
         results = rt.generator.generate(ids, params)
-    for r in results:
+    for n, r in enumerate(results, 1):
         if a.json:
             print(json.dumps({"text": r.text, **r.summary()}))
         else:
+            if len(results) > 1:  # a batch: say which prompt each answer and summary line belong to
+                print(f"{'' if n == 1 else chr(10)}=== prompt {n} of {len(results)}: {_excerpt(texts[n - 1])}")
             if not a.stream:
                 print(r.text)
             print(_summary_line(r), file=sys.stderr if a.stream else sys.stdout)

@@ -7,12 +7,12 @@ import json
 import sys
 from dataclasses import asdict
 
-from adaskip.cli.common import defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
 from adaskip.eval.verify import DEFAULT_ATOL, VerifyOptions, verify_engine
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip-verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Compare an engine with the reference torch engine on real text.")
     d = defaults(VerifyOptions)
     p.add_argument("--engine", required=True, help="engine directory to verify")
@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def options(a: argparse.Namespace) -> VerifyOptions:
     return VerifyOptions(engine=a.engine, model=a.model, prompts=a.prompts, prompt_tokens=a.prompt_tokens,
-                         decode_steps=a.decode_steps, atol=a.atol)
+                         decode_steps=a.decode_steps, atol=a.atol, progress=True)
 
 
 @main_wrapper("adaskip-verify")

@@ -11,12 +11,14 @@ largest differences and how often the candidate's greedy token agrees with the r
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from adaskip.calibrate.corpus import builtin_text
 from adaskip.engine_dir import open_engine_dir
@@ -40,6 +42,8 @@ class VerifyOptions:
     prompt_tokens: int = 512  # per prompt (cut to leave room for the decode steps in the model's context)
     decode_steps: int = 32  # greedy decode steps compared per prompt
     atol: float | None = None  # None: DEFAULT_ATOL, or report only for a quantized engine
+    # stage lines and a progress bar on stderr (the CLI turns it on); not part of what is verified
+    progress: bool = field(default=False, compare=False)
 
     def validate(self) -> None:
         if self.prompts < 1 or self.prompt_tokens < 1 or self.decode_steps < 0:
@@ -86,7 +90,7 @@ class Lockstep:
 
 
 def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts: list[list[int]],
-                    decode_steps: int, atol: float | None = 1e-4) -> VerifyReport:
+                    decode_steps: int, atol: float | None = 1e-4, progress: bool = False) -> VerifyReport:
     from polygraphy.comparator import SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
@@ -97,6 +101,8 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
     pair = Lockstep(reference, candidate)
     stepper = Stepper(pair, policy)
     agree = 0
+    bar = tqdm(total=len(prompts) * (decode_steps + 1), unit="step", desc="compare", file=sys.stderr,
+               disable=not progress)
     for ids in prompts:
         x = torch.tensor([ids])
         valid = torch.ones_like(x, dtype=torch.bool)
@@ -134,6 +140,7 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
             prompt_worst = {"logits": max(prompt_worst["logits"], logit_diff),
                             "stats": max(prompt_worst["stats"], stat_diff), "agree": prompt_worst["agree"] + same}
             report.steps += 1
+            bar.update()
             if step == decode_steps:
                 break
             # teacher-forced with the reference's token; the reference's stats feed the policy
@@ -144,6 +151,7 @@ def compare_engines(reference: Any, candidate: Any, policy: SkipPolicy, prompts:
                                "online_ffns": sorted(row.state.online)})
         report.max_logit_diff = max(report.max_logit_diff, prompt_worst["logits"])
         report.max_similarity_diff = max(report.max_similarity_diff, prompt_worst["stats"])
+    bar.close()
     report.prompts = len(prompts)
     report.token_agreement = agree / max(report.steps, 1)
     return report
@@ -174,6 +182,12 @@ def verify_engine(opts: VerifyOptions) -> Verification:
     """Check the engine directory's files, load the reference weights it was built from (same fingerprint), and
     compare the engine with the reference torch engine on windows of the built-in corpus."""
     opts.validate()
+
+    def say(text: str) -> None:
+        if opts.progress:
+            print(f"adaskip-verify: {text}", file=sys.stderr, flush=True)
+
+    say(f"checking the files of {opts.engine} against their digests")
     ed = open_engine_dir(opts.engine, verify_large_files=True)  # every file against its digest
     if opts.decode_steps >= ed.spec.max_position_embeddings:
         raise InputError(f"--decode-steps must leave room for a prompt in the model's context of "
@@ -182,6 +196,7 @@ def verify_engine(opts: VerifyOptions) -> Verification:
     quantized = options.get("quantize")
     atol = opts.atol if opts.atol is not None else (None if quantized else DEFAULT_ATOL)
     source = opts.model or ed.manifest["build"].get("source")
+    say(f"loading the reference weights from {source}")
     reference_model = load_model(source, dtype=options.get("dtype", "float32"))  # the fingerprint covers the dtype
     if reference_model.fingerprint != ed.fingerprint:
         raise EngineDirError(f"{source} is not the model this engine was built from (fingerprint differs); pass "
@@ -190,6 +205,7 @@ def verify_engine(opts: VerifyOptions) -> Verification:
     tokenizer = runtime.tokenizer
     prompt_tokens = min(opts.prompt_tokens, ed.spec.max_position_embeddings - opts.decode_steps)
     prompts = verification_prompts(tokenizer, opts.prompts, prompt_tokens)
+    say(f"running both engines on {len(prompts)} prompts x {prompt_tokens} tokens + {opts.decode_steps} decode steps")
     report = compare_engines(TorchEngine.from_loaded(reference_model, runtime.policy.layout.compensation),
-                             runtime.engine, runtime.policy, prompts, opts.decode_steps, atol)
+                             runtime.engine, runtime.policy, prompts, opts.decode_steps, atol, progress=opts.progress)
     return Verification(report, ed.root, ed.backend, quantized, atol, prompt_tokens)
