@@ -139,7 +139,7 @@ class Sequence:
         r = self.result
         if first:
             r.ttft_s = now - self.t0
-            r.prefill_skipped = self.row.mask.skipped if self.row.mask is not None else []
+            r.prefill_skipped = sorted(self.row.mask.skipped) if self.row.mask is not None else []
         else:
             r.decode_s = now - self.t0 - r.ttft_s
         if tok in self.stop_ids:
@@ -162,7 +162,7 @@ class Sequence:
     def observe_step(self) -> None:
         """After a decode step: what this row skipped offline in it (its online FFNs are reported at the end)."""
         if not self.done and self.row.mask is not None:
-            self.result.decode_skipped_offline = [j for j in self.row.mask.skipped if j not in self.row.state.online]
+            self.result.decode_skipped_offline = sorted(j for j in self.row.mask.skipped if j not in self.row.state.online)
 
     def finish(self) -> TokenEvent | None:
         """Final text and online skips; a last event with text held back while it could start a stop string."""
