@@ -81,7 +81,24 @@ def data(engine, tmp_path_factory) -> Path:
     (d / "plans.json").write_text(json.dumps(_plans()))
     (d / "generate.json").write_text(json.dumps(_generate_cases(engine)))
     (d / "open_errors.json").write_text(json.dumps(_open_errors(engine, d / "broken")))
+    (d / "detokenize.json").write_text(json.dumps([_detokenize_cases(engine / "tokenizer")]))
     return d
+
+
+def _detokenize_cases(tokenizer_dir: Path) -> dict:
+    """Python's decode of: every 7th id alone (special ones decode to ""), random runs of ids (bytes of one character
+    split across tokens), and real text re-tokenized, including multi-byte characters."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(0)
+    runs = [[i] for i in range(0, len(tok), 7)]
+    runs += [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))] for _ in range(300)]
+    for text in ["Héllo wörld — naïve café: 東京 🚀 ", "  leading spaces\tand\ttabs\n\nnew lines", "x" * 40]:
+        ids = tok.encode(text, add_special_tokens=False)
+        runs += [ids] + [ids[i:i + 3] for i in range(len(ids))]
+    return {"tokenizer": str(tokenizer_dir / "tokenizer.json"),
+            "cases": [{"ids": ids, "text": tok.decode(ids, skip_special_tokens=True)} for ids in runs]}
 
 
 def _ctest(build_dir: Path, data_dir: Path | None, suite: str) -> str:
@@ -434,6 +451,20 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
     print("adaskip_generate --json:", run.stdout.strip())
     assert {k: got[k] for k in case["expect"]} == case["expect"]
     assert got["ttft_s"] > 0
+    # --text: the engine dir's tokenizer.json decodes what Python's tokenizer decodes, whole and streamed
+    from transformers import AutoTokenizer
+    expected = AutoTokenizer.from_pretrained(engine / "tokenizer").decode(got["tokens"], skip_special_tokens=True)
+    for extra in ([], ["--stream"]):
+        run = subprocess.run([str(cli), "--engine", str(engine), "--ids", ",".join(map(str, case["ids"])),
+                              "--max-new-tokens", "48", "--text", *extra], capture_output=True, text=True, env=ENV,
+                             timeout=300)
+        assert run.returncode == 0 and run.stdout == expected + "\n", (extra, run.stdout, expected, run.stderr)
+    assert re.search(r"^\[adaskip\] TTFT \d+ ms \| decode \d+\.\d tok/s .* KV saved \d+\.\d MiB of \d+\.\d MiB$",
+                     run.stderr.strip().splitlines()[-1]), run.stderr
+    run = subprocess.run([str(cli), "--engine", str(engine), "--ids", ",".join(map(str, case["ids"])),
+                          "--max-new-tokens", "48", "--text", "--json"], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    assert run.returncode == 0 and json.loads(run.stdout)["text"] == expected, run.stdout
 
     bad = [
         (["--engine", str(engine.parent / "nope"), "--ids", "1,2"], "nope does not exist"),
@@ -445,8 +476,14 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
     ]
     for args, message in bad:
         run = subprocess.run([str(cli), *args], capture_output=True, text=True, env=ENV, timeout=60)
-        last = run.stderr.strip().splitlines()[-1]  # after the usage text, for usage errors
-        assert run.returncode == 2 and last.startswith("adaskip_generate: error: ") and message in last, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, (args, run.stderr)  # one line, usage errors too
+        assert lines[0].startswith("adaskip_generate: error: ") and message in lines[0], (args, run.stderr)
+
+
+def test_detokenizer_decodes_like_python(build, data):
+    out = _ctest(build.wait(), data, "detokenize")
+    assert re.search(r"tokenizer\.json: \d{4,} cases", out), out
 
 
 def test_unit_suite(build):

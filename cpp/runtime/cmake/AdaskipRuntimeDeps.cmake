@@ -67,6 +67,10 @@ else()
     endif()
     set(_ort_lib "${ADASKIP_ORT_LIBRARY}")
     if(NOT _ort_lib)
+      # README's venv (the one with the onnxruntime wheel) unless another Python is named
+      if(NOT Python3_EXECUTABLE AND EXISTS "${CMAKE_SOURCE_DIR}/.venv/bin/python")
+        set(Python3_EXECUTABLE "${CMAKE_SOURCE_DIR}/.venv/bin/python")
+      endif()
       find_package(Python3 COMPONENTS Interpreter REQUIRED)
       execute_process(
         COMMAND "${Python3_EXECUTABLE}" -c

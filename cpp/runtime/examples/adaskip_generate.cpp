@@ -2,17 +2,25 @@
 //
 //   adaskip_generate --engine DIR --ids 1,2,3 --max-new-tokens 32 [--temperature T --top-k K --top-p P --seed S]
 //                    [--stop-ids 2,3 | --stop-ids ""] [--truncate error|middle] [--threads N] [--stream] [--json]
+//                    [--text]
 //
-// Prints the new token ids (space separated) and a statistics line on stderr, or one JSON object with --json.
+// Prints the new token ids (space separated; the text with --text) and a statistics line on stderr, or one JSON
+// object with --json.
 // User errors print "adaskip_generate: error: ..." and exit with status 2, as the Python CLIs do.
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "adaskip/detokenizer.h"
 #include "adaskip/runtime.h"
 
 namespace {
@@ -20,14 +28,16 @@ namespace {
 const char* kUsage =
     "usage: adaskip_generate --engine DIR (--ids 1,2,3 | --ids-file FILE) [--max-new-tokens N] [--temperature T]\n"
     "                        [--top-k K] [--top-p P] [--seed S] [--stop-ids LIST] [--truncate error|middle]\n"
-    "                        [--threads N] [--stream] [--json]\n"
+    "                        [--threads N] [--stream] [--json] [--text]\n"
     "  --ids LIST        prompt token ids, comma separated\n"
     "  --ids-file FILE   prompt token ids, separated by commas or whitespace\n"
     "  --max-new-tokens  default 128\n"
     "  --temperature     0 = greedy (default)\n"
     "  --stop-ids LIST   stop token ids (default: the engine's end-of-sequence tokens; \"\" = none)\n"
     "  --stream          print each token as it is generated\n"
-    "  --json            print the result and skip statistics as one JSON object\n";
+    "  --json            print the result and skip statistics as one JSON object\n"
+    "  --text            print the generated text (the engine dir's tokenizer.json) instead of token ids;\n"
+    "                    with --json, add it under \"text\"\n";
 
 struct UsageError : adaskip::InputError {
   using adaskip::InputError::InputError;
@@ -68,7 +78,7 @@ std::vector<int64_t> parse_ids(const std::string& flag, std::string text) {
 int run(int argc, char** argv) {
   std::string engine;
   std::vector<int64_t> ids;
-  bool have_ids = false, json = false, stream = false;
+  bool have_ids = false, json = false, stream = false, text = false;
   adaskip::SamplingOptions opts;
   adaskip::RuntimeOptions rt_opts;
   for (int i = 1; i < argc; ++i) {
@@ -79,6 +89,10 @@ int run(int argc, char** argv) {
     }
     if (flag == "--json") {
       json = true;
+      continue;
+    }
+    if (flag == "--text") {
+      text = true;
       continue;
     }
     if (flag == "--stream") {
@@ -127,28 +141,51 @@ int run(int argc, char** argv) {
   if (ids.empty()) throw adaskip::InputError("prompt is empty");
 
   adaskip::Runtime runtime(engine, rt_opts);
+  std::optional<adaskip::Detokenizer> detok;
+  if (text) detok.emplace(runtime.engine_dir() / "tokenizer" / "tokenizer.json");
   adaskip::TokenCallback print_token;
+  std::vector<int64_t> streamed;
+  size_t printed = 0;  // bytes of the streamed text already printed
   if (stream && !json) {
-    print_token = [](int64_t token) {
-      std::cout << token << ' ' << std::flush;
+    print_token = [&](int64_t token) {
+      if (!detok) {
+        std::cout << token << ' ' << std::flush;
+        return true;
+      }
+      streamed.push_back(token);
+      std::string so_far = detok->decode(streamed);
+      size_t ready = adaskip::complete_utf8_prefix(so_far);  // hold back half a character
+      if (ready > printed) std::cout << so_far.substr(printed, ready - printed) << std::flush;
+      printed = std::max(printed, ready);
       return true;
     };
   }
   adaskip::GenerationResult r = runtime.generate(ids, opts, print_token);
   if (json) {
-    std::cout << adaskip::to_json(r) << '\n';
+    if (!detok) {
+      std::cout << adaskip::to_json(r) << '\n';
+    } else {
+      nlohmann::ordered_json j = nlohmann::ordered_json::parse(adaskip::to_json(r));
+      j["text"] = detok->decode(r.tokens);
+      std::cout << j.dump() << '\n';
+    }
     return 0;
   }
-  if (!stream) {
+  if (detok) {
+    std::string all = detok->decode(r.tokens);
+    std::cout << (printed <= all.size() ? all.substr(printed) : std::string());
+  } else if (!stream) {
     for (size_t i = 0; i < r.tokens.size(); ++i) std::cout << (i ? " " : "") << r.tokens[i];
   }
   std::cout << '\n';
   const auto& s = r.skips;
-  std::cerr << "[adaskip] TTFT " << static_cast<int>(r.ttft_s * 1000) << " ms | decode " << r.decode_tokens_per_s()
-            << " tok/s | prompt " << r.prompt_tokens << " + " << r.tokens.size() << " new (" << r.finish_reason
-            << ") | skipped: prefill " << s.prefill_skipped.size() << ", decode " << s.decode_skipped_offline.size()
-            << " offline + " << s.decode_skipped_online.size() << " online | KV saved "
-            << s.kv_bytes_saved() / double(1 << 20) << " MiB of " << s.kv_bytes_full / double(1 << 20) << " MiB\n";
+  // the Python CLI's summary line, number for number (adaskip-run)
+  std::cerr << std::fixed << "[adaskip] TTFT " << std::setprecision(0) << r.ttft_s * 1000 << " ms | decode "
+            << std::setprecision(1) << r.decode_tokens_per_s() << " tok/s | prompt " << r.prompt_tokens << " + "
+            << r.tokens.size() << " new (" << r.finish_reason << ") | skipped: prefill " << s.prefill_skipped.size()
+            << ", decode " << s.decode_skipped_offline.size() << " offline + " << s.decode_skipped_online.size()
+            << " online | KV saved " << s.kv_bytes_saved() / double(1 << 20) << " MiB of "
+            << s.kv_bytes_full / double(1 << 20) << " MiB\n";
   return 0;
 }
 
@@ -158,7 +195,7 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const UsageError& e) {
-    std::cerr << kUsage << "adaskip_generate: error: " << e.what() << '\n';
+    std::cerr << "adaskip_generate: error: " << e.what() << " (see adaskip_generate --help)\n";
     return 2;
   } catch (const adaskip::Error& e) {
     std::cerr << "adaskip_generate: error: " << e.what() << '\n';

@@ -4,7 +4,8 @@
 //   plan_errors      plans the Python SkipPlan refuses are refused here too; the valid ones load
 //   generate         the real engine: tokens and skip statistics equal the Python runtime's
 //   open_errors      engine dirs that must be refused with a clear message
-// The last four read files that tests/test_cpp_runtime.py writes into $ADASKIP_RUNTIME_TEST_DATA; without it they
+//   detokenize       tokenizer.json decoding equals Python tokenizers' decode(skip_special_tokens=True)
+// The last five read files that tests/test_cpp_runtime.py writes into $ADASKIP_RUNTIME_TEST_DATA; without it they
 // exit 77, which ctest reports as "skipped" (never as passed).
 #include <cmath>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "adaskip/runtime.h"
+#include "adaskip/detokenizer.h"
 #include "prompt.h"
 #include "sampler.h"
 
@@ -319,6 +321,26 @@ void open_errors() {
   }
 }
 
+void detokenize() {
+  const json cases = read_json(data_file("detokenize.json"));
+  for (const auto& tok : cases) {
+    adaskip::Detokenizer d(tok["tokenizer"].get<std::string>());
+    int n = 0;
+    for (const auto& c : tok["cases"]) {
+      std::vector<int64_t> ids = c["ids"].get<std::vector<int64_t>>();
+      std::string got = d.decode(ids), want = c["text"];
+      check(got == want, tok["tokenizer"].get<std::string>() + ": ids " + show(ids) + " decode to '" + got +
+                             "', Python says '" + want + "'");
+      ++n;
+    }
+    expect_error<adaskip::InputError>([&] { d.decode({-1}); }, "outside the tokenizer's vocabulary", "id -1");
+    std::cout << tok["tokenizer"].get<std::string>() << ": " << n << " cases\n";
+  }
+  const std::string s = "ab\xE2\x96";  // the first two bytes of a three-byte character
+  check(adaskip::complete_utf8_prefix(s) == 2, "half a character is held back");
+  check(adaskip::complete_utf8_prefix("ab\xE2\x96\x81") == 5, "a whole character is not held back");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -336,9 +358,11 @@ int main(int argc, char** argv) {
       generate();
     } else if (suite == "open_errors") {
       open_errors();
+    } else if (suite == "detokenize") {
+      detokenize();
     } else {
       std::cerr << "usage: adaskip_runtime_tests unit PLAN_JSON | policy_trace | plan_errors | generate | "
-                   "open_errors\n";
+                   "open_errors | detokenize\n";
       return 2;
     }
   } catch (const std::exception& e) {
