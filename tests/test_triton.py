@@ -274,6 +274,11 @@ def test_deploy_refusals_leave_the_repository_as_it_was(repo, engine, tmp_path, 
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--max-batch-size", "-1"],
           "--max-batch-size")
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "../x"], "model name")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slot-capacity", "9000"],
+          "slot_capacity 9000 exceeds the model's context of 8192 tokens (adaskip-deploy --slots")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slots", "8", "--step-tokens", "8"],
+          "step_tokens (8) must exceed slots (8)")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slots", "0"], "slots must be")
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--python-env", str(tmp_path)],
           "not a Python environment")
     (tmp_path / "notes.txt").write_text("not a model")

@@ -99,13 +99,19 @@ class TritonModelOptions:
         if self.slot_capacity < 0:
             raise InputError(f"--slot-capacity must be >= 0 (0: the model's context, at most "
                              f"{SchedulerOptions.slot_capacity}); got {self.slot_capacity}")
-        self.scheduler().validate()
+        self.check_scheduler()
 
     def scheduler(self, context: int | None = None) -> SchedulerOptions:
         """The scheduler options the model will run (the slot capacity resolved against the model's context)."""
         capacity = self.slot_capacity or min(SchedulerOptions.slot_capacity, context or SchedulerOptions.slot_capacity)
         return SchedulerOptions(slots=self.slots, slot_capacity=capacity, max_queue=self.max_queue_size,
                                 step_tokens=self.step_tokens)
+
+    def check_scheduler(self, context: int | None = None) -> None:
+        try:
+            self.scheduler(context).validate(context)
+        except InputError as e:
+            raise InputError(f"{e} (adaskip-deploy --slots / --slot-capacity / --step-tokens)") from None
 
 
 def model_scheduler_options(params: dict[str, str], context: int) -> SchedulerOptions:
@@ -212,10 +218,7 @@ def write_model_repository(engine: str | Path, repo: str | Path, opts: TritonMod
     if ed.backend not in SERVABLE_BACKENDS:  # fail here, not later inside tritonserver at model load
         raise InputError(f"{ed.root}: a {ed.backend!r} engine dir cannot be served by the Python backend model "
                          f"(servable: {', '.join(SERVABLE_BACKENDS)})")
-    try:  # the slot capacity against this model's context, here rather than at model load in tritonserver
-        opts.scheduler(ed.spec.max_position_embeddings).validate(ed.spec.max_position_embeddings)
-    except InputError as e:
-        raise InputError(f"{e} (adaskip-deploy --slots / --slot-capacity / --step-tokens)") from None
+    opts.check_scheduler(ed.spec.max_position_embeddings)  # here, not at model load inside tritonserver
     engine_root = ed.root.resolve()
     python_env = resolve_python_env(opts.python_env)
     repo = Path(repo).absolute()
