@@ -1,10 +1,13 @@
 """adaskip-deploy triton + adaskip-serve: the real tritonserver (bundled in nvidia-pytriton) serving a real SmolLM2 K=8
-e2e engine, called with tritonclient over HTTP and gRPC, checked token for token against the Python runtime."""
+e2e engine on the in-flight batching scheduler, called with tritonclient over HTTP and gRPC (and HTTP generate /
+generate_stream), checked token for token against the Python runtime's solo runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import re
 import signal
 import socket
 import statistics
@@ -12,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from adaskip.cli import deploy as deploy_cli
 from adaskip.cli import serve as serve_cli
 from adaskip.deploy.triton_repo import MODEL_TEMPLATE
 
-MODEL, STREAM_MODEL = "adaskip", "adaskip_stream"
+MODEL, STREAM_MODEL, ONE_MODEL = "adaskip", "adaskip_stream", "adaskip_one"
 SHORT = ["The capital of France is", "Water boils at", "1, 2, 3, 4,", "Once upon a time", "The sky is blue because",
          "def add(a, b):", "My favourite food is", "The largest planet is"]
 STATS = ("prefill_skipped", "decode_skipped_offline", "decode_skipped_online")
@@ -49,9 +54,14 @@ def engine(smollm2_k8_engine) -> Path:
 @pytest.fixture(scope="module")
 def repo(engine, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("triton") / "repo"
-    assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(out)]) == 0
+    small = ["--slot-capacity", "1024"]  # KV memory for 3 models on a shared CI host
+    assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(out), *small]) == 0
     assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(out), "--model-name", STREAM_MODEL,
-                            "--decoupled", "--max-batch-size", "4"]) == 0
+                            "--decoupled", "--max-batch-size", "4", "--slots", "4", "--step-tokens", "64",
+                            *small]) == 0
+    # one slot and a queue of one: a third request is refused while two are in flight
+    assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(out), "--model-name", ONE_MODEL,
+                            "--decoupled", "--slots", "1", "--max-queue-size", "1", *small]) == 0
     return out
 
 
@@ -185,10 +195,27 @@ def _want(ref) -> dict:
             **{name: s[name] for name in STATS}}
 
 
-def _batching(server) -> tuple[int, int]:
-    """(requests served, model executions) of MODEL so far: fewer executions than requests = batched."""
-    stats = server.http.get_inference_statistics(MODEL)["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+def _metrics(server, model: str) -> dict[str, float]:
+    """The model's adaskip_* custom metrics on Triton's metrics port: {"name" or "name{reason}": value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(adaskip_\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if fields.get("model") == model:
+            key = f"{name}{{{fields['reason']}}}" if "reason" in fields else name
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def _wait_metric(server, model: str, key: str, want: float, timeout: float = 30) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _metrics(server, model)
+        if got.get(key, 0.0) == want or time.monotonic() > deadline:
+            assert got.get(key, 0.0) == want, (key, got)
+            return got
+        time.sleep(0.2)
 
 
 def _stream(client, model, inputs, timeout=120) -> list:
@@ -213,7 +240,7 @@ def _stream(client, model, inputs, timeout=120) -> list:
 # -- the repository -----------------------------------------------------------------------------------------------
 def test_deploy_writes_a_self_contained_repository(repo, engine):
     model = repo / MODEL
-    assert sorted(p.name for p in repo.iterdir()) == [MODEL, STREAM_MODEL]
+    assert sorted(p.name for p in repo.iterdir()) == [MODEL, ONE_MODEL, STREAM_MODEL]
     assert (model / "1" / "model.py").read_text() == MODEL_TEMPLATE.read_text()
     copied = model / "1" / "engine"
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in engine.iterdir())
@@ -223,6 +250,10 @@ def test_deploy_writes_a_self_contained_repository(repo, engine):
     assert "decoupled" not in config and 'string_value: "engine"' in config
     stream_config = (repo / STREAM_MODEL / "config.pbtxt").read_text()
     assert "model_transaction_policy { decoupled: true }" in stream_config and "max_batch_size: 4" in stream_config
+    for key, value in (("slots", "4"), ("slot_capacity", "1024"), ("step_tokens", "64"), ("max_queue_size", "64")):
+        assert f'key: "{key}" value {{ string_value: "{value}" }}' in stream_config  # the scheduler's options
+    one = (repo / ONE_MODEL / "config.pbtxt").read_text()
+    assert 'key: "slots" value { string_value: "1" }' in one and "max_queue_size: 1 }" in one
     for name in ("text_input", "max_tokens", "temperature", "top_k", "top_p", "random_seed", "stop_words", "stream",
                  "text_output", "output_ids", *STATS):
         assert f'name: "{name}"' in config
@@ -243,6 +274,11 @@ def test_deploy_refusals_leave_the_repository_as_it_was(repo, engine, tmp_path, 
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--max-batch-size", "-1"],
           "--max-batch-size")
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "../x"], "model name")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slot-capacity", "9000"],
+          "slot_capacity 9000 exceeds the model's context of 8192 tokens (adaskip-deploy --slots")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slots", "8", "--step-tokens", "8"],
+          "step_tokens (8) must exceed slots (8)")
+    fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--slots", "0"], "slots must be")
     fails(["--engine", str(engine), "--repo", str(repo), "--model-name", "x", "--python-env", str(tmp_path)],
           "not a Python environment")
     (tmp_path / "notes.txt").write_text("not a model")
@@ -362,44 +398,119 @@ def test_concurrent_clients_get_the_sequential_outputs(server, runtime):
         conn.close()
         return out
 
-    served, executions = _batching(server)
+    before = _metrics(server, MODEL)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         done = [f.result() for f in [pool.submit(client, c) for c in range(16)]]  # raises on any error
     wall = time.perf_counter() - t0
     answers = [a for per_client in done for a in per_client]
     assert len(answers) == 64
-    served_now, executions_now = _batching(server)
-    assert served_now - served == 64 and executions_now - executions < 64, "Triton batched concurrent requests"
+    after = _metrics(server, MODEL)
+    steps = after["adaskip_decode_steps"] - before.get("adaskip_decode_steps", 0)
+    rows = after["adaskip_decode_rows"] - before.get("adaskip_decode_rows", 0)
+    assert after["adaskip_requests{length}"] - before.get("adaskip_requests{length}", 0) == 64
+    assert rows / steps > 1.5, "the scheduler decoded concurrent requests in shared steps"
     mismatched = [(p, {k: (v, sequential[p][k]) for k, v in got.items() if v != sequential[p][k]})
                   for p, got, _ in answers if got != sequential[p]]
     assert not mismatched, mismatched
     lat = sorted(x for _, _, x in answers)
     print(f"\n[triton] sequential: {len(SHORT)} requests in {seq_s:.2f} s ({seq_s / len(SHORT) * 1000:.0f} ms each); "
           f"16 clients x 4 requests: {wall:.2f} s, {64 / wall:.2f} req/s, {64 * 8 / wall:.1f} tok/s, latency p50 "
-          f"{statistics.median(lat) * 1000:.0f} ms, p95 {lat[int(0.95 * len(lat)) - 1] * 1000:.0f} ms, "
-          f"{executions_now - executions} executions")
+          f"{statistics.median(lat) * 1000:.0f} ms, p95 {lat[int(0.95 * len(lat)) - 1] * 1000:.0f} ms, mean decode "
+          f"batch {rows / steps:.1f} rows")
 
 
-def test_concurrent_streams_reach_their_own_clients(server, runtime):
-    """Streams that Triton batched into one Generator batch: every client gets exactly its own tokens."""
-    def one(prompt: str) -> list:
-        client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-        try:
-            return _stream(client, STREAM_MODEL, _inputs(tgrpc, prompt, 8, stream=(True, "BOOL")))
-        finally:
-            client.close()
+def _one_stream(server, prompt: str, max_tokens: int, **options) -> list:
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        return _stream(client, STREAM_MODEL, _inputs(tgrpc, prompt, max_tokens, stream=(True, "BOOL"), **options))
+    finally:
+        client.close()
 
-    prompts = SHORT[:4]
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        streams = list(pool.map(one, prompts))
-    for prompt, responses in zip(prompts, streams):
-        ref = _expected(runtime, prompt, 8)
-        assert not any(isinstance(r, InferenceServerException) for r in responses), responses
-        *tokens, final = responses
-        assert [t for r in tokens for t in r.as_numpy("output_ids").reshape(-1).tolist()] == ref.tokens
-        assert "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in tokens) == ref.text
-        assert _decoded(final)["decode_skipped_offline"] == ref.decode_skipped_offline
+
+def _streamed(responses: list) -> tuple[list[int], str, dict]:
+    assert not any(isinstance(r, InferenceServerException) for r in responses), responses
+    *tokens, final = responses
+    return ([t for r in tokens for t in r.as_numpy("output_ids").reshape(-1).tolist()],
+            "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in tokens), _decoded(final))
+
+
+def test_concurrent_streams_with_different_lengths_equal_their_solo_runs(server, runtime):
+    """Requests with different max_tokens (and one seeded sampled request) stream from one scheduler: each joins and
+    leaves the running batch on its own, and every client gets exactly its solo tokens."""
+    jobs = [(SHORT[0], 4, {}), (SHORT[1], 12, {}), (SHORT[2], 20, {}), (SHORT[3], 7, {}),
+            (SHORT[4], 16, {"temperature": (0.8, "FP32"), "random_seed": (7, "UINT64")}), (SHORT[5], 9, {})]
+    before = _metrics(server, STREAM_MODEL)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        streams = list(pool.map(lambda job: _one_stream(server, job[0], job[1], **job[2]), jobs))
+    for (prompt, n, options), responses in zip(jobs, streams):
+        sampling = {"temperature": 0.8, "seed": 7} if options else {}
+        ref = _expected(runtime, prompt, n, **sampling)
+        tokens, text, final = _streamed(responses)
+        assert (tokens, text) == (ref.tokens, ref.text), (prompt, n)
+        assert final["finish_reason"] == ref.finish_reason and final["decode_skipped_offline"] == \
+            ref.decode_skipped_offline
+    after = _metrics(server, STREAM_MODEL)
+    rows = after["adaskip_decode_rows"] - before.get("adaskip_decode_rows", 0)
+    steps = after["adaskip_decode_steps"] - before.get("adaskip_decode_steps", 0)
+    assert rows > steps, "the streams shared decode steps"
+
+
+def test_http_generate_and_generate_stream(server, runtime):
+    """Triton's HTTP generate extension (what `curl` reaches): one JSON answer, or server-sent events per token
+    from the decoupled model."""
+    ref = _expected(runtime, SHORT[0], 8)
+    body = json.dumps({"text_input": SHORT[0], "max_tokens": 8}).encode()
+    for model in (MODEL, STREAM_MODEL):
+        req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/{model}/generate", data=body)
+        with urllib.request.urlopen(req, timeout=120) as r:
+            got = json.loads(r.read())
+        assert (got["text_output"], got["output_ids"], got["finish_reason"]) == (ref.text, ref.tokens, "length")
+    body = json.dumps({"text_input": SHORT[0], "max_tokens": 8, "stream": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/{STREAM_MODEL}/generate_stream",
+                                 data=body)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        events = [json.loads(line[len(b"data: "):]) for line in r.read().splitlines() if line.startswith(b"data: ")]
+    *tokens, final = events
+    assert [e["output_ids"] for e in tokens] == ref.tokens and "".join(e["text_output"] for e in tokens) == ref.text
+    assert final["finish_reason"] == "length" and final["decode_skipped_offline"] == ref.decode_skipped_offline
+
+
+def test_a_full_queue_is_refused_and_a_cancelled_request_frees_its_slot(server, runtime):
+    """ONE_MODEL has one slot and a queue of one: A holds the slot, B waits, C is refused (UNAVAILABLE) and the
+    server keeps serving; the client of A goes away (gRPC stream cancelled), A's slot is freed, and B runs."""
+    a_events: queue.Queue = queue.Queue()
+    a = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    a.start_stream(callback=lambda result, error: a_events.put((result, error)))
+    a.async_stream_infer(ONE_MODEL, _inputs(tgrpc, "Tell me a long story about a dragon.", 1000,
+                                            stream=(True, "BOOL")))
+    for _ in range(2):  # A is decoding
+        result, error = a_events.get(timeout=120)
+        assert error is None, error
+    b_out: dict = {}
+    b_client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    b = threading.Thread(target=lambda: b_out.update(r=_stream(b_client, ONE_MODEL, _inputs(tgrpc, SHORT[1], 6))))
+    b.start()
+    _wait_metric(server, ONE_MODEL, "adaskip_queue_depth", 1)
+    refused = _stream(server.grpc, ONE_MODEL, _inputs(tgrpc, SHORT[2], 4))
+    assert len(refused) == 1 and isinstance(refused[0], InferenceServerException), refused
+    assert "the admission queue is full" in str(refused[0]), refused[0]
+    body = json.dumps({"text_input": SHORT[2], "max_tokens": 4}).encode()
+    with pytest.raises(urllib.error.HTTPError) as http_refused:  # the same over HTTP generate (2.51 answers 400 for
+        urllib.request.urlopen(urllib.request.Request(           # any error there; HTTP infer gives 503)
+            f"http://127.0.0.1:{server.http_port}/v2/models/{ONE_MODEL}/generate", data=body), timeout=60)
+    assert http_refused.value.code == 400 and "queue is full" in http_refused.value.read().decode()
+    assert _metrics(server, ONE_MODEL)["adaskip_requests_rejected{queue_full}"] == 2
+    assert b.is_alive(), "B waits for the slot A holds"
+    a.stop_stream(cancel_requests=True)  # A's client goes away
+    a.close()
+    b.join(timeout=120)
+    b_client.close()
+    assert not b.is_alive()
+    assert len(b_out["r"]) == 1 and _decoded(b_out["r"][0]) == _want(_expected(runtime, SHORT[1], 6))
+    got = _wait_metric(server, ONE_MODEL, "adaskip_running_requests", 0)
+    assert got["adaskip_requests{cancelled}"] == 1 and got.get("adaskip_requests{length}", 0) == 1
+    assert _decoded(_stream(server.grpc, ONE_MODEL, _inputs(tgrpc, SHORT[0], 4))[0])["tokens"]  # still serving
 
 
 def test_malformed_requests_get_errors_and_the_server_keeps_serving(server):

@@ -1,12 +1,16 @@
 """Hostile input to the Triton deployment (issue 14): huge text, many stop words, a deeply nested JSON body, the
 system shared-memory API, and a killed server. The server answers within a bound and keeps serving, or adaskip-serve
-restarts it within a bound. Runs the real bundled tritonserver on a tiny engine (fast to load)."""
+restarts it within a bound. Runs the real bundled tritonserver on a tiny engine (fast to load): MODEL on the in-flight
+batching scheduler, STATIC_MODEL on a portable-graph engine (no KV slots), which keeps the static batching path."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import time
@@ -16,25 +20,61 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from adaskip.cli import build as build_cli
 from adaskip.cli import deploy as deploy_cli
-from test_triton import MODEL, Server, _inputs
+from conftest import TINY
+from test_triton import MODEL, Server, _decoded, _inputs
+
+STATIC_MODEL = "adaskip_static"
 
 RESTART_BOUND_S = 180  # a crashed server is serving again within this (model load included, busy 2-core host)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_model, tmp_path_factory):
+def engines(tiny_chat_model, tmp_path_factory) -> dict[str, Path]:
+    """A tiny engine of each graph variant: `ort` (KV slots: the scheduler) and `portable` (static batching)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     root = tmp_path_factory.mktemp("hostile")
-    engine = root / "engine"
-    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "-o", str(engine), "--calib-prompts", "2",
-                           "--calib-tokens", "64", "-q"]) == 0
-    repo = root / "repo"
-    assert deploy_cli.main(["triton", "--engine", str(engine), "--repo", str(repo), "--max-batch-size", "4"]) == 0
-    srv = Server(repo, root / "server.log")
+    # tiny_chat_model's heads are 8 wide; GroupQueryAttention (the `ort` variant) wants a multiple of 16
+    wide = root / "tiny-chat-16"
+    torch.manual_seed(1)
+    cfg = LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 2048}, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(wide)
+    for f in tiny_chat_model.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
+            shutil.copy(f, wide / f.name)
+    out = {}
+    for variant, model in (("ort", wide), ("portable", tiny_chat_model)):
+        out[variant] = root / f"engine-{variant}"
+        assert build_cli.main(["--model", str(model), "--skip", "2", "-o", str(out[variant]), "--calib-prompts",
+                               "2", "--calib-tokens", "64", "--graph-variant", variant, "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployed(engines, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The repository, and what adaskip-deploy printed for each model."""
+    repo = tmp_path_factory.mktemp("hostile-repo") / "repo"
+    said = {}
+    for name, variant in ((MODEL, "ort"), (STATIC_MODEL, "portable")):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert deploy_cli.main(["triton", "--engine", str(engines[variant]), "--repo", str(repo), "--model-name",
+                                    name, "--max-batch-size", "4", "--slot-capacity", "256"]) == 0
+        said[name] = buf.getvalue()
+    return repo, said
+
+
+@pytest.fixture(scope="module")
+def server(deployed):
+    repo, _ = deployed
+    srv = Server(repo, repo.parent / "server.log")
     yield srv
     srv.stop()
 
@@ -81,7 +121,28 @@ def test_big_text_and_many_stop_words_are_refused_fast_and_the_server_keeps_serv
     stops = [f"stop word number {i} " * 10 for i in range(10_000)]
     _refused(server, _inputs(thttp, "Hello", 4, stop_words=(stops, "BYTES")), "at most 64 stop_words", bound_s=20)
     _refused(server, _inputs(thttp, "Hello", 4, temperature=(1e-45, "FP32")), "temperature must be 0", bound_s=20)
+    _refused(server, _inputs(thttp, "Hello", 300), "exceeds this model's KV slot of 256 positions", bound_s=20)
+    _refused(server, _inputs(thttp, "Hello " * 200, 100), "exceeds this model's KV slot of 256 positions", bound_s=20)
     assert _ok(server) < 30
+
+
+def test_an_engine_without_kv_slots_keeps_static_batching(server, deployed, engines):
+    """A portable-graph engine cannot run on the scheduler: the deploy says so, the model logs it when it loads, and
+    it serves (greedy tokens equal to the Python runtime's) in static batches."""
+    from adaskip.runtime.generate import SamplingParams
+    from adaskip.runtime.loader import load_runtime
+
+    _, said = deployed
+    assert "in-flight batching: 8 slots of 256 positions" in said[MODEL]
+    assert "static batching (batches of up to 4): this engine runs whole batches only" in said[STATIC_MODEL]
+    log = server.log.read_text()
+    assert "static batching: OrtPortableEngine runs whole batches only" in log
+    gen = load_runtime(engines["portable"], threads=1).generator
+    ref = gen.generate([gen.encode("Hello there")], SamplingParams(max_new_tokens=6))[0]
+    got = _decoded(server.http.infer(STATIC_MODEL, _inputs(thttp, "Hello there", 6)))
+    assert got["tokens"] == ref.tokens and got["text"] == ref.text
+    with pytest.raises(InferenceServerException, match="max_tokens must be >= 1"):
+        server.http.infer(STATIC_MODEL, _inputs(thttp, "Hello", 0))
 
 
 def test_system_shared_memory_and_model_control_are_restricted(server):

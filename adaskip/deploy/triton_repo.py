@@ -1,7 +1,8 @@
 """Write a Triton Inference Server model repository that serves an adaskip engine dir with the Python backend.
 
-One Python-backend model per engine (see README "Triton"): the model drives adaskip's Generator directly, so the
-skip policy, the KV cache and the streaming all stay in one process, and a decoupled variant streams tokens.
+One Python-backend model per engine (see docs/triton.md): the model runs adaskip's in-flight batching scheduler (or,
+for engines without KV slots, the Generator in static batches) in its own process, so the skip policy, the KV cache
+and the streaming all stay together, and a decoupled variant streams tokens.
 
     <repo>/<name>/config.pbtxt      inputs, outputs, batching, instances, decoupled policy, parameters
     <repo>/<name>/1/model.py        adaskip/deploy/model.py, copied
@@ -23,6 +24,8 @@ from pathlib import Path
 from adaskip import __version__
 from adaskip.engine_dir import open_engine_dir, swap_into_place
 from adaskip.errors import AdaskipError, InputError
+from adaskip.runtime.registry import supports_slots
+from adaskip.runtime.scheduler import SchedulerOptions
 
 CONFIG = "config.pbtxt"
 VERSION = "1"
@@ -59,15 +62,20 @@ ENGINE_MODES = ("copy", "reference")  # the engine copied into the model (self-c
 @dataclass
 class TritonModelOptions:
     name: str = "adaskip"
-    instances: int = 1  # Python-backend instances = processes, each with its own engine and KV memory
-    max_batch_size: int = 8  # rows one Generator batch may hold; 0: no dynamic batching
-    decoupled: bool = False  # streaming (gRPC only: Triton's HTTP endpoint refuses decoupled models)
+    instances: int = 1  # Python-backend instances = processes, each with its own engine, scheduler and KV memory
+    max_batch_size: int = 8  # requests Triton hands one execute() (static batching: rows of one batch); 0: none
+    decoupled: bool = False  # streaming (gRPC stream, HTTP generate_stream; HTTP infer refuses decoupled models)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: ADASKIP_THREADS or all cores
     engine_mode: str = "copy"  # "copy" (self-contained) or "reference" (absolute path to the engine dir)
     python_env: str = "auto"  # EXECUTION_ENV_PATH: "auto" (this venv), "none", or a path
     queue_delay_us: int = 2000  # how long the dynamic batcher waits for more requests
     max_queue_size: int = 64  # requests waiting beyond it are refused at once (UNAVAILABLE), not queued for minutes
     max_input_bytes: int = 0  # text_input larger than this is refused before tokenizing; 0: 32 bytes per context token
+    # in-flight batching (engines with KV slots; adaskip/runtime/scheduler.py): the scheduler's admission queue is
+    # max_queue_size too
+    slots: int = SchedulerOptions.slots  # KV slots: requests decoding or prefilling at once, per instance
+    slot_capacity: int = 0  # positions per slot (prompt + max_tokens); 0: the model's context, at most 2048
+    step_tokens: int = SchedulerOptions.step_tokens  # tokens per step: one per decoding row, the rest prompt chunks
 
     def validate(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -88,6 +96,34 @@ class TritonModelOptions:
             raise InputError(f"--queue-delay-us must be >= 0; got {self.queue_delay_us}")
         if self.engine_mode not in ENGINE_MODES:
             raise InputError(f"engine mode must be 'copy' or 'reference'; got {self.engine_mode!r}")
+        if self.slot_capacity < 0:
+            raise InputError(f"--slot-capacity must be >= 0 (0: the model's context, at most "
+                             f"{SchedulerOptions.slot_capacity}); got {self.slot_capacity}")
+        self.check_scheduler()
+
+    def scheduler(self, context: int | None = None) -> SchedulerOptions:
+        """The scheduler options the model will run (the slot capacity resolved against the model's context)."""
+        capacity = self.slot_capacity or min(SchedulerOptions.slot_capacity, context or SchedulerOptions.slot_capacity)
+        return SchedulerOptions(slots=self.slots, slot_capacity=capacity, max_queue=self.max_queue_size,
+                                step_tokens=self.step_tokens)
+
+    def check_scheduler(self, context: int | None = None) -> None:
+        try:
+            self.scheduler(context).validate(context)
+        except InputError as e:
+            raise InputError(f"{e} (adaskip-deploy --slots / --slot-capacity / --step-tokens)") from None
+
+
+def model_scheduler_options(params: dict[str, str], context: int) -> SchedulerOptions:
+    """The scheduler options a deployed model runs, read back from its config.pbtxt parameters (model_config)."""
+    d = TritonModelOptions()
+
+    def number(key: str, default: int) -> int:
+        return int(params.get(key) or default)
+
+    return TritonModelOptions(slots=number("slots", d.slots), slot_capacity=number("slot_capacity", 0),
+                              max_queue_size=number("max_queue_size", d.max_queue_size),
+                              step_tokens=number("step_tokens", d.step_tokens)).scheduler(context)
 
 
 def resolve_python_env(choice: str) -> str | None:
@@ -125,7 +161,9 @@ def model_config(opts: TritonModelOptions, engine_param: str, python_env: str | 
     lines += ["input [", ",\n".join(ins), "]", "output [", ",\n".join(outs), "]"]
     lines.append(f"instance_group [ {{ count: {opts.instances} kind: KIND_CPU }} ]")
     params = {"engine_dir": engine_param, "threads": str(opts.threads), "adaskip_version": __version__,
-              "plan_digest": plan_digest, "max_input_bytes": str(opts.max_input_bytes)}
+              "plan_digest": plan_digest, "max_input_bytes": str(opts.max_input_bytes),
+              "max_queue_size": str(opts.max_queue_size), "slots": str(opts.slots),
+              "slot_capacity": str(opts.slot_capacity), "step_tokens": str(opts.step_tokens)}
     if python_env:
         params["EXECUTION_ENV_PATH"] = python_env
     for key, value in params.items():
@@ -155,6 +193,17 @@ def _repo_models(repo: Path) -> list[str]:
     return sorted(models)
 
 
+def batching(engine: str | Path, opts: TritonModelOptions) -> str:
+    """How the deployed model will batch requests, in words (the model decides the same way when it loads)."""
+    ed = open_engine_dir(engine)
+    if supports_slots(ed):
+        s = opts.scheduler(ed.spec.max_position_embeddings)
+        return (f"in-flight batching: {s.slots} slots of {s.slot_capacity} positions, {s.step_tokens} tokens per "
+                f"step, queue {s.max_queue}")
+    return (f"static batching (batches of up to {max(opts.max_batch_size, 1)}): this engine runs whole batches "
+            f"only; in-flight batching needs the `ort` graph variant")
+
+
 SERVABLE_BACKENDS = ("ort", "torch", "tensorrt")  # what adaskip's runtime loads (tensorrt: on a GPU server)
 
 
@@ -169,6 +218,7 @@ def write_model_repository(engine: str | Path, repo: str | Path, opts: TritonMod
     if ed.backend not in SERVABLE_BACKENDS:  # fail here, not later inside tritonserver at model load
         raise InputError(f"{ed.root}: a {ed.backend!r} engine dir cannot be served by the Python backend model "
                          f"(servable: {', '.join(SERVABLE_BACKENDS)})")
+    opts.check_scheduler(ed.spec.max_position_embeddings)  # here, not at model load inside tritonserver
     engine_root = ed.root.resolve()
     python_env = resolve_python_env(opts.python_env)
     repo = Path(repo).absolute()

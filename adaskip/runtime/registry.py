@@ -32,12 +32,22 @@ def engine_class(backend: str, variant: str | None) -> type:
     return cls
 
 
+def graph_variant(ed: EngineDir) -> str | None:
+    """The graph variant an engine directory's manifest records (None for the torch engine)."""
+    return {"torch": None, "tensorrt": "portable"}.get(ed.backend, ed.manifest["build"].get("graph", {}).get("variant"))
+
+
+def supports_slots(ed: EngineDir) -> bool:
+    """Whether the engine runs rows in their own KV slots (what the in-flight batching scheduler needs)."""
+    return bool(getattr(ENGINES.get((ed.backend, graph_variant(ed))), "supports_slots", False))
+
+
 def open_engine(ed: EngineDir, threads: int | None = None) -> Any:
     """The engine for an opened engine directory (its manifest names the backend and the graph variant)."""
     if ed.backend == "trtllm-checkpoint":
         raise EngineDirError(f"{ed.root} is a TensorRT-LLM checkpoint, not an engine adaskip runs: build it with "
                              f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
-    variant = {"torch": None, "tensorrt": "portable"}.get(ed.backend, ed.manifest["build"].get("graph", {}).get("variant"))
+    variant = graph_variant(ed)
     if (ed.backend, variant) not in ENGINES:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} (graph variant {variant!r}) is not available in this "
                              f"build of adaskip")
