@@ -427,3 +427,8 @@ def test_eval_end_to_end_smollm2(smollm2_dir, tmp_path):
     before = results.read_text()
     assert _eval(argv) == 0  # everything cached: nothing recomputed, nothing appended
     assert results.read_text() == before
+
+
+def test_questions_per_document_match_the_generators(smollm2_tokenizer):
+    for task, n in tasks.QUESTIONS_PER_DOCUMENT.items():
+        assert len(tasks.GENERATORS[task](smollm2_tokenizer, 512, seed=3).queries) == n

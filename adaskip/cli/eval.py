@@ -1,11 +1,14 @@
 """adaskip-eval: quality of every skipping method at equal budget, in every mode, on long-context tasks.
 
     adaskip-eval --model smollm2-135m --methods adaskip,adaskip-best,early-exit,skipdecode,unified \\
-                 --budgets 1,2,4,6,8 --modes prefill,decode,e2e --contexts 1024,2048 --samples 2 --out eval-out
+                 --budgets 1,2,4,6,8 --modes prefill,decode,e2e --contexts 1024,2048 --questions 100 \\
+                 --samples 8 --out eval-out
 
-Results are resumable: every finished document is one line of `results-<config>.jsonl` in --out, and the
-calibration, the compensation study and the full model's outputs are cached there too, so a rerun with more
-contexts or methods computes only what is missing, and the report covers every record of that configuration.
+Results are resumable: every finished (document, configuration) is a few lines of `results-<config>.jsonl` in
+--out, the full model's outputs one file per document, and the calibration and the compensation study are cached
+there too, so a rerun (after an interruption, or with more contexts, methods, --samples or --questions) computes
+only what is missing, and the report covers every record of that configuration. Documents run one at a time
+through every configuration, so an interrupted run is still a paired comparison on the documents it finished.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=joined(d.tasks),
                    help="summary documents also give the LM metrics (perplexity, KL)")
     p.add_argument("--samples", type=int, default=d.samples, help="documents per task and context")
+    p.add_argument("--questions", type=int, default=d.questions,
+                   help="at least this many retrieval questions per (method, K, mode, context) cell, the same "
+                        "questions for every method (retrieval documents per task: enough for it; e.g. 100 -> 13 "
+                        "each of passkey (1 question), multikey (4), kv (3))")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--calib-prompts", type=int, default=d.calib_prompts)
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
@@ -68,6 +75,7 @@ def options(args: argparse.Namespace) -> EvalOptions:
         model=args.model, out=args.out, engine=args.engine, methods=word_list(args.methods),
         budgets=int_list(args.budgets, "--budgets"), modes=word_list(args.modes),
         contexts=int_list(args.contexts, "--contexts"), tasks=word_list(args.tasks), samples=args.samples,
+        questions=args.questions,
         seed=args.seed, calib_prompts=args.calib_prompts, calib_tokens=args.calib_tokens, window=args.window,
         summary_tokens=args.summary_tokens, lm_tokens=args.lm_tokens, study_windows=args.study_windows,
         study_tokens=args.study_tokens, kl_windows=args.kl_windows, kl_tokens=args.kl_tokens,
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     records = list(ev.records.values())
     meta = {"model": opts.model, "layers": ev.spec.num_layers, "fingerprint": ev.model.fingerprint,
             "contexts": sorted({r["context"] for r in records}), "commands": commands, "chat_prompts": ev.chat,
-            "options": {k: getattr(opts, k) for k in ("samples", "seed", "calib_prompts", "calib_tokens", "window",
-                                                      "summary_tokens", "lm_tokens")}}
+            "threads": ev.threads,
+            "options": {k: getattr(opts, k) for k in ("samples", "questions", "seed", "calib_prompts", "calib_tokens",
+                                                      "window", "summary_tokens", "lm_tokens")}}
     data = report.write_outputs(records, out, meta, study, Path(args.doc) if args.doc else None, notes)
     for context, vs in data["verdicts"].items():
         print(report.markdown_table([r for r in data["per_context"] if r["context"] == context], with_context=True))

@@ -26,6 +26,8 @@ from adaskip.errors import InputError
 
 TASKS = ("passkey", "multikey", "kv", "summary")  # "summary" samples also carry the LM continuation
 RETRIEVAL = ("passkey", "multikey", "kv")
+# questions one document of each retrieval task asks (the generators' defaults; a test keeps them in step)
+QUESTIONS_PER_DOCUMENT = {"passkey": 1, "multikey": 4, "kv": 3}
 TASK_REGION = (0.45, 0.85)
 HELDOUT_REGION = (0.85, 1.0)
 MIN_CONTEXT = 128
