@@ -6,7 +6,9 @@ whole-layer equivalent, so baselines run only at even K (odd K rows are AdaSkip-
 
 Methods: `full` (nothing skipped: the ceiling and the reference), the baselines `early-exit`, `skipdecode`,
 `unified`, and AdaSkip variants `adaskip[+MOD...]` with MODs: a stand-in rule (`token-ratio`, `channel-scale`,
-`channel-affine`; default the paper's `norm-ratio`), `kl` (greedy KL selection instead of similarity), `attn` /
+`channel-affine`; default the paper's `norm-ratio`), `kl` (greedy KL selection instead of similarity), `ret` (the
+retrieval-aware greedy selection: KL on plain text plus KL at the answer positions of synthetic retrieval prompts
+from seeds the evaluation never uses), `attn` /
 `ffn` (ranking restricted to one kind), `no-online` (no online decode step), `task-calib` (offline importance from
 the task's own prompts instead of the built-in corpus). `adaskip-best` is the stand-in and selection rule that won
 the held-out study.
@@ -51,7 +53,7 @@ from adaskip.runtime.torch_engine import KVCache, TorchEngine
 BASELINES = ("early-exit", "skipdecode", "unified")
 RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
                 "channel-affine": "channel-affine"}
-MODIFIERS = ("kl", "attn", "ffn", "no-online", "task-calib")
+MODIFIERS = ("kl", "ret", "attn", "ffn", "no-online", "task-calib")
 
 
 # -- methods -------------------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ class Method:
     name: str
     base: str  # "full", "adaskip" or a baseline
     rule: str = "norm-ratio"  # stand-in for skipped sublayers (adaskip)
-    selection: str = "similarity"  # or "kl"
+    selection: str = "similarity"  # or "kl", or "kl-ret" (KL plus KL at retrieval answers)
     kind: str = "all"  # "attn" / "ffn": ranking restricted to one kind
     online: bool = True
     calibration: str = "builtin"  # or "task"
@@ -90,7 +92,9 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
         if mod in RULE_ALIASES:
             kw["rule"] = RULE_ALIASES[mod]
         elif mod == "kl":
-            kw["selection"] = "kl"
+            kw.setdefault("selection", "kl")
+        elif mod == "ret":
+            kw["selection"] = "kl-ret"
         elif mod in ("attn", "ffn"):
             kw["kind"] = mod
         elif mod == "no-online":
@@ -100,7 +104,7 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
         else:
             raise InputError(f"unknown modifier {mod!r} in method {name!r}; modifiers: "
                              f"{', '.join(list(RULE_ALIASES) + list(MODIFIERS))}")
-    if kw.get("selection") == "kl" and "kind" in kw:
+    if kw.get("selection") in ("kl", "kl-ret") and "kind" in kw:
         raise InputError(f"{name}: kl selection already ranks attention and FFN together; drop attn/ffn")
     return Method(name, "adaskip", **kw)
 
@@ -130,6 +134,7 @@ class EvalOptions:
     kl_windows: int = 1
     kl_tokens: int = 512
     kl_candidates: int = 16
+    ret_probes: int = 6  # `ret` selection: synthetic retrieval prompts (held-out seeds) of kl_tokens tokens
     prompt_format: str = "auto"  # auto | chat | plain (see prompt_is_chat)
     progress: bool = True
 
@@ -153,7 +158,7 @@ class EvalOptions:
         for name in self.methods:
             parse_method(name, best=("norm-ratio", "similarity"))
         for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
-                         ("--window", self.window),
+                         ("--window", self.window), ("--ret-probes", self.ret_probes),
                          ("--study-windows", self.study_windows), ("--kl-windows", self.kl_windows)):
             if v < 1:
                 raise InputError(f"{label} must be at least 1")
@@ -428,8 +433,11 @@ class Evaluator:
         self.study = self._cached_json("study", compute)
         return self.study
 
-    def kl_order(self, rule: str, source: str = "builtin") -> list[int]:
-        key = f"{rule}/{source}"
+    def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False) -> list[int]:
+        """The greedy KL ranking (`retrieval`: the retrieval-aware one, which also scores the KL at the answers of
+        synthetic retrieval prompts from held-out seeds), cached in the out dir."""
+        tag = f"{rule}-ret{self.opts.ret_probes}" if retrieval else rule
+        key = f"{tag}/{source}"
         if key in self._orders:
             return self._orders[key]
         calib, stats = self.calibration(source)
@@ -441,17 +449,20 @@ class Evaluator:
             windows = [p[:o.kl_tokens] for p in data.prompts[:o.kl_windows]]
             scales, c = comp.fit(rule, stats, calib)
             candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
-            self.log(f"greedy KL selection ({rule}) over {len(candidates)} candidates, K up to {k_max}")
+            probes = tasks.answer_probes(self.tok, o.kl_tokens, o.ret_probes, o.seed, chat=self.chat) \
+                if retrieval else None
+            self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}) over "
+                     f"{len(candidates)} candidates, K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
-                                        scales, c, progress=o.progress)
+                                        scales, c, progress=o.progress, probes=probes)
 
         # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
-        for path in self.out.glob(f"kl-order-{rule}-{source}-K*-{self.digest}.json"):
+        for path in self.out.glob(f"kl-order-{tag}-{source}-K*-{self.digest}.json"):
             longer = json.loads(path.read_text())
             if len(longer) >= k_max and max(o.kl_candidates, len(longer)) == max(o.kl_candidates, k_max):
                 self._orders[key] = longer
                 return longer
-        self._orders[key] = self._cached_json(f"kl-order-{rule}-{source}-K{k_max}", compute)
+        self._orders[key] = self._cached_json(f"kl-order-{tag}-{source}-K{k_max}", compute)
         return self._orders[key]
 
     # -- plans ---------------------------------------------------------------------------------------------------
@@ -469,8 +480,8 @@ class Evaluator:
                 return None
         calib, stats = self.calibration(method.calibration)
         scales, c = comp.fit(method.rule, stats, calib)
-        if method.selection == "kl":
-            order = self.kl_order(method.rule, method.calibration)
+        if method.selection in ("kl", "kl-ret"):
+            order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret")
         elif method.kind != "all":
             parity = 0 if method.kind == "attn" else 1
             order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
