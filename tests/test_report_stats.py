@@ -90,6 +90,7 @@ def test_matched_speed_compares_configurations_that_reach_each_speedup():
     at = prefill[1.15]["retrieval"]
     assert (at["ours_k"], at["baseline"], at["ours"]) == (8, "early-exit", 0.5)
     assert at["verdict"] == "loses"  # 50% vs 60% on the same questions: 10 discordant, all theirs
+    assert report.target_misses(vs) == ["prefill 1.15x retrieval", "prefill 1.15x rougeL"]
 
 
 def test_report_renders_intervals_verdicts_and_the_frontier(tmp_path):
@@ -103,6 +104,7 @@ def test_report_renders_intervals_verdicts_and_the_frontier(tmp_path):
     assert "**beats** 70 vs 60 (early-exit)" in text
     assert "At matched ideal speedup (1024 tokens)" in text and "| prefill | 1.15x |" in text
     assert "Frontier: every configuration by ideal speedup" in text
+    assert "(no **loses**)? no: prefill 1.15x retrieval, prefill 1.15x rougeL." in text
     assert "Compute: 0.21 h of evaluation" in text  # 5 rows x 100 timed documents x 1.5 s
     assert (tmp_path / "quality-frontier.png").stat().st_size > 0
     assert (tmp_path / "docs" / "quality-m-frontier.png").is_file()

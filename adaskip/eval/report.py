@@ -236,6 +236,16 @@ def matched_speed(rows: list[dict[str, Any]], units: dict[tuple, dict[str, dict[
     return out
 
 
+TARGET_SPEEDUP = 1.2  # issue target: no loss vs the best baseline at any matched speedup up to this
+
+
+def target_misses(matched: list[dict[str, Any]], limit: float = TARGET_SPEEDUP) -> list[str]:
+    """The matched-speedup cells up to `limit` where the best AdaSkip configuration loses (at 95%) to the best
+    baseline: 'prefill 1.15x retrieval', ..."""
+    return [f"{v['mode']} {v['speedup']:.2f}x {col}" for v in matched if v["speedup"] <= limit + 1e-9
+            for col in COMPARED if v.get(col, {}).get("verdict") == "loses"]
+
+
 def _signed(v: float, col: str) -> str:
     if col == "retrieval":
         return f"{100 * v:+.0f}"
@@ -569,6 +579,10 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1, frontier_
                       "(best point estimate on each metric), compared on the same questions. Speedup: prefill mode "
                       "the prefill's, decode mode the decode steps', e2e the smaller of the two.", "",
                       matched_table(data["matched_speed"][c]), ""]
+            misses = target_misses(data["matched_speed"][c])
+            lines += [f"At every matched speedup up to {TARGET_SPEEDUP}x, is the best AdaSkip configuration at least "
+                      f"as good as the best baseline (no **loses**)? "
+                      + ("yes." if not misses else f"no: {', '.join(misses)}."), ""]
         if data["verdicts"].get(c):
             lines += [f"{h3} {data['ours']} vs the best baseline at equal budget K ({c} tokens)", "",
                       "Each cell: verdict, ours vs the best of early-exit / skipdecode / unified (by its point "
