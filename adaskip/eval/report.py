@@ -1,4 +1,6 @@
-"""Tables (markdown + JSON), a plot and the quality document from an evaluation's records."""
+"""Tables (markdown + JSON), plots and the quality document from an evaluation's records: every rate and mean with
+its 95% interval, paired verdicts against the best baseline at equal K and at matched ideal speedup, and the
+quality-vs-speedup frontier (the statistics: adaskip/eval/stats.py)."""
 
 from __future__ import annotations
 
