@@ -101,7 +101,7 @@ def test_report_renders_intervals_verdicts_and_the_frontier(tmp_path):
     data = report.write_outputs(records, tmp_path, meta, None, tmp_path / "docs" / "quality.md")
     text = (tmp_path / "quality.md").read_text()
     assert "70 (60–79)" in text  # 70/100 with its exact interval
-    assert "**beats** 70 vs 60 (early-exit)" in text
+    assert "**beats** 70 vs 60 (early-exit, n=100); Δ +10 (+4, +10), p=0.002" in text
     assert "At matched ideal speedup (1024 tokens)" in text and "| prefill | 1.15x |" in text
     assert "Frontier: every configuration by ideal speedup" in text
     assert "(no **loses**)? no: prefill 1.15x retrieval, prefill 1.15x rougeL." in text

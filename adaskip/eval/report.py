@@ -262,8 +262,9 @@ def _verdict_cell(c: dict[str, Any] | None, col: str, with_config: bool = False)
     base = f"{c['baseline']} K={c['baseline_k']}" if with_config else c["baseline"]
     diff = (f"Δ {_signed(d['estimate'], col)} ({_signed(d['low'], col)}, {_signed(d['high'], col)})"
             if not math.isnan(d["low"]) else f"Δ {_signed(d['estimate'], col)}, n={d['n']}: too few for an interval")
-    return (f"**{c['verdict']}** {ours}{_fmt(c['ours'], col)} vs {_fmt(c['best_baseline'], col)} ({base}); {diff}, "
-            f"p={c['comparison']['p_value']:.2g}")
+    cmp = c["comparison"]  # the paired means: over the units both have (a partly finished run may differ)
+    return (f"**{c['verdict']}** {ours}{_fmt(cmp['ours'], col)} vs {_fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
+            f"{diff}, p={cmp['p_value']:.2g}")
 
 
 def verdict_table(vs: list[dict[str, Any]]) -> str:
@@ -547,8 +548,9 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1, frontier_
               "discordant questions), a paired bootstrap of the mean difference and the sign test's p for ROUGE-L "
               "and KL. Verdict from the interval of Δ: **beats** / **loses** when it excludes 0, **ties** when it "
               f"lies within ±{100 * MARGINS['retrieval']:.0f} points (retrieval), ±{MARGINS['rougeL']} (ROUGE-L), "
-              f"±{MARGINS['kl']} nats (KL), else **inconclusive**; questions sharing a document are counted as "
-              "independent (slightly optimistic intervals).",
+              f"±{MARGINS['kl']} nats (KL; an exact-match tie also needs the bound that covers how many questions may "
+              "disagree), else **inconclusive**; questions sharing a document are counted as independent "
+              "(slightly optimistic intervals).",
               f"* Compute: {_compute_note(data)}.",
               ""]
     if study:

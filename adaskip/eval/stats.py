@@ -6,7 +6,7 @@
 * A method against another on the same units (a paired design):
   - exact match: McNemar's exact test (a binomial test on the discordant pairs) and the exact interval of the
     difference in rates conditional on the discordant pairs (the test's dual: the interval excludes 0 exactly when
-    p < 1 - level);
+    p < 1 - level); a tie also needs a bound that covers the uncertainty of the discordant rate (compare_binary);
   - continuous metrics: a paired bootstrap interval of the mean difference, and the sign test's p-value.
 * The verdict reads the interval of the difference, oriented so that positive is better for us: `beats` (it lies
   above 0), `loses` (below 0), `ties` (inside +-margin: any difference is too small to matter), else `inconclusive`
@@ -108,9 +108,11 @@ class Comparison:
         return d
 
 
-def verdict(difference: Interval, higher_better: bool, margin: float) -> str:
-    """beats / loses when the interval of ours - theirs excludes 0 on the better / worse side; ties when it lies
-    within +-margin; inconclusive otherwise; n/a without an interval."""
+def verdict(difference: Interval, higher_better: bool, margin: float,
+            tie_bounds: tuple[float, float] | None = None) -> str:
+    """beats / loses when the interval of ours - theirs excludes 0 on the better / worse side; ties when it (or
+    `tie_bounds`, a more conservative interval for the equivalence claim) lies within +-margin; inconclusive
+    otherwise; n/a without an interval."""
     low, high = difference.low, difference.high
     if not (math.isfinite(low) and math.isfinite(high)):
         return "n/a"
@@ -120,7 +122,8 @@ def verdict(difference: Interval, higher_better: bool, margin: float) -> str:
         return "beats"
     if high < 0:
         return "loses"
-    if -margin <= low and high <= margin:
+    tl, th = tie_bounds if tie_bounds is not None else (low, high)
+    if -margin <= tl and th <= margin:
         return "ties"
     return "inconclusive"
 
@@ -136,7 +139,11 @@ def compare_binary(ours: Sequence[float], theirs: Sequence[float], margin: float
                    level: float = LEVEL) -> Comparison:
     """Exact-match scores (0/1) of two methods on the same questions: McNemar's exact test and the exact interval of
     the difference in rates, conditional on the discordant pairs (d = m/n * (2 pi - 1), pi's Clopper-Pearson
-    interval, pi = share of the m discordant pairs that we answer right)."""
+    interval, pi = share of the m discordant pairs that we answer right).
+
+    The conditional interval ignores how uncertain the discordant rate q = m/n itself is, which matters for a tie: 0
+    discordant pairs out of 5 give [0, 0]. A tie is therefore claimed only when the conservative bound that also
+    covers q (exact 1 - alpha/2 intervals for q and for pi, Bonferroni) lies within +-margin."""
     a, b = _paired(ours, theirs)
     if not np.isin(a, (0.0, 1.0)).all() or not np.isin(b, (0.0, 1.0)).all():
         raise ValueError("exact-match scores must be 0 or 1")
@@ -146,16 +153,21 @@ def compare_binary(ours: Sequence[float], theirs: Sequence[float], margin: float
     win, loss = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     m = win + loss
     diff = (win - loss) / n
+    half = 1 - (1 - level) / 2
+    q_high = float(sps.binomtest(m, n).proportion_ci(confidence_level=half, method="exact").high)
     if m == 0:
         interval, p = Interval(0.0, 0.0, 0.0, n, "mcnemar-exact"), 1.0
+        tie = (-q_high, q_high)  # pi unknown: d anywhere in [-q, q]
     else:
         test = sps.binomtest(win, m, 0.5)
         ci = test.proportion_ci(confidence_level=level, method="exact")
         interval = Interval(diff, m / n * (2 * float(ci.low) - 1), m / n * (2 * float(ci.high) - 1), n,
                             "mcnemar-exact")
         p = float(test.pvalue)
+        wide = test.proportion_ci(confidence_level=half, method="exact")
+        tie = (min(0.0, q_high * (2 * float(wide.low) - 1)), max(0.0, q_high * (2 * float(wide.high) - 1)))
     return Comparison(n, float(a.mean()), float(b.mean()), interval, p, "mcnemar-exact",
-                      verdict(interval, True, margin), (win, loss))
+                      verdict(interval, True, margin, tie), (win, loss))
 
 
 def compare_continuous(ours: Sequence[float], theirs: Sequence[float], higher_better: bool, margin: float,
