@@ -104,7 +104,8 @@ def test_report_renders_intervals_verdicts_and_the_frontier(tmp_path):
     assert "**beats** 70 vs 60 (early-exit, n=100); Δ +10 (+4, +10), p=0.002" in text
     assert "At matched ideal speedup (1024 tokens)" in text and "| prefill | 1.15x |" in text
     assert "Frontier: every configuration by ideal speedup" in text
-    assert "(no **loses**)? no: prefill 1.15x retrieval, prefill 1.15x rougeL." in text
+    assert "(no **loses**)? no: prefill 1.15x retrieval, prefill 1.15x rougeL (targets compared: 1.02x–1.15x; " \
+        "12 of 12 comparisons have an interval)." in text
     assert "Compute: 0.21 h of evaluation" in text  # 5 rows x 100 timed documents x 1.5 s
     assert (tmp_path / "quality-frontier.png").stat().st_size > 0
     assert (tmp_path / "docs" / "quality-m-frontier.png").is_file()
