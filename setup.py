@@ -31,7 +31,7 @@ setup(
     extras_require={
         "tensorrt": ["tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116"],  # builds engines CPU-only
         "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0"],
-        "eval": ["rouge-score"],
+        "eval": ["rouge-score", "scipy>=1.15"],  # scipy: intervals and paired tests (adaskip/eval/stats.py)
         "bench": ["onnxruntime-genai"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus_client>=0.20"],
         "test": [
@@ -39,7 +39,7 @@ setup(
             "fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus_client>=0.20", "openai>=1.30",
             "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
             "nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0",
-            "rouge-score",
+            "rouge-score", "scipy>=1.15",
         ],
     },
     entry_points={"console_scripts": [

@@ -81,7 +81,7 @@ def _build(**parts) -> BuildOptions:
     (_build(engine=EngineOptions(dtype="int8")), "--dtype must be one of float32, bfloat16, float16; got 'int8'"),
     (_build(engine=EngineOptions(graph_variant="fast")), "--graph-variant must be one of auto, ort, portable"),
     (_build(selection=SelectionOptions(stand_in="zero", skip=1)), "--stand-in must be one of norm-ratio"),
-    (_build(selection=SelectionOptions()), "exactly one of --skip K or --alpha A"),
+    (_build(selection=SelectionOptions()), "exactly one of --skip K, --alpha A or --max-kl X"),
     (_build(selection=SelectionOptions(skip=1, window=0)), "--window must be >= 1"),
     (_build(calibration=CalibrationOptions(prompts=0)), "--calib-prompts must be at least 1; got 0"),
     (_build(calibration=CalibrationOptions(tokens=4)), "--calib-tokens must be at least 8; got 4"),
@@ -116,7 +116,7 @@ def test_plan_conflicts_fail_before_the_model_is_looked_at(tmp_path, capsys):
 def test_the_manifest_keeps_its_flat_option_keys():
     """Engine directories record the build options flat, as they always have (adaskip-verify reads dtype/quantize)."""
     record = BuildOptions("m", "o", engine=EngineOptions(tensorrt=TensorRTOptions(profiles="combined"))).record()
-    assert set(record) == {"model", "method", "skip", "alpha", "mode", "calib", "calib_prompts", "calib_tokens",
+    assert set(record) == {"model", "method", "skip", "alpha", "max_kl", "mode", "calib", "calib_prompts", "calib_tokens",
                            "context_len", "window", "online", "stand_in", "plan", "backend", "dtype", "quantize",
                            "graph_variant", "max_batch_size", "max_input_len", "max_seq_len", "trt_profiles",
                            "timing_cache", "builder_opt_level"}

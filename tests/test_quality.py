@@ -427,3 +427,38 @@ def test_eval_end_to_end_smollm2(smollm2_dir, tmp_path):
     before = results.read_text()
     assert _eval(argv) == 0  # everything cached: nothing recomputed, nothing appended
     assert results.read_text() == before
+
+
+def test_questions_per_document_match_the_generators(smollm2_tokenizer):
+    for task, n in tasks.QUESTIONS_PER_DOCUMENT.items():
+        assert len(tasks.GENERATORS[task](smollm2_tokenizer, 512, seed=3).queries) == n
+
+
+def test_retrieval_aware_selection_is_seeded_and_disjoint_from_the_evaluation(tiny_chat_model, smollm2_tokenizer):
+    """The `ret` objective's probes come from held-out seeds (never an evaluated document), its answer positions
+    predict the answer's tokens, and the greedy order it gives is the same for the same seed."""
+    from adaskip.model import load_model
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    probes = tasks.answer_probes(smollm2_tokenizer, 256, 4, seed=0)
+    again = tasks.answer_probes(smollm2_tokenizer, 256, 4, seed=0)
+    assert [(p.ids, p.positions) for p in probes] == [(p.ids, p.positions) for p in again]
+    assert [p.ids for p in tasks.answer_probes(smollm2_tokenizer, 256, 4, seed=1)] != [p.ids for p in probes]
+    evaluated = {tuple(s.prefix) for t in tasks.RETRIEVAL for s in tasks.make_samples(smollm2_tokenizer, t, 256, 4)}
+    assert not any(tuple(p.ids[:len(e)]) == e for p in probes for e in evaluated)
+    first = tasks.passkey(smollm2_tokenizer, 256, seed=tasks.PROBE_SEED_OFFSET, index=0)
+    answer = smollm2_tokenizer.encode(" " + first.queries[0].answer, add_special_tokens=False)
+    p = probes[0]
+    assert p.ids[p.positions[0] + 1:] == answer[:-1] and len(p.positions) == len(answer)
+    assert len(p.ids) == len(first.prefix) + len(first.queries[0].suffix) + len(answer) - 1
+
+    model = load_model(str(tiny_chat_model))
+    windows = [[(5 * i) % 300 + 3 for i in range(64)]]
+    scales = [1.0] * model.spec.num_sublayers
+    probes = tasks.answer_probes(smollm2_tokenizer, 256, 3, seed=7)
+    orders = [comp.kl_greedy_order(TorchEngine.from_loaded(model), windows, 3, list(range(8)), scales, None,
+                                   progress=False, probes=probes) for _ in range(2)]
+    assert orders[0] == orders[1] and len(set(orders[0])) == 3
+    assert parse_method("adaskip+ret").selection == "kl-ret"
+    with pytest.raises(InputError):
+        parse_method("adaskip+ret+ffn")

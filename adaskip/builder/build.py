@@ -10,7 +10,8 @@ from typing import Any
 
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
-from adaskip.calibrate.corpus import load_calibration
+from adaskip.calibrate import budget
+from adaskip.calibrate.corpus import CalibrationOptions, load_calibration, load_heldout
 from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
@@ -56,7 +57,9 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
         raise PlanError(f"--skip must be between 0 and {spec.num_sublayers} (the model has {spec.num_sublayers} "
                         f"sublayers); got {sel.skip}")
     calib, scales, compensation = calibration_for(opts, model, tokenizer)
-    if sel.alpha is not None:
+    if sel.max_kl is not None:
+        k, selection = _k_for_max_kl(opts, model, tokenizer, calib, scales, compensation)
+    elif sel.alpha is not None:
         ranking = rank_by_similarity(calib.similarity)
         phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[sel.mode]
         k = max(cost.k_for_alpha(spec, ranking, sel.alpha, sel.context_len, p) for p in phases)
@@ -66,6 +69,28 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
         selection = {"rule": "k", "k": k}
     return adaskip_plan(calib, k, sel.mode, model.fingerprint, spec.name, window=sel.window, online=sel.online,
                         selection=selection, scales=scales, compensation=compensation)
+
+
+def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, calib: Calibration, scales: Any,
+                  compensation: Any) -> tuple[int, dict[str, Any]]:
+    """The largest K (along the similarity ranking, with the plan's stand-in) whose next-token KL on a held-out
+    slice of the calibration source stays under --max-kl, and the selection record that says how it was chosen."""
+    cal = opts.calibration
+    if cal.reuse is not None:  # the stored statistics say how many prompts of which length they came from
+        cal = CalibrationOptions(prompts=calib.num_prompts, tokens=calib.prompt_tokens)
+    tokens = min(budget.HELDOUT_TOKENS, cal.tokens)
+    heldout = load_heldout(tokenizer, cal, budget.HELDOUT_WINDOWS, tokens)
+    _log(f"--max-kl {opts.selection.max_kl}: next-token KL on {len(heldout.prompts)} held-out windows x {tokens} "
+         f"tokens ({heldout.source}), K growing along the similarity ranking", opts)
+    ranking = rank_by_similarity(calib.similarity)
+    result = budget.largest_within_kl(TorchEngine.from_loaded(model), heldout.prompts, ranking,
+                                      list(calib.norm_ratio) if scales is None else scales, compensation,
+                                      opts.selection.max_kl, progress=opts.progress)
+    selection = {"rule": "max-kl", "k": result.k, **result.record(),
+                 "heldout": {"source": heldout.source, "digest": heldout.digest, "windows": len(heldout.prompts),
+                             "tokens": tokens, "measure": "mean next-token KL(full || skipped), nats, every position, "
+                                                          "offline set skipped in every forward"}}
+    return result.k, selection
 
 
 def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Calibration, Any, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from adaskip.calibrate.budget import check_bound
 from adaskip.calibrate.corpus import CalibrationOptions
 from adaskip.errors import InputError, check_choice
 from adaskip.export.onnx.variants import REQUESTS, check_request
@@ -47,6 +48,7 @@ class SelectionOptions:
     method: str = "adaskip"
     skip: int | None = None  # K sublayers (adaskip) or k layers (baselines)
     alpha: float | None = None  # target ideal speedup (adaskip)
+    max_kl: float | None = None  # quality budget: largest K whose held-out next-token KL stays <= this (adaskip)
     mode: str = "e2e"
     context_len: int | None = None  # for the cost model; None: min(COST_CONTEXT, the model's context)
     window: int = DEFAULT_WINDOW
@@ -55,7 +57,8 @@ class SelectionOptions:
     plan: str | None = None  # reuse an existing plan instead of calibrating
 
     # what a plan file decides, by flag: refused next to --plan rather than silently ignored
-    _PLAN_DECIDES = (("--method", "method"), ("--skip", "skip"), ("--alpha", "alpha"), ("--mode", "mode"),
+    _PLAN_DECIDES = (("--method", "method"), ("--skip", "skip"), ("--alpha", "alpha"), ("--max-kl", "max_kl"),
+                     ("--mode", "mode"),
                      ("--window", "window"), ("--no-online", "online"), ("--stand-in", "stand_in"))
 
     def overridden(self) -> list[str]:
@@ -67,10 +70,14 @@ class SelectionOptions:
         check_method(self.method)
         check_mode(self.mode)
         if self.plan is None:
-            if (self.skip is None) == (self.alpha is None):
-                raise InputError("give exactly one of --skip K or --alpha A (or --plan FILE)")
+            if sum(v is not None for v in (self.skip, self.alpha, self.max_kl)) != 1:
+                raise InputError("give exactly one of --skip K, --alpha A or --max-kl X (or --plan FILE)")
             if self.alpha is not None and self.method != "adaskip":
                 raise InputError("--alpha selects AdaSkip sublayers; baselines take --skip k (whole layers)")
+            if self.max_kl is not None:
+                check_bound(self.max_kl)
+                if self.method != "adaskip":
+                    raise InputError("--max-kl selects AdaSkip sublayers; baselines take --skip k (whole layers)")
             if self.skip is not None and self.skip < 0:
                 raise InputError(f"--skip must be >= 0; got {self.skip}")
         check_choice(self.stand_in, STAND_INS, "--stand-in")

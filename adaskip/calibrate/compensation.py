@@ -142,11 +142,42 @@ def reference_logits(engine: TorchEngine, windows: list[list[int]]) -> list[torc
     return [_logits(engine, ids, [], [1.0] * engine.spec.num_sublayers) for ids in windows]
 
 
+@dataclass
+class Probe:
+    """A prompt whose effect is scored at some positions only: `ids` fed in one forward, `positions` the ones whose
+    next-token distributions count (a retrieval prompt with its answer appended: the positions that predict the
+    answer's tokens)."""
+
+    ids: list[int]
+    positions: list[int]
+
+
+def probe_reference(engine: TorchEngine, probes: list[Probe]) -> list[torch.Tensor]:
+    """The full model's logits at each probe's positions."""
+    return [_logits(engine, p.ids, [], [1.0] * engine.spec.num_sublayers)[p.positions] for p in probes]
+
+
+def probe_kl(model_weights: Any, spec: Any, probes: list[Probe], reference: list[torch.Tensor], skip: list[int],
+             scales: list[float], compensation: Compensation | None) -> float:
+    """Mean over probes of the mean next-token KL(full || skipped) at the probe's positions."""
+    comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
+        if compensation else None
+    engine = TorchEngine(spec, model_weights, comp)
+    kls = [float(kl_divergence(ref, _logits(engine, p.ids, skip, scales)[p.positions]).mean())
+           for p, ref in zip(probes, reference)]
+    return sum(kls) / len(kls)
+
+
 def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candidates: list[int],
-                    scales: list[float], compensation: Compensation | None, progress: bool = True) -> list[int]:
+                    scales: list[float], compensation: Compensation | None, progress: bool = True,
+                    probes: list[Probe] | None = None) -> list[int]:
     """Greedy selection: repeatedly add the candidate whose skip (with its stand-in) gives the lowest mean KL from
-    the full model on `windows`, given the sublayers already chosen. Returns the first k choices in order."""
+    the full model on `windows`, given the sublayers already chosen. Returns the first k choices in order.
+
+    With `probes` (retrieval-aware): the score is the windows' mean KL plus the probes' mean KL at their answer
+    positions, so a skip that plain text tolerates but that breaks long-range retrieval ranks late."""
     ref = reference_logits(engine, windows)
+    probe_ref = probe_reference(engine, probes) if probes else []
     chosen: list[int] = []
     total = sum(len(candidates) - i for i in range(min(k, len(candidates))))
     bar = tqdm(total=total, desc="kl-greedy selection", unit="forward", disable=not progress, file=sys.stderr)
@@ -157,6 +188,8 @@ def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candi
                 if j in chosen:
                     continue
                 kl = mean_kl(engine.w, engine.spec, windows, ref, chosen + [j], scales, compensation)
+                if probes:
+                    kl += probe_kl(engine.w, engine.spec, probes, probe_ref, chosen + [j], scales, compensation)
                 bar.update(1)
                 if kl < best_kl:
                     best, best_kl = j, kl

@@ -119,6 +119,33 @@ def load_calibration(tokenizer: Any, num_prompts: int, prompt_tokens: int, path:
     return CalibrationSet(prompts=prompts, source=source, digest="sha256:" + h.hexdigest())
 
 
+def load_heldout(tokenizer: Any, calibration: CalibrationOptions, count: int, tokens: int) -> CalibrationSet:
+    """`count` windows of `tokens` tokens from the same source as the calibration prompts of `calibration`, disjoint
+    from them: a text's windows after the calibration windows, a .jsonl's records after the calibration records
+    (what a quality bound is measured on, so the selection is not judged on its own calibration text)."""
+    prefix = leading_special_tokens(tokenizer)
+    body, calib_body = tokens - len(prefix), calibration.tokens - len(prefix)
+    path = calibration.data
+    where = BUILTIN if path is None else path
+    if path is not None and Path(path).suffix in (".jsonl", ".json"):
+        records = _records_from_jsonl(Path(path))[calibration.prompts:calibration.prompts + count]
+        prompts = [ids for ids in (tokenizer.encode(r, add_special_tokens=False)[:body] for r in records) if ids]
+        if len(prompts) < count:
+            raise InputError(f"{path}: a held-out slice needs {count} non-empty records after the "
+                             f"{calibration.prompts} calibration records")
+    else:
+        text = builtin_text() if path is None else _read_text(Path(path))
+        ids = tokenizer.encode(text, add_special_tokens=False)[calibration.prompts * calib_body:]
+        if len(ids) < count * body:
+            raise InputError(f"{where}: a held-out slice of {count} x {tokens} tokens after the "
+                             f"{calibration.prompts} x {calibration.tokens} calibration tokens needs a longer text "
+                             f"(lower --calib-prompts / --calib-tokens)")
+        prompts = _windows(ids, count, body, where)
+    prompts = [prefix + ids for ids in prompts]
+    h = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return CalibrationSet(prompts=prompts, source=f"held-out:{where}", digest="sha256:" + h)
+
+
 def leading_special_tokens(tokenizer: Any) -> list[int]:
     """What the tokenizer puts before every prompt (e.g. Llama's BOS): calibration prompts start the same way as
     inference prompts, so first-token (attention-sink) statistics match."""

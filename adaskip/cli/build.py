@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--method", choices=METHODS, default=ds.method, help="AdaSkip or a baseline of the paper")
     sel.add_argument("--skip", type=int, help="K: sublayers to skip (adaskip) or whole layers k (baselines)")
     sel.add_argument("--alpha", type=float, help="target ideal speedup (> 1); K is derived from the cost model")
+    sel.add_argument("--max-kl", type=float, metavar="X",
+                     help="quality budget: the largest K whose next-token KL from the full model (nats, mean over a "
+                          "held-out slice of the calibration source) stays <= X")
     sel.add_argument("--mode", choices=MODES, default=ds.mode, help="which phases skip (see README)")
     sel.add_argument("--context-len", type=int,
                      help=f"context length the cost model assumes (default: {COST_CONTEXT} or the model's context if "
@@ -72,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
 def options(a: argparse.Namespace) -> BuildOptions:
     return BuildOptions(
         model=a.model, output=a.output,
-        selection=SelectionOptions(method=a.method, skip=a.skip, alpha=a.alpha, mode=a.mode, context_len=a.context_len,
+        selection=SelectionOptions(method=a.method, skip=a.skip, alpha=a.alpha, max_kl=a.max_kl, mode=a.mode,
+                                   context_len=a.context_len,
                                    window=a.window, online=not a.no_online, stand_in=a.stand_in, plan=a.plan),
         calibration=CalibrationOptions(data=a.calib, prompts=a.calib_prompts, tokens=a.calib_tokens,
                                        engine=a.calib_engine, cache=a.calib_cache, reuse=a.calib_reuse),
@@ -91,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine: {report.output}  ({report.seconds:.1f} s)")
     print(f"plan: {plan.method}, mode {plan.mode}, K={plan.k} {plan.budget_unit}; skipped offline: "
           f"{', '.join(names) or 'none'}")
+    if plan.selection.get("rule") == "max-kl":
+        s = plan.selection
+        print(f"max-kl: K={plan.k} is the largest set whose held-out next-token KL stays <= {s['max_kl']} "
+              f"(KL {s['heldout_kl']:.4f} nats on {s['heldout']['windows']} x {s['heldout']['tokens']} held-out "
+              f"tokens{'; K+1: ' + format(s['kl_by_k'][plan.k], '.4f') if len(s['kl_by_k']) > plan.k else ''})"
+              + ("; online skipping in decode is not covered by the bound" if plan.online_enabled else ""))
     if plan.compensation is not None:
         print(f"stand-in: {plan.compensation.rule} (fitted on the calibration pass; the paper's is norm-ratio)")
     if plan.beta is not None and plan.online_enabled:

@@ -1,11 +1,14 @@
 """adaskip-eval: quality of every skipping method at equal budget, in every mode, on long-context tasks.
 
     adaskip-eval --model smollm2-135m --methods adaskip,adaskip-best,early-exit,skipdecode,unified \\
-                 --budgets 1,2,4,6,8 --modes prefill,decode,e2e --contexts 1024,2048 --samples 2 --out eval-out
+                 --budgets 1,2,4,6,8 --modes prefill,decode,e2e --contexts 1024,2048 --questions 100 \\
+                 --samples 8 --out eval-out
 
-Results are resumable: every finished document is one line of `results-<config>.jsonl` in --out, and the
-calibration, the compensation study and the full model's outputs are cached there too, so a rerun with more
-contexts or methods computes only what is missing, and the report covers every record of that configuration.
+Results are resumable: every finished (document, configuration) is a few lines of `results-<config>.jsonl` in
+--out, the full model's outputs one file per document, and the calibration and the compensation study are cached
+there too, so a rerun (after an interruption, or with more contexts, methods, --samples or --questions) computes
+only what is missing, and the report covers every record of that configuration. Documents run one at a time
+through every configuration, so an interrupted run is still a paired comparison on the documents it finished.
 """
 
 from __future__ import annotations
@@ -30,13 +33,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="also evaluate this built engine directory (its own plan) as one more row")
     p.add_argument("--methods", default=joined(d.methods),
                    help="comma-separated: adaskip[+MOD...], adaskip-best, early-exit, skipdecode, unified; MODs: "
-                        "token-ratio, channel-scale, channel-affine, kl, attn, ffn, no-online, task-calib")
+                        "token-ratio, channel-scale, channel-affine, kl, ret (KL plus KL at retrieval answers), attn, ffn, "
+                        "no-online, task-calib")
     p.add_argument("--budgets", default=joined(d.budgets), help="K sublayers (baselines: K/2 layers, even K only)")
     p.add_argument("--modes", default=joined(d.modes))
     p.add_argument("--contexts", default=joined(d.contexts), help="prompt lengths in tokens")
     p.add_argument("--tasks", default=joined(d.tasks),
                    help="summary documents also give the LM metrics (perplexity, KL)")
     p.add_argument("--samples", type=int, default=d.samples, help="documents per task and context")
+    p.add_argument("--questions", type=int, default=d.questions,
+                   help="at least this many retrieval questions per (method, K, mode, context) cell, the same "
+                        "questions for every method (retrieval documents per task: enough for it; e.g. 100 -> 13 "
+                        "each of passkey (1 question), multikey (4), kv (3))")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--calib-prompts", type=int, default=d.calib_prompts)
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
@@ -51,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-tokens", type=int, default=d.kl_tokens)
     p.add_argument("--kl-candidates", type=int, default=d.kl_candidates,
                    help="most similar sublayers the KL selection tries")
+    p.add_argument("--ret-probes", type=int, default=d.ret_probes,
+                   help="the `ret` selection (adaskip+ret): synthetic retrieval prompts of --kl-tokens tokens from "
+                        "seeds disjoint from the evaluated ones, scored at their answer positions")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
                    help="task prompts in the chat template or as plain text ending in 'Answer:' (auto: chat when "
                         "the tokenizer has a template, plain for built-in base models)")
@@ -68,10 +79,12 @@ def options(args: argparse.Namespace) -> EvalOptions:
         model=args.model, out=args.out, engine=args.engine, methods=word_list(args.methods),
         budgets=int_list(args.budgets, "--budgets"), modes=word_list(args.modes),
         contexts=int_list(args.contexts, "--contexts"), tasks=word_list(args.tasks), samples=args.samples,
+        questions=args.questions,
         seed=args.seed, calib_prompts=args.calib_prompts, calib_tokens=args.calib_tokens, window=args.window,
         summary_tokens=args.summary_tokens, lm_tokens=args.lm_tokens, study_windows=args.study_windows,
         study_tokens=args.study_tokens, kl_windows=args.kl_windows, kl_tokens=args.kl_tokens,
-        kl_candidates=args.kl_candidates, prompt_format=args.prompt_format, progress=not args.quiet)
+        kl_candidates=args.kl_candidates, ret_probes=args.ret_probes, prompt_format=args.prompt_format,
+        progress=not args.quiet)
 
 
 @main_wrapper("adaskip-eval")
@@ -103,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     records = list(ev.records.values())
     meta = {"model": opts.model, "layers": ev.spec.num_layers, "fingerprint": ev.model.fingerprint,
             "contexts": sorted({r["context"] for r in records}), "commands": commands, "chat_prompts": ev.chat,
-            "options": {k: getattr(opts, k) for k in ("samples", "seed", "calib_prompts", "calib_tokens", "window",
-                                                      "summary_tokens", "lm_tokens")}}
+            "threads": ev.threads,
+            "options": {k: getattr(opts, k) for k in ("samples", "questions", "seed", "calib_prompts", "calib_tokens",
+                                                      "window", "summary_tokens", "lm_tokens")}}
     data = report.write_outputs(records, out, meta, study, Path(args.doc) if args.doc else None, notes)
     for context, vs in data["verdicts"].items():
         print(report.markdown_table([r for r in data["per_context"] if r["context"] == context], with_context=True))

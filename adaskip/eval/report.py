@@ -1,4 +1,6 @@
-"""Tables (markdown + JSON), a plot and the quality document from an evaluation's records."""
+"""Tables (markdown + JSON), plots and the quality document from an evaluation's records: every rate and mean with
+its 95% interval, paired verdicts against the best baseline at equal K and at matched ideal speedup, and the
+quality-vs-speedup frontier (the statistics: adaskip/eval/stats.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from adaskip.plan import MODES
-from adaskip.eval import metrics
+from adaskip.eval import metrics, stats
 
 RETRIEVAL = ("passkey", "multikey", "kv")
 BASELINES = ("early-exit", "skipdecode", "unified")
 COLUMNS = ("passkey", "multikey", "kv", "retrieval", "rougeL", "ppl", "kl")
 HIGHER_BETTER = {"passkey": True, "multikey": True, "kv": True, "retrieval": True, "rougeL": True, "ppl": False,
                  "kl": False}
+COMPARED = ("retrieval", "rougeL", "kl")  # the metrics of every comparison (retrieval: exact match, paired exact)
+# a difference inside +-margin is too small to matter: an interval inside it is a tie (retrieval: 5 points of
+# accuracy; ROUGE-L: 0.05; KL: 0.05 nats)
+MARGINS = {"retrieval": 0.05, "rougeL": 0.05, "kl": 0.05}
+# matched-speedup comparisons at these ideal speedups (those some configuration reaches)
+SPEED_TARGETS = (1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5)
 
 
 def _write(path: Path, text: str) -> None:
@@ -52,6 +60,12 @@ def aggregate(records: list[dict[str, Any]], by_context: bool = False) -> list[d
         kl = [x for r in recs if r["task"] == "lm" for x in r["kl"]]
         row["ppl"] = metrics.perplexity(nll) if nll else math.nan
         row["kl"], row["lm_tokens"] = metrics.mean(kl), len(kl)
+        # 95% intervals: exact binomial over questions; bootstrap over documents (a document's tokens move together)
+        ci = stats.proportion_ci(int(round(sum(ret))), len(ret))
+        row["retrieval_ci"] = [ci.low, ci.high]
+        row["rougeL_ci"] = _ci(stats.mean_ci(summ))
+        row["kl_ci"] = _ci(stats.mean_ci([metrics.mean(r["kl"]) for r in recs if r["task"] == "lm"]))
+        row["documents"] = len({r["sample"] for r in recs})
         sp = [r["speedup"] for r in recs if r.get("speedup")]
         row["ideal_prefill"] = metrics.mean([s["prefill"] for s in sp])
         row["ideal_decode"] = metrics.mean([s["decode"] for s in sp])
@@ -60,6 +74,46 @@ def aggregate(records: list[dict[str, Any]], by_context: bool = False) -> list[d
     rows.sort(key=lambda r: (r.get("context", 0), r["k"], order.get(r["mode"], 9), _method_rank(r["method"]),
                              r["method"]))
     return rows
+
+
+def _ci(interval: stats.Interval) -> list[float]:
+    return [interval.low, interval.high]
+
+
+def unit_values(records: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, float]]]:
+    """(method, K, mode, context) -> metric -> unit -> value, the paired comparisons' data. A unit is one question
+    (retrieval exact match), one summary (ROUGE-L) or one document's mean next-token KL, named by its document and
+    query, so every method's value for the same question has the same name."""
+    out: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: {c: {} for c in COMPARED})
+    for r in records:
+        key = (r["method"], r["k"], r["mode"], r["context"])
+        unit = "|".join(r["id"].split("|")[-2:])  # <document>|<query>
+        if r["task"] in RETRIEVAL:
+            out[key]["retrieval"][unit] = float(r["score"])
+        elif r["task"] == "summary":
+            out[key]["rougeL"][unit] = float(r["score"])
+        elif r["task"] == "lm":
+            out[key]["kl"][unit] = metrics.mean(r["kl"])
+    return dict(out)
+
+
+def compare(ours: dict[str, float], theirs: dict[str, float], col: str) -> stats.Comparison:
+    """ours vs theirs on the units both have (a paired comparison)."""
+    units = sorted(set(ours) & set(theirs))
+    a, b = [ours[u] for u in units], [theirs[u] for u in units]
+    if col == "retrieval":
+        return stats.compare_binary(a, b, margin=MARGINS[col])
+    return stats.compare_continuous(a, b, HIGHER_BETTER[col], MARGINS[col])
+
+
+def speed(row: dict[str, Any]) -> float:
+    """The ideal speedup a row's mode buys: prefill mode its prefill's, decode mode its decode steps', e2e the
+    smaller of the two (it must hold for both phases)."""
+    if row["mode"] == "prefill":
+        return row["ideal_prefill"]
+    if row["mode"] == "decode":
+        return row["ideal_decode"]
+    return min(row["ideal_prefill"], row["ideal_decode"])
 
 
 def _method_rank(m: str) -> int:
@@ -84,15 +138,26 @@ def _fmt(v: Any, col: str) -> str:
     return str(v)
 
 
+def _with_ci(r: dict[str, Any], col: str) -> str:
+    """`69 (59–77)`: the estimate and its 95% interval, when the row has one."""
+    text = _fmt(r[col], col)
+    low, high = r.get(f"{col}_ci", [math.nan, math.nan])
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return text
+    return f"{text} ({_fmt(low, col)}–{_fmt(high, col)})"
+
+
 def markdown_table(rows: list[dict[str, Any]], with_context: bool = False) -> str:
     head = (["context"] if with_context else []) + ["K", "mode", "method", "skipped", "passkey %", "multikey %",
-                                                     "kv %", "retrieval %", "ROUGE-L", "PPL", "KL",
-                                                     "ideal prefill x", "ideal decode x"]
+                                                     "kv %", "retrieval % (95% CI)", "n", "ROUGE-L (95% CI)",
+                                                     "PPL", "KL (95% CI)", "ideal prefill x", "ideal decode x"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = ([str(r["context"])] if with_context else []) + [str(r["k"]), r["mode"], _name(r["method"]),
                                                                str(r["skipped"])]
-        cells += [_fmt(r[c], c) for c in COLUMNS]
+        cells += [_fmt(r[c], c) for c in RETRIEVAL]
+        cells += [_with_ci(r, "retrieval"), str(r.get("retrieval_n", "–")), _with_ci(r, "rougeL"),
+                  _fmt(r["ppl"], "ppl"), _with_ci(r, "kl")]
         cells += [f"{r['ideal_prefill']:.3f}" if not math.isnan(r["ideal_prefill"]) else "–",
                   f"{r['ideal_decode']:.3f}" if not math.isnan(r["ideal_decode"]) else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -103,8 +168,33 @@ def _name(m: str) -> str:
     return f"**{m}**" if m in ("adaskip", "adaskip-best") else m
 
 
-def verdicts(rows: list[dict[str, Any]], ours: str) -> list[dict[str, Any]]:
-    """Per (K, mode) with baselines: `ours` vs the best baseline on retrieval accuracy, ROUGE-L and KL."""
+def _best(cands: list[dict[str, Any]], col: str) -> dict[str, Any] | None:
+    """The candidate with the best point estimate of `col` (ties: the first)."""
+    ok = [c for c in cands if not math.isnan(c[col])]
+    if not ok:
+        return None
+    sign = 1 if HIGHER_BETTER[col] else -1
+    return max(ok, key=lambda c: sign * c[col])
+
+
+def _cell(o: dict[str, Any], b: dict[str, Any], col: str, units: dict[tuple, dict[str, dict[str, float]]]) \
+        -> dict[str, Any]:
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["method"], r["k"], r["mode"], r["context"])
+
+    c = compare(units.get(key(o), {}).get(col, {}), units.get(key(b), {}).get(col, {}), col)
+    return {"ours": o[col], "ours_ci": o.get(f"{col}_ci"), "ours_method": o["method"], "ours_k": o["k"],
+            "best_baseline": b[col], "baseline_ci": b.get(f"{col}_ci"), "baseline": b["method"], "baseline_k": b["k"],
+            "comparison": c.to_dict(), "verdict": c.verdict,
+            "ok": c.verdict != "loses"}  # not shown worse at 95% (beats, ties or inconclusive)
+
+
+def verdicts(rows: list[dict[str, Any]], ours: str, units: dict[tuple, dict[str, dict[str, float]]] | None = None) \
+        -> list[dict[str, Any]]:
+    """Per (K, mode) with baselines: `ours` vs the best baseline (best point estimate) on retrieval, ROUGE-L and KL,
+    each a paired comparison on the same questions / documents (`units`: unit_values of the records; rows are one
+    context's)."""
+    units = units or {}
     out = []
     by = defaultdict(dict)
     for r in rows:
@@ -115,30 +205,93 @@ def verdicts(rows: list[dict[str, Any]], ours: str) -> list[dict[str, Any]]:
             continue
         o = ms[ours]
         v: dict[str, Any] = {"k": k, "mode": mode, "ours": ours}
-        for col in ("retrieval", "rougeL", "kl"):
-            vals = [(b[col], b["method"]) for b in base if not math.isnan(b[col])]
-            if not vals or math.isnan(o[col]):
+        for col in COMPARED:
+            b = _best(base, col)
+            if b is None or math.isnan(o[col]):
                 continue
-            best, who = (max if HIGHER_BETTER[col] else min)(vals)
-            ok = o[col] >= best - 1e-9 if HIGHER_BETTER[col] else o[col] <= best + 1e-9
-            v[col] = {"ours": o[col], "best_baseline": best, "baseline": who, "ok": ok}
+            v[col] = _cell(o, b, col, units)
         out.append(v)
     return out
 
 
-def verdict_table(vs: list[dict[str, Any]]) -> str:
-    lines = ["| K | mode | retrieval % (ours / best baseline) | ROUGE-L (ours / best baseline) | "
-             "KL (ours / best baseline) |", "| --- | --- | --- | --- | --- |"]
-    for v in vs:
-        cells = [str(v["k"]), v["mode"]]
-        for col in ("retrieval", "rougeL", "kl"):
-            c = v.get(col)
-            if c is None:
-                cells.append("–")
+def matched_speed(rows: list[dict[str, Any]], units: dict[tuple, dict[str, dict[str, float]]],
+                  targets: tuple[float, ...] = SPEED_TARGETS) -> list[dict[str, Any]]:
+    """Per mode and ideal-speedup target s: the best AdaSkip configuration (any variant, any K) with speed >= s
+    against the best baseline configuration with speed >= s, per metric, paired on the same units (rows: one
+    context's). Targets that no baseline or no AdaSkip configuration reaches are left out."""
+    out = []
+    for mode in MODES:
+        here = [r for r in rows if r["mode"] == mode and r["method"] != "full" and not r["method"].startswith("engine:")
+                and not math.isnan(speed(r))]
+        for s in targets:
+            fast = [r for r in here if speed(r) >= s - 1e-9]
+            ours = [r for r in fast if r["method"].startswith("adaskip")]
+            base = [r for r in fast if r["method"] in BASELINES]
+            if not ours or not base:
                 continue
-            mark = "✅" if c["ok"] else "❌"
-            cells.append(f"{mark} {_fmt(c['ours'], col)} / {_fmt(c['best_baseline'], col)} ({c['baseline']})")
-        lines.append("| " + " | ".join(cells) + " |")
+            v: dict[str, Any] = {"mode": mode, "speedup": s}
+            for col in COMPARED:
+                o, b = _best(ours, col), _best(base, col)
+                if o is not None and b is not None:
+                    v[col] = _cell(o, b, col, units)
+            out.append(v)
+    return out
+
+
+TARGET_SPEEDUP = 1.2  # issue target: no loss vs the best baseline at any matched speedup up to this
+
+
+def target_misses(matched: list[dict[str, Any]], limit: float = TARGET_SPEEDUP) -> list[str]:
+    """The matched-speedup cells up to `limit` where the best AdaSkip configuration loses (at 95%) to the best
+    baseline: 'prefill 1.15x retrieval', ..."""
+    return [f"{v['mode']} {v['speedup']:.2f}x {col}" for v in matched if v["speedup"] <= limit + 1e-9
+            for col in COMPARED if v.get(col, {}).get("verdict") == "loses"]
+
+
+def _signed(v: float, col: str) -> str:
+    if col == "retrieval":
+        return f"{100 * v:+.0f}"
+    return f"{v:+.3f}" if col == "rougeL" else f"{v:+.4f}"
+
+
+def _verdict_cell(c: dict[str, Any] | None, col: str, with_config: bool = False) -> str:
+    if c is None:
+        return "–"
+    d = c["comparison"]["difference"]
+    ours = f"{c['ours_method']} K={c['ours_k']}: " if with_config else ""
+    base = f"{c['baseline']} K={c['baseline_k']}" if with_config else c["baseline"]
+    diff = (f"Δ {_signed(d['estimate'], col)} ({_signed(d['low'], col)}, {_signed(d['high'], col)})"
+            if not math.isnan(d["low"]) else f"Δ {_signed(d['estimate'], col)}, n={d['n']}: too few for an interval")
+    cmp = c["comparison"]  # the paired means: over the units both have (a partly finished run may differ)
+    return (f"**{c['verdict']}** {ours}{_fmt(cmp['ours'], col)} vs {_fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
+            f"{diff}, p={cmp['p_value']:.2g}")
+
+
+def verdict_table(vs: list[dict[str, Any]]) -> str:
+    lines = ["| K | mode | retrieval % | ROUGE-L | KL |", "| --- | --- | --- | --- | --- |"]
+    for v in vs:
+        lines.append("| " + " | ".join([str(v["k"]), v["mode"]] + [_verdict_cell(v.get(c), c) for c in COMPARED])
+                     + " |")
+    return "\n".join(lines)
+
+
+def matched_table(vs: list[dict[str, Any]]) -> str:
+    lines = ["| mode | ideal speedup >= | retrieval % | ROUGE-L | KL |", "| --- | --- | --- | --- | --- |"]
+    for v in vs:
+        lines.append("| " + " | ".join([v["mode"], f"{v['speedup']:.2f}x"]
+                                       + [_verdict_cell(v.get(c), c, with_config=True) for c in COMPARED]) + " |")
+    return "\n".join(lines)
+
+
+def frontier_table(rows: list[dict[str, Any]]) -> str:
+    """Every configuration of one context by mode and ideal speedup (the frontier's points)."""
+    lines = ["| mode | ideal speedup x | method | K | retrieval % (95% CI) | ROUGE-L (95% CI) | KL (95% CI) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    pts = [r for r in rows if not r["method"].startswith("engine:") and not math.isnan(speed(r))]
+    for r in sorted(pts, key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else 9, speed(r),
+                                        _method_rank(r["method"]), r["method"], r["k"])):
+        lines.append(f"| {r['mode']} | {speed(r):.3f} | {_name(r['method'])} | {r['k']} | {_with_ci(r, 'retrieval')} "
+                     f"| {_with_ci(r, 'rougeL')} | {_with_ci(r, 'kl')} |")
     return "\n".join(lines)
 
 
@@ -178,6 +331,11 @@ def _documents(per_context: list[dict[str, Any]]) -> str:
         if r["method"] == "full":
             out.append(f"{r['context']}: {max(r['passkey_n'], r['rougeL_n'])}")
     return ", ".join(out) or "–"
+
+
+def _questions(per_context: list[dict[str, Any]]) -> str:
+    """'1024: 104, 2048: 104' — retrieval questions per cell at each context, from the full model's rows."""
+    return ", ".join(f"{r['context']}: {r['retrieval_n']}" for r in per_context if r["method"] == "full") or "–"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -224,32 +382,99 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Quality vs ideal speedup per mode (one context's rows): every method's configurations as a line, 95%
+    intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    cols = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
+    fig, axes = plt.subplots(len(cols), len(modes), figsize=(4.2 * len(modes), 3.0 * len(cols)), dpi=100,
+                             squeeze=False)
+    methods = sorted({r["method"] for r in rows if r["method"] != "full" and not r["method"].startswith("engine:")},
+                     key=lambda m: (_method_rank(m), m))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for ci, (col, label) in enumerate(cols):
+        for mi, mode in enumerate(modes):
+            ax = axes[ci][mi]
+            for m in methods:
+                pts = sorted((speed(r), r[col], *(r.get(f"{col}_ci") or [math.nan, math.nan])) for r in rows
+                             if r["method"] == m and r["mode"] == mode and not math.isnan(r[col])
+                             and not math.isnan(speed(r)))
+                if not pts:
+                    continue
+                x, y = [p[0] for p in pts], [p[1] for p in pts]
+                err = [[max(p[1] - p[2], 0) if not math.isnan(p[2]) else 0 for p in pts],
+                       [max(p[3] - p[1], 0) if not math.isnan(p[3]) else 0 for p in pts]]
+                style = "-o" if m.startswith("adaskip") else "--s"
+                ax.errorbar(x, y, yerr=err, fmt=style, ms=3.5, capsize=2, lw=1, label=m, color=colors[m])
+            if full is not None and not math.isnan(full[col]) and col != "kl":
+                ax.axhline(full[col], color="gray", lw=0.8, ls=":", label="full model")
+            ax.set_title(f"{mode}: {label}", fontsize=9)
+            ax.set_xlabel("ideal speedup (FLOP model)" + (", min of prefill/decode" if mode == "e2e" else ""),
+                          fontsize=8)
+            if col == "kl":
+                ax.set_yscale("symlog", linthresh=1e-2)
+            ax.grid(alpha=0.3)
+    legend: dict[str, Any] = {}
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compute_seconds(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The compute the records state (each finished document's seconds for its row): total and documents counted."""
+    done = [r for r in records if r["task"] == "done"]
+    timed = [r["seconds"] for r in done if r.get("seconds") is not None]
+    return {"seconds": sum(timed), "timed": len(timed), "documents": len(done)}
+
+
 def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any], study: dict[str, Any] | None,
                   doc: Path | None = None, notes: str = "") -> dict[str, Any]:
     """quality.md / quality.json / quality.png into `out` (and the document at `doc`, its plot beside it)."""
     rows = aggregate(records)
     per_context = aggregate(records, by_context=True)
+    units = unit_values(records)
     ours = "adaskip-best" if any(r["method"] == "adaskip-best" for r in rows) else "adaskip"
     contexts = sorted({r["context"] for r in per_context})
-    vs = {c: verdicts([r for r in per_context if r["context"] == c], ours) for c in contexts}
-    paper = {c: verdicts([r for r in per_context if r["context"] == c], "adaskip") for c in contexts} \
-        if ours != "adaskip" else {}
+    at = {c: [r for r in per_context if r["context"] == c] for c in contexts}
+    vs = {c: verdicts(at[c], ours, units) for c in contexts}
+    paper = {c: verdicts(at[c], "adaskip", units) for c in contexts} if ours != "adaskip" else {}
+    matched = {c: matched_speed(at[c], units) for c in contexts}
     data = {"meta": meta, "study": study, "rows": rows, "per_context": per_context, "verdicts": vs,
-            "verdicts_paper_rule": paper, "ours": ours, "decode_steps": decode_steps(records)}
+            "verdicts_paper_rule": paper, "matched_speed": matched, "ours": ours,
+            "decode_steps": decode_steps(records), "compute": compute_seconds(records)}
     _write(out / "quality.json", json.dumps(data, indent=1))
     # the plot shows the context with the most rows (contexts may cover different budgets)
     shown = max(contexts, key=lambda c: (sum(r["context"] == c for r in per_context), -c)) if contexts else 0
     data["plot_context"] = shown
     plotted = [r for r in per_context if r["context"] == shown]
     title = f"{meta.get('model', 'model')}: quality at equal budget, {shown}-token prompts"
+    ftitle = f"{meta.get('model', 'model')}: quality vs ideal speedup, {shown}-token prompts (95% CI)"
     plot(plotted, out / "quality.png", title)
-    _write(out / "quality.md", render(data, "quality.png", notes))
+    frontier_plot(plotted, out / "quality-frontier.png", ftitle)
+    _write(out / "quality.md", render(data, "quality.png", notes, frontier_png="quality-frontier.png"))
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
-        png = doc.with_name(f"{doc.stem}-{_slug(meta.get('model', 'model'))}.png")
+        slug = _slug(meta.get("model", "model"))
+        png, fpng = doc.with_name(f"{doc.stem}-{slug}.png"), doc.with_name(f"{doc.stem}-{slug}-frontier.png")
         plot(plotted, png, title)
+        frontier_plot(plotted, fpng, ftitle)
         old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-        _write(doc, merge_section(old, meta.get("model", "model"), render(data, png.name, notes, depth=2)))
+        _write(doc, merge_section(old, meta.get("model", "model"),
+                                  render(data, png.name, notes, depth=2, frontier_png=fpng.name)))
     return data
 
 
@@ -275,7 +500,17 @@ def merge_section(doc: str, model: str, section: str) -> str:
     return doc.rstrip("\n") + f"\n\n{block}\n"
 
 
-def render(data: dict[str, Any], png: str, notes: str, depth: int = 1) -> str:
+def _compute_note(data: dict[str, Any]) -> str:
+    c = data.get("compute") or {}
+    if not c.get("timed"):
+        return "not recorded (records of an older run)"
+    hours = c["seconds"] / 3600
+    part = "" if c["timed"] == c["documents"] else f" ({c['timed']} of {c['documents']} document runs timed)"
+    return (f"{hours:.2f} h of evaluation{part} (wall time of the document runs, reference torch engine on "
+            f"{data['meta'].get('threads', '?')} threads; calibration and the study not included)")
+
+
+def render(data: dict[str, Any], png: str, notes: str, depth: int = 1, frontier_png: str | None = None) -> str:
     """The report; `depth` 2 nests it as one model's section of a larger document (every heading one level down)."""
     meta, study = data["meta"], data["study"]
     o = meta["options"]
@@ -291,8 +526,9 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1) -> str:
               f"{o['calib_tokens']} tokens of the built-in corpus (CPython `pydoc_data`, PSF License); the "
               f"`task-calib` ablation calibrates on the tasks' own prompts (held-out seeds) instead.",
               f"* Contexts {', '.join(map(str, meta['contexts']))} tokens; documents per task: "
-              f"{_documents(data['per_context'])} (seed {o['seed']}). Documents come from a corpus region no "
-              f"calibration window touches.",
+              f"{_documents(data['per_context'])} (seed {o['seed']}); retrieval questions per cell: "
+              f"{_questions(data['per_context'])}. Documents come from a corpus region no calibration window "
+              f"touches; every method answers the same questions (a paired design).",
               f"* Retrieval (exact match of the generated answer, "
               f"{'chat template' if meta.get('chat_prompts', True) else 'plain-text prompts'}, answer-prefixed "
               f"prompts): "
@@ -305,6 +541,17 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1) -> str:
               f"whole-layer equivalent, so those rows are AdaSkip-only. `skipped` is the number of sublayers a "
               f"plan really skips (Unified Skipping's rule can skip more than k layers). Online window W = "
               f"{o['window']}. Ideal speedups: FLOP model at the context length (adaskip/cost.py){_steps_note(data)}.",
+              "* Uncertainty: 95% intervals in parentheses: exact binomial (Clopper-Pearson) for exact-match rates, "
+              "bootstrap (BCa, fixed seed, resampling documents) for ROUGE-L and KL, none under "
+              f"{stats.MIN_BOOTSTRAP} documents. Comparisons are paired on the same questions / documents: McNemar's "
+              "exact test for exact match (Δ: the difference in rates with its exact interval, conditional on the "
+              "discordant questions), a paired bootstrap of the mean difference and the sign test's p for ROUGE-L "
+              "and KL. Verdict from the interval of Δ: **beats** / **loses** when it excludes 0, **ties** when it "
+              f"lies within ±{100 * MARGINS['retrieval']:.0f} points (retrieval), ±{MARGINS['rougeL']} (ROUGE-L), "
+              f"±{MARGINS['kl']} nats (KL; an exact-match tie also needs the bound that covers how many questions may "
+              "disagree), else **inconclusive**; questions sharing a document are counted as independent "
+              "(slightly optimistic intervals).",
+              f"* Compute: {_compute_note(data)}.",
               ""]
     if study:
         best = " + ".join(study["best"])
@@ -329,14 +576,37 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1) -> str:
                       "", markdown_table(sorted(ablations + ref, key=lambda r: (r["k"], MODES.index(r["mode"]),
                                                                                _method_rank(r["method"]),
                                                                                r["method"]))), ""]
+        if data.get("matched_speed", {}).get(c):
+            lines += [f"{h3} At matched ideal speedup ({c} tokens)", "",
+                      "For each mode and speedup target: the best AdaSkip configuration (any variant and K) whose "
+                      "ideal speedup reaches the target against the best baseline configuration that reaches it "
+                      "(best point estimate on each metric), compared on the same questions. Speedup: prefill mode "
+                      "the prefill's, decode mode the decode steps', e2e the smaller of the two.", "",
+                      matched_table(data["matched_speed"][c]), ""]
+            ms = [v for v in data["matched_speed"][c] if v["speedup"] <= TARGET_SPEEDUP + 1e-9]
+            misses = target_misses(ms)
+            cells = [v[col] for v in ms for col in COMPARED if col in v]
+            decided = sum(x["verdict"] != "n/a" for x in cells)
+            span = (f"{min(v['speedup'] for v in ms):.2f}x–{max(v['speedup'] for v in ms):.2f}x" if ms else "none")
+            lines += [f"At every matched speedup up to {TARGET_SPEEDUP}x, is the best AdaSkip configuration at least "
+                      f"as good as the best baseline (no **loses**)? "
+                      + ("yes" if not misses else f"no: {', '.join(misses)}")
+                      + f" (targets compared: {span}; {decided} of {len(cells)} comparisons have an interval).", ""]
         if data["verdicts"].get(c):
-            lines += [f"{h3} {data['ours']} vs the best baseline at equal budget ({c} tokens)", "",
-                      "✅: at least as good as the best of early-exit / skipdecode / unified; ❌: worse.", "",
+            lines += [f"{h3} {data['ours']} vs the best baseline at equal budget K ({c} tokens)", "",
+                      "Each cell: verdict, ours vs the best of early-exit / skipdecode / unified (by its point "
+                      "estimate), Δ = ours - theirs with its 95% interval, and the paired test's p.", "",
                       verdict_table(data["verdicts"][c]), ""]
         if data["verdicts_paper_rule"].get(c):
             lines += [f"{h3} The paper's rule (adaskip) vs the best baseline ({c} tokens)", "",
                       verdict_table(data["verdicts_paper_rule"][c]), ""]
-    lines += [f"![quality]({png})", "", f"The plot shows the {data.get('plot_context')}-token prompts.", ""]
+        if any(not math.isnan(speed(r)) and r["method"] != "full" for r in rows_c):
+            lines += [f"{h3} Frontier: every configuration by ideal speedup ({c} tokens)", "",
+                      frontier_table(rows_c), ""]
+    lines += [f"![quality]({png})", ""]
+    if frontier_png:
+        lines += [f"![quality vs ideal speedup]({frontier_png})", ""]
+    lines += [f"The plots show the {data.get('plot_context')}-token prompts.", ""]
     if notes.strip():  # the notes' own headings move down with the report's
         lines += ["\n".join("#" * (depth - 1) + ln if ln.startswith("#") else ln for ln in notes.strip().splitlines()),
                   ""]

@@ -6,7 +6,9 @@ whole-layer equivalent, so baselines run only at even K (odd K rows are AdaSkip-
 
 Methods: `full` (nothing skipped: the ceiling and the reference), the baselines `early-exit`, `skipdecode`,
 `unified`, and AdaSkip variants `adaskip[+MOD...]` with MODs: a stand-in rule (`token-ratio`, `channel-scale`,
-`channel-affine`; default the paper's `norm-ratio`), `kl` (greedy KL selection instead of similarity), `attn` /
+`channel-affine`; default the paper's `norm-ratio`), `kl` (greedy KL selection instead of similarity), `ret` (the
+retrieval-aware greedy selection: KL on plain text plus KL at the answer positions of synthetic retrieval prompts
+from seeds the evaluation never uses), `attn` /
 `ffn` (ranking restricted to one kind), `no-online` (no online decode step), `task-calib` (offline importance from
 the task's own prompts instead of the built-in corpus). `adaskip-best` is the stand-in and selection rule that won
 the held-out study.
@@ -22,6 +24,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +53,7 @@ from adaskip.runtime.torch_engine import KVCache, TorchEngine
 BASELINES = ("early-exit", "skipdecode", "unified")
 RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
                 "channel-affine": "channel-affine"}
-MODIFIERS = ("kl", "attn", "ffn", "no-online", "task-calib")
+MODIFIERS = ("kl", "ret", "attn", "ffn", "no-online", "task-calib")
 
 
 # -- methods -------------------------------------------------------------------------------------------------------
@@ -60,7 +63,7 @@ class Method:
     name: str
     base: str  # "full", "adaskip" or a baseline
     rule: str = "norm-ratio"  # stand-in for skipped sublayers (adaskip)
-    selection: str = "similarity"  # or "kl"
+    selection: str = "similarity"  # or "kl", or "kl-ret" (KL plus KL at retrieval answers)
     kind: str = "all"  # "attn" / "ffn": ranking restricted to one kind
     online: bool = True
     calibration: str = "builtin"  # or "task"
@@ -89,7 +92,9 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
         if mod in RULE_ALIASES:
             kw["rule"] = RULE_ALIASES[mod]
         elif mod == "kl":
-            kw["selection"] = "kl"
+            kw.setdefault("selection", "kl")
+        elif mod == "ret":
+            kw["selection"] = "kl-ret"
         elif mod in ("attn", "ffn"):
             kw["kind"] = mod
         elif mod == "no-online":
@@ -99,7 +104,7 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
         else:
             raise InputError(f"unknown modifier {mod!r} in method {name!r}; modifiers: "
                              f"{', '.join(list(RULE_ALIASES) + list(MODIFIERS))}")
-    if kw.get("selection") == "kl" and "kind" in kw:
+    if kw.get("selection") in ("kl", "kl-ret") and "kind" in kw:
         raise InputError(f"{name}: kl selection already ranks attention and FFN together; drop attn/ffn")
     return Method(name, "adaskip", **kw)
 
@@ -115,7 +120,8 @@ class EvalOptions:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     contexts: list[int] = field(default_factory=lambda: [1024, 2048])
     tasks: list[str] = field(default_factory=lambda: list(tasks.TASKS))
-    samples: int = 2
+    samples: int = 2  # documents per task (summary; retrieval too unless `questions` is set)
+    questions: int | None = None  # at least this many retrieval questions per cell (documents split over the tasks)
     seed: int = 0
     engine: str | None = None  # an engine directory evaluated as one more row
     calib_prompts: int = 16
@@ -128,6 +134,7 @@ class EvalOptions:
     kl_windows: int = 1
     kl_tokens: int = 512
     kl_candidates: int = 16
+    ret_probes: int = 6  # `ret` selection: synthetic retrieval prompts (held-out seeds) of kl_tokens tokens
     prompt_format: str = "auto"  # auto | chat | plain (see prompt_is_chat)
     progress: bool = True
 
@@ -142,12 +149,16 @@ class EvalOptions:
             raise InputError(f"--contexts must be at least {tasks.MIN_CONTEXT} tokens")
         if self.samples < 1:
             raise InputError("--samples must be at least 1")
+        if self.questions is not None and self.questions < 1:
+            raise InputError("--questions must be at least 1")
+        if self.questions is not None and not any(t in tasks.RETRIEVAL for t in self.tasks):
+            raise InputError(f"--questions counts retrieval questions; --tasks has none of {', '.join(tasks.RETRIEVAL)}")
         check_choice(self.prompt_format, PROMPT_FORMATS, "--prompt-format")
         CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
         for name in self.methods:
             parse_method(name, best=("norm-ratio", "similarity"))
         for label, v in (("--summary-tokens", self.summary_tokens), ("--lm-tokens", self.lm_tokens),
-                         ("--window", self.window),
+                         ("--window", self.window), ("--ret-probes", self.ret_probes),
                          ("--study-windows", self.study_windows), ("--kl-windows", self.kl_windows)):
             if v < 1:
                 raise InputError(f"{label} must be at least 1")
@@ -301,6 +312,7 @@ class Evaluator:
         self.spec = self.model.spec
         self.eos = tuple(eos_token_ids(self.model, self.tok)) if self.model.tokenizer_dir else ()
         self.base_engine = TorchEngine.from_loaded(self.model)
+        self.threads = torch.get_num_threads()  # stated with the compute in the report
         self.digest = opts.digest(self.model.fingerprint)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / f"results-{self.digest}.jsonl"
@@ -421,8 +433,11 @@ class Evaluator:
         self.study = self._cached_json("study", compute)
         return self.study
 
-    def kl_order(self, rule: str, source: str = "builtin") -> list[int]:
-        key = f"{rule}/{source}"
+    def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False) -> list[int]:
+        """The greedy KL ranking (`retrieval`: the retrieval-aware one, which also scores the KL at the answers of
+        synthetic retrieval prompts from held-out seeds), cached in the out dir."""
+        tag = f"{rule}-ret{self.opts.ret_probes}" if retrieval else rule
+        key = f"{tag}/{source}"
         if key in self._orders:
             return self._orders[key]
         calib, stats = self.calibration(source)
@@ -434,17 +449,20 @@ class Evaluator:
             windows = [p[:o.kl_tokens] for p in data.prompts[:o.kl_windows]]
             scales, c = comp.fit(rule, stats, calib)
             candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
-            self.log(f"greedy KL selection ({rule}) over {len(candidates)} candidates, K up to {k_max}")
+            probes = tasks.answer_probes(self.tok, o.kl_tokens, o.ret_probes, o.seed, chat=self.chat) \
+                if retrieval else None
+            self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}) over "
+                     f"{len(candidates)} candidates, K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
-                                        scales, c, progress=o.progress)
+                                        scales, c, progress=o.progress, probes=probes)
 
         # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
-        for path in self.out.glob(f"kl-order-{rule}-{source}-K*-{self.digest}.json"):
+        for path in self.out.glob(f"kl-order-{tag}-{source}-K*-{self.digest}.json"):
             longer = json.loads(path.read_text())
             if len(longer) >= k_max and max(o.kl_candidates, len(longer)) == max(o.kl_candidates, k_max):
                 self._orders[key] = longer
                 return longer
-        self._orders[key] = self._cached_json(f"kl-order-{rule}-{source}-K{k_max}", compute)
+        self._orders[key] = self._cached_json(f"kl-order-{tag}-{source}-K{k_max}", compute)
         return self._orders[key]
 
     # -- plans ---------------------------------------------------------------------------------------------------
@@ -462,8 +480,8 @@ class Evaluator:
                 return None
         calib, stats = self.calibration(method.calibration)
         scales, c = comp.fit(method.rule, stats, calib)
-        if method.selection == "kl":
-            order = self.kl_order(method.rule, method.calibration)
+        if method.selection in ("kl", "kl-ret"):
+            order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret")
         elif method.kind != "all":
             parity = 0 if method.kind == "attn" else 1
             order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
@@ -515,13 +533,26 @@ class Evaluator:
                    rt.policy, label=f"engine:{Path(self.opts.engine).name}")
 
     # -- samples -------------------------------------------------------------------------------------------------
-    def samples(self, context: int) -> list[tasks.Sample]:
+    def documents(self, task: str) -> int:
+        """Documents of `task` per context: --samples, or for retrieval with --questions enough documents (the same
+        number for each retrieval task) that the cell holds at least that many questions."""
         o = self.opts
-        out = []
+        if task not in tasks.RETRIEVAL or o.questions is None:
+            return o.samples
+        per_round = sum(tasks.QUESTIONS_PER_DOCUMENT[t] for t in o.tasks if t in tasks.RETRIEVAL)
+        return max(o.samples, math.ceil(o.questions / per_round))
+
+    def samples(self, context: int) -> list[tasks.Sample]:
+        """Every document at `context`, index-major (passkey 0, multikey 0, ..., passkey 1, ...): an interrupted run
+        has evaluated every method on the same leading documents (a paired design at every point)."""
+        o = self.opts
+        per_task = {}
         for t in o.tasks:
             kw = {"lm_tokens": o.lm_tokens, "max_new_tokens": o.summary_tokens} if t == "summary" else {}
-            out += tasks.make_samples(self.tok, t, context, o.samples, seed=o.seed, chat=self.chat, **kw)
-        return out
+            per_task[t] = tasks.make_samples(self.tok, t, context, self.documents(t), seed=o.seed, chat=self.chat,
+                                             **kw)
+        depth = max(len(v) for v in per_task.values())
+        return [per_task[t][i] for i in range(depth) for t in o.tasks if i < len(per_task[t])]
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, Any]]:
@@ -536,56 +567,62 @@ class Evaluator:
             if context + max(o.summary_tokens, 8) > self.spec.max_position_embeddings:
                 raise InputError(f"context {context} + generated tokens exceeds the model's "
                                  f"{self.spec.max_position_embeddings} positions")
-        todo = [(c, r) for c in o.contexts for r in [full] + rows]
+        per_context = {c: self.samples(c) for c in o.contexts}
+        total = sum(len(v) for v in per_context.values()) * (len(rows) + 1)
         self.log(f"{len(rows)} configurations x {len(o.contexts)} contexts x "
-                 f"{len(o.tasks) * o.samples} documents -> {self.results_path.name}")
-        bar = tqdm(total=len(todo) * len(o.tasks) * o.samples, desc="evaluate", unit="doc",
-                   disable=not o.progress, file=sys.stderr)
+                 f"{', '.join(f'{c}: {len(v)}' for c, v in per_context.items())} documents -> "
+                 f"{self.results_path.name}")
+        bar = tqdm(total=total, desc="evaluate", unit="doc", disable=not o.progress, file=sys.stderr)
         try:
-            for context in o.contexts:
-                samples = self.samples(context)
-                self.cache = PrefixCache(self.base_engine, capacity=2 * len(samples) + 2)
-                self._gen_memo = {}
-                for s in samples:
+            for context, samples in per_context.items():
+                for s in samples:  # document-major: one document's K/V serves every row, then it is dropped
+                    self.cache = PrefixCache(self.base_engine, capacity=len(rows) + 2)
                     self.cache.register(s.prefix)
-                refs = self._reference(full, samples, bar)
-                for row in rows:
-                    bar.set_postfix_str(f"{context}: {row.key}")
-                    self._evaluate_row(row, samples, refs, bar)
+                    self._gen_memo = {}
+                    ref = self._reference(full, s)
+                    bar.update(1)
+                    for row in rows:
+                        bar.set_postfix_str(f"{s.name}: {row.key}")
+                        self._evaluate(row, s, ref)
+                        bar.update(1)
         finally:
             bar.close()
         return self.records
 
-    def _reference(self, full: Row, samples: list[tasks.Sample], bar: tqdm) -> dict[str, Any]:
-        """The full model's outputs: retrieval ceiling, summaries (ROUGE-L references) and target logits."""
-        path = self.out / f"reference-{samples[0].context}-{self.digest}.pt"
-        cached = torch.load(path, weights_only=True) if path.is_file() else {}
-        refs: dict[str, Any] = {}
-        for s in samples:
-            if s.name in cached:
-                refs[s.name] = cached[s.name]
-                bar.update(1)
-                continue
-            refs[s.name] = self._run_sample(full, s, None)
-            bar.update(1)
-        if any(s.name not in cached for s in samples):
-            tmp = path.with_suffix(".tmp")
-            torch.save({**cached, **refs}, tmp)
-            tmp.replace(path)
-        for s in samples:
-            self._save_records(full, s, refs[s.name], refs[s.name])
-        return refs
+    def _reference_path(self, s: tasks.Sample) -> Path:
+        return self.out / f"reference-{self.digest}" / f"{s.name}.pt"
 
-    def _evaluate_row(self, row: Row, samples: list[tasks.Sample], refs: dict[str, Any], bar: tqdm) -> None:
+    def _reference(self, full: Row, s: tasks.Sample) -> dict[str, Any]:
+        """The full model's outputs on one document: retrieval ceiling, summary (the ROUGE-L reference) and target
+        logits; one file per document, so an interrupted run keeps what it computed (files of the older one-file
+        layout, reference-<context>-<digest>.pt, are still read)."""
+        path = self._reference_path(s)
+        if path.is_file():
+            ref = torch.load(path, weights_only=True)
+        else:
+            legacy = self.out / f"reference-{s.context}-{self.digest}.pt"
+            old = torch.load(legacy, weights_only=True) if legacy.is_file() else {}
+            if s.name in old:
+                ref = old[s.name]
+            else:
+                t0 = time.perf_counter()
+                ref = self._run_sample(full, s, None)
+                ref["seconds"] = time.perf_counter() - t0
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(ref, tmp)
+            tmp.replace(path)
+        self._save_records(full, s, ref, ref, ref.get("seconds"))
+        return ref
+
+    def _evaluate(self, row: Row, s: tasks.Sample, ref: dict[str, Any]) -> None:
+        if self._record_id(row, s, "done") in self.records:
+            return
         if isinstance(row.engine, TorchEngine):
             self.cache.bind(row.engine, row.comp_key)
-        for s in samples:
-            if self._record_id(row, s, "done") in self.records:
-                bar.update(1)
-                continue
-            out = self._run_sample(row, s, refs[s.name])
-            self._save_records(row, s, out, refs[s.name])
-            bar.update(1)
+        t0 = time.perf_counter()
+        out = self._run_sample(row, s, ref)
+        self._save_records(row, s, out, ref, time.perf_counter() - t0)
 
     def _generator(self, row: Row) -> Generator:
         engine = self.cache if isinstance(row.engine, TorchEngine) else row.engine
@@ -626,7 +663,8 @@ class Evaluator:
     def _record_id(self, row: Row, s: tasks.Sample, what: str) -> str:
         return f"{row.key}|{s.name}|{what}"
 
-    def _save_records(self, row: Row, s: tasks.Sample, out: dict[str, Any], ref: dict[str, Any]) -> None:
+    def _save_records(self, row: Row, s: tasks.Sample, out: dict[str, Any], ref: dict[str, Any],
+                      seconds: float | None = None) -> None:
         if self._record_id(row, s, "done") in self.records:
             return
         base = {"method": row.label or row.method.name, "k": row.k, "mode": row.mode, "context": s.context,
@@ -652,7 +690,8 @@ class Evaluator:
             kl = comp.kl_divergence(ref["target_logits"], out["target_logits"])
             recs.append({**base, "id": self._record_id(row, s, "lm"), "task": "lm", "nll": nll.tolist(),
                          "kl": kl.tolist(), "speedup": ideal(len(s.target))})
-        recs.append({**base, "id": self._record_id(row, s, "done"), "task": "done"})
+        # seconds: this document's compute for this row (shared work is counted where it was done); None: unknown
+        recs.append({**base, "id": self._record_id(row, s, "done"), "task": "done", "seconds": seconds})
         self._save(recs)
 
 

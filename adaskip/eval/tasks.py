@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from adaskip.calibrate.compensation import Probe
 from adaskip.calibrate.corpus import leading_special_tokens, builtin_text
 from adaskip.errors import InputError
 
 TASKS = ("passkey", "multikey", "kv", "summary")  # "summary" samples also carry the LM continuation
 RETRIEVAL = ("passkey", "multikey", "kv")
+# questions one document of each retrieval task asks (the generators' defaults; a test keeps them in step)
+QUESTIONS_PER_DOCUMENT = {"passkey": 1, "multikey": 4, "kv": 3}
 TASK_REGION = (0.45, 0.85)
 HELDOUT_REGION = (0.85, 1.0)
 MIN_CONTEXT = 128
@@ -267,3 +270,24 @@ def heldout_windows(tokenizer: Any, count: int, tokens: int, seed: int = 0) -> l
     bos = leading_special_tokens(tokenizer)
     return [bos + e.filler(_rng(seed, "heldout", tokens, i), tokens - len(bos), HELDOUT_REGION)[0]
             for i in range(count)]
+
+
+# Seeds of the retrieval-aware selection's probes: offset from the evaluation's --seed (and from the task-calib
+# ablation's offset 1_000_003), so no probe is an evaluated document.
+PROBE_SEED_OFFSET = 2_000_003
+
+
+def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: bool | None = None) -> list[Probe]:
+    """`count` synthetic retrieval prompts of `context` tokens (passkey, multikey, kv in turn, one question each)
+    from seed `seed + PROBE_SEED_OFFSET`, each with its answer appended: the positions that predict the answer's
+    tokens are where a skip's effect on retrieval shows (adaskip.calibrate.compensation.kl_greedy_order)."""
+    probes = []
+    for i in range(count):
+        task = RETRIEVAL[i % len(RETRIEVAL)]
+        s = GENERATORS[task](tokenizer, context, seed=seed + PROBE_SEED_OFFSET, index=i, chat=chat)
+        q = s.queries[(i // len(RETRIEVAL)) % len(s.queries)]
+        prompt = s.prefix + q.suffix
+        answer = tokenizer.encode(" " + q.answer, add_special_tokens=False)
+        probes.append(Probe(ids=prompt + answer[:-1], positions=list(range(len(prompt) - 1,
+                                                                           len(prompt) + len(answer) - 1))))
+    return probes
