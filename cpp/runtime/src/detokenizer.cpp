@@ -24,18 +24,39 @@ size_t utf8_char_len(const std::string& s, size_t i) {
   return n;
 }
 
-// Bytes that are not valid UTF-8 become U+FFFD, one per offending byte (String::from_utf8_lossy, as tokenizers does).
+// Bytes that are not valid UTF-8 become U+FFFD, one per maximal invalid subpart (a lone byte, or the valid start of
+// a character cut short), as Rust's String::from_utf8_lossy in Hugging Face tokenizers does.
 std::string lossy_utf8(const std::string& bytes) {
   std::string out;
-  for (size_t i = 0; i < bytes.size();) {
-    size_t n = utf8_char_len(bytes, i);
-    if (n == 0) {
+  size_t i = 0;
+  while (i < bytes.size()) {
+    const auto b = static_cast<unsigned char>(bytes[i]);
+    size_t need = b < 0x80                 ? 1
+                  : (b >= 0xC2 && b <= 0xDF) ? 2
+                  : (b >= 0xE0 && b <= 0xEF) ? 3
+                  : (b >= 0xF0 && b <= 0xF4) ? 4
+                                             : 0;
+    if (need == 0) {  // a continuation byte or a byte no character starts with
       out += "\xEF\xBF\xBD";
       ++i;
-    } else {
-      out.append(bytes, i, n);
-      i += n;
+      continue;
     }
+    size_t k = 1;
+    for (; k < need && i + k < bytes.size(); ++k) {
+      const auto c = static_cast<unsigned char>(bytes[i + k]);
+      unsigned char lo = 0x80, hi = 0xBF;  // the second byte's range is narrower after some lead bytes
+      if (k == 1 && b == 0xE0) lo = 0xA0;
+      if (k == 1 && b == 0xED) hi = 0x9F;
+      if (k == 1 && b == 0xF0) lo = 0x90;
+      if (k == 1 && b == 0xF4) hi = 0x8F;
+      if (c < lo || c > hi) break;
+    }
+    if (k == need) {
+      out.append(bytes, i, need);
+    } else {
+      out += "\xEF\xBF\xBD";
+    }
+    i += k;
   }
   return out;
 }
@@ -77,7 +98,9 @@ std::string byte_level_decode(const std::string& text) {
 
 void replace_all(std::string& s, const std::string& from, const std::string& to) {
   if (from.empty()) return;
-  for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += to.size()) s.replace(pos, from.size(), to);
+  for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += to.size()) {
+    s.replace(pos, from.size(), to);
+  }
 }
 
 // "<0x41>" -> 'A'; false when the token is not a byte token.
@@ -99,7 +122,9 @@ Detokenizer::Step parse_step(const json& d) {
   step.type = d.value("type", "");
   if (step.type == "Replace") {
     const json& pattern = d.value("pattern", json::object());
-    if (!pattern.contains("String")) throw EngineDirError("tokenizer.json: a Replace decoder with a regex is not supported");
+    if (!pattern.contains("String")) {
+      throw EngineDirError("tokenizer.json: a Replace decoder with a regex is not supported");
+    }
     step.pattern = pattern["String"].get<std::string>();
     step.content = d.value("content", "");
   } else if (step.type == "Strip") {
@@ -108,7 +133,8 @@ Detokenizer::Step parse_step(const json& d) {
     step.stop = d.value("stop", 0);
   } else if (step.type == "Metaspace") {
     step.content = d.value("replacement", "\xE2\x96\x81");
-    step.strip_first = d.value("prepend_scheme", std::string(d.value("add_prefix_space", true) ? "always" : "never")) != "never";
+    const std::string scheme = d.value("add_prefix_space", true) ? "always" : "never";  // older files
+    step.strip_first = d.value("prepend_scheme", scheme) != "never";
   } else if (step.type != "ByteLevel" && step.type != "ByteFallback" && step.type != "Fuse") {
     throw EngineDirError("tokenizer.json's decoder step '" + step.type + "' is not supported by the C++ detokenizer");
   }
@@ -190,7 +216,9 @@ Detokenizer::Detokenizer(const fs::path& tokenizer_json) {
     if (vocab.is_object()) {  // BPE / WordPiece: piece -> id
       for (const auto& [piece, id] : vocab.items()) place(id.get<int64_t>(), piece, false);
     } else {  // Unigram: [[piece, score], ...] in id order
-      for (size_t id = 0; id < vocab.size(); ++id) place(static_cast<int64_t>(id), vocab[id].at(0).get<std::string>(), false);
+      for (size_t id = 0; id < vocab.size(); ++id) {
+        place(static_cast<int64_t>(id), vocab[id].at(0).get<std::string>(), false);
+      }
     }
     for (const auto& added : t.value("added_tokens", json::array())) {
       place(added.at("id").get<int64_t>(), added.at("content").get<std::string>(), added.value("special", false));
