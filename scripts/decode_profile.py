@@ -71,8 +71,9 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]
             if name not in sizes:
                 continue
             size, dims = sizes[name]
-            if node.op_type in ("Gather", "GatherBlockQuantized") and k == 0 and dims:
-                size //= dims[0]  # one row of the table per token
+            if dims and ((node.op_type in ("Gather", "GatherBlockQuantized") and k == 0)
+                         or (node.op_type == "GroupQueryAttention" and k in (7, 8))):
+                size //= dims[0]  # one row of the table per token (embedding; the rotary cos/sin caches)
             total += size
         out[node.name], ops[node.name] = total, node.op_type
     return out, ops
@@ -93,7 +94,7 @@ def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     import onnxruntime as ort
 
-    graph_file = Path(engine_dir) / rt.ed.manifest["build"]["graph"]["file"]
+    graph_file = Path(engine_dir) / rt.engine_dir.manifest["build"]["graph"]["file"]
     engine.session = ort.InferenceSession(str(graph_file), so, providers=["CPUExecutionProvider"])
     layout = rt.policy.layout
     n = spec.num_sublayers
@@ -127,7 +128,7 @@ def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int
         read = weights.get(name, 0) + (kv_per_layer if op == "GroupQueryAttention" else 0)
         nodes.append({"node": name, "op": op, "ms": ms, "bytes": read})
     return {"engine": engine_dir, "context": context, "steps": steps, "threads": threads,
-            "kv_dtype": np.dtype(engine.kv_dtype).name, "quantize": rt.ed.manifest["build"]["options"].get("quantize"),
+            "kv_dtype": np.dtype(engine.kv_dtype).name, "quantize": rt.engine_dir.manifest["build"]["options"].get("quantize"),
             "step_ms_wall": float(np.median(walls[warmup:]) * 1000),
             "run_ms": float(np.median([r["dur"] for r in profiled]) / 1000), "nodes": nodes}
 

@@ -5,10 +5,12 @@ gets its own [hidden, vocab] initializer first (the fp32 graph transposes the em
 the embedding's Gather keeps reading the fp32 table while a decode step reads the head at 4 or 8 bits. Attention
 products, norms and the KV cache are not touched here.
 
-Why MatMulNBits for int8 too (measured on SmolLM2, ONNX Runtime 1.32, AVX2, 2 threads; docs/benchmarks.md): it reads
-one byte per weight plus a scale per 32, and with accuracy_level 4 it multiplies in int8 on the CPU; QDQ weights
-(DequantizeLinear -> MatMul) dequantize the whole matrix to fp32 every step, and dynamic quantization
-(DynamicQuantizeMatMul) quantizes activations per tensor, which costs agreement on a 135M model.
+Why MatMulNBits for int8 too (one [576 x 49152] / [576 x 1536] / [1536 x 576] product, M = 1, 2 threads, ONNX
+Runtime 1.32 on this AVX2 machine; docs/benchmarks.md): bits=8 with accuracy_level 4 (int8 activations) ran in
+0.58x / 0.82x / 0.53x of fp32 with ~15x less output error than int4. A QDQ graph (DequantizeLinear -> MatMul) ran at
+the same speed and error: ONNX Runtime fuses it into MatMulNBits bits=8 itself (checked in its optimized graph). Dynamic
+quantization (DynamicQuantizeMatMul) was faster (0.38x on the head) but its per-tensor uint8 activations gave int4's
+error at twice int4's bytes. accuracy_level must be 4: bits=8 at level 0 dequantizes to fp32 and ran 20-90x slower.
 """
 
 from __future__ import annotations
