@@ -128,7 +128,8 @@ def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int
         read = weights.get(name, 0) + (kv_per_layer if op == "GroupQueryAttention" else 0)
         nodes.append({"node": name, "op": op, "ms": ms, "bytes": read})
     return {"engine": engine_dir, "context": context, "steps": steps, "threads": threads,
-            "kv_dtype": np.dtype(engine.kv_dtype).name, "quantize": rt.engine_dir.manifest["build"]["options"].get("quantize"),
+            "kv_dtype": np.dtype(engine.kv_dtype).name,
+            "quantize": rt.engine_dir.manifest["build"]["options"].get("quantize"),
             "step_ms_wall": float(np.median(walls[warmup:]) * 1000),
             "run_ms": float(np.median([r["dur"] for r in profiled]) / 1000), "nodes": nodes}
 

@@ -95,7 +95,8 @@ def test_float16_kv_cache_matches_the_reference(kind, tiny_root, tmp_path):
     model = load_model(str(make_tiny_hf(kind, tiny_root)))
     out = _export(model, tmp_path / "kv16", kv_dtype="float16")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    kv = [i for i in graph.input if i.name.startswith("past_")] + [o for o in graph.output if o.name.startswith("present_")]
+    kv = [i for i in graph.input if i.name.startswith("past_")]
+    kv += [o for o in graph.output if o.name.startswith("present_")]
     assert kv and {i.type.tensor_type.elem_type for i in kv} == {onnx.TensorProto.FLOAT16}
     engine, report = _compare(model, out, atol=2e-2)
     assert engine.kv_dtype == np.float16
