@@ -22,6 +22,7 @@ from adaskip.export.onnx.save import save_onnx
 from adaskip.model import load_model
 from adaskip.plan import baseline_plan
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.generate import dtype_bytes
 from adaskip.runtime.ort_engines import OrtGqaEngine
 from adaskip.runtime.torch_engine import TorchEngine
 
@@ -99,7 +100,7 @@ def test_float16_kv_cache_matches_the_reference(kind, tiny_root, tmp_path):
     kv += [o for o in graph.output if o.name.startswith("present_")]
     assert kv and {i.type.tensor_type.elem_type for i in kv} == {onnx.TensorProto.FLOAT16}
     engine, report = _compare(model, out, atol=2e-2)
-    assert engine.kv_dtype == np.float16
+    assert engine.kv_dtype == np.float16 and dtype_bytes(engine) == 2  # what the Generator charges per KV element
     cache = engine.new_cache(1, 8, engine.kv_layers)
     assert all(a.dtype == np.float16 for a in list(cache.k.values()) + list(cache.v.values()))
     assert report.passed and report.token_agreement == 1.0 and 0 < report.max_logit_diff <= 2e-2

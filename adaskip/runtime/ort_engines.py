@@ -185,6 +185,7 @@ class OrtGqaEngine(OrtGraphEngine):
         # the graph's KV buffer type (float32, or float16 from adaskip-build --kv-dtype float16)
         types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
         self.kv_dtype = np.float16 if types == {"tensor(float16)"} else np.float32
+        self.dtype = torch.float16 if self.kv_dtype == np.float16 else torch.float32  # KV bytes (generate.dtype_bytes)
 
     def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:
         return GqaKVCache(self.spec, batch, capacity, self.kv_layers, self.kv_dtype)

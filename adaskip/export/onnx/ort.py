@@ -7,7 +7,9 @@ KV cache: GroupQueryAttention (rotary inside) reads and writes a caller-owned bu
 too. Extra inputs: `seqlens_k` [B] int32 (each row's valid tokens after this forward, minus one),
 `total_sequence_length` [] int32 and `last_index` [B] int64 (each row's last new token; rows are right-padded).
 Sliding-window layers use the kernel's local_window_size. The buffers may be float16 (`kv_type`): the kernel's cache
-type is its own (T_CACHE), queries and the attention math stay float32, and a decode step reads half the KV bytes.
+type is its own (T_CACHE), queries and the attention math stay float32; half the memory, but ONNX Runtime 1.32's
+CPU provider has no kernel for that pair and casts the whole cache to float32 and back each step (~2x slower decode;
+docs/benchmarks.md).
 
 Residual adds: SkipSimplifiedLayerNormalization computes h + delta together with the next sublayer's input norm.
 FFN: gate and up as two MatMuls. Prefill tail (adaskip.layout.last_token_tail): after the last attention that can
@@ -23,8 +25,8 @@ from adaskip.export.onnx.nodes import FLOAT, INT32, INT64, Graph
 from adaskip.export.onnx.ops import Dims, Ops
 from adaskip.layout import SkipLayout
 
-# KV cache dtypes of the ort variant -> ONNX element type (ONNX Runtime's CPU GroupQueryAttention takes a float16
-# cache with float32 queries since its T_CACHE type split; checked against float32 in tests/test_quantize.py)
+# KV cache dtypes of the ort variant -> ONNX element type (GroupQueryAttention's cache type T_CACHE may differ from
+# its queries'; checked against the reference in tests/test_quantize.py)
 KV_DTYPES = {"float32": FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
