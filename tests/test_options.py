@@ -118,8 +118,8 @@ def test_the_manifest_keeps_its_flat_option_keys():
     record = BuildOptions("m", "o", engine=EngineOptions(tensorrt=TensorRTOptions(profiles="combined"))).record()
     assert set(record) == {"model", "method", "skip", "alpha", "max_kl", "mode", "calib", "calib_prompts", "calib_tokens",
                            "context_len", "window", "online", "stand_in", "plan", "backend", "dtype", "quantize",
-                           "graph_variant", "max_batch_size", "max_input_len", "max_seq_len", "trt_profiles",
-                           "timing_cache", "builder_opt_level"}
+                           "kv_dtype", "graph_variant", "max_batch_size", "max_input_len", "max_seq_len",
+                           "trt_profiles", "timing_cache", "builder_opt_level"}
     assert record["trt_profiles"] == "combined" and record["calib_tokens"] == CalibrationOptions().tokens
 
 

@@ -273,7 +273,7 @@ def test_int4_quantizes_the_ort_variant_too(tiny_root, tmp_path):
     info = quantize_int4(out)
     assert info["quantize"] == "int4"
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 5  # 4 layers x (qkv, o, gate, up, down)
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 5 + 1  # 4 x (qkv, o, gate, up, down) + head
     engine = OrtGqaEngine(out / "model.onnx", model.spec, threads=2)
     report = compare_engines(TorchEngine.from_loaded(model), engine, policy, [[5, 6, 7, 8]], 3, atol=None)
     assert report.steps == 4 and 0.0 <= report.token_agreement <= 1.0

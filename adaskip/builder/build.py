@@ -16,7 +16,7 @@ from adaskip.calibrate.importance import cached_calibration, calibration_from_pl
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
-from adaskip.export.onnx.quantize import quantize_int4
+from adaskip.export.onnx.quantize import quantize
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant
 from adaskip.export.tensorrt.builder import TrtSettings, build_into, check_environment
@@ -161,11 +161,11 @@ def build(opts: BuildOptions) -> BuildReport:
         else:
             layout = SkipLayout.from_plan(plan)
             variant = choose_variant(spec, layout, backend, opts.engine.graph_variant)
-            graph = build_onnx(spec, model.weights, layout, variant=variant)
+            graph = build_onnx(spec, model.weights, layout, variant=variant, kv_dtype=opts.engine.kv_dtype)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
             if opts.engine.quantize:
-                _log("quantizing linear layers to int4 (MatMulNBits)", opts)
-                build_info["graph"].update(quantize_int4(tmp))
+                _log(f"quantizing linear layers and the LM head to {opts.engine.quantize} (MatMulNBits)", opts)
+                build_info["graph"].update(quantize(tmp, opts.engine.quantize))
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)

@@ -17,6 +17,8 @@ from typing import Any
 from adaskip.calibrate.budget import check_bound
 from adaskip.calibrate.corpus import CalibrationOptions
 from adaskip.errors import InputError, check_choice
+from adaskip.export.onnx.ort import KV_DTYPES as KV_CACHE_TYPES
+from adaskip.export.onnx.quantize import QUANTIZE_CHOICES
 from adaskip.export.onnx.variants import REQUESTS, check_request
 from adaskip.export.tensorrt.options import TensorRTOptions
 from adaskip.export.trtllm.parallel import TrtllmOptions
@@ -33,7 +35,8 @@ STAND_INS = COMPENSATION_RULES
 # ort backend: "ort" (ONNX Runtime's fused contrib ops), "portable" (standard ops only), auto: ort where the plan
 # allows it (adaskip/export/onnx/variants.py decides and checks)
 GRAPH_VARIANTS = REQUESTS
-QUANTIZATIONS = ("int4",)  # weight-only int4 MatMuls (MatMulNBits), ort backend
+QUANTIZATIONS = QUANTIZE_CHOICES  # weight-only int4 / int8 MatMuls and LM head (MatMulNBits), ort backend
+KV_DTYPES = tuple(KV_CACHE_TYPES)  # the ort graph variant's KV cache (GroupQueryAttention's cache type)
 
 
 def check_backend(backend: str) -> None:
@@ -93,8 +96,9 @@ class SelectionOptions:
 class EngineOptions:
     backend: str = "ort"
     dtype: str = "float32"  # weights dtype
-    quantize: str | None = None  # "int4": weight-only int4 MatMuls (ort backend)
+    quantize: str | None = None  # "int4" / "int8": weight-only MatMuls and LM head (ort backend)
     graph_variant: str = "auto"  # ort backend: see GRAPH_VARIANTS
+    kv_dtype: str = "float32"  # ort graph variant: the KV cache's dtype (float16: half the memory, slower on CPU)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # --backend tensorrt only
     trtllm: TrtllmOptions = field(default_factory=TrtllmOptions)  # --backend trtllm-checkpoint only
 
@@ -102,8 +106,13 @@ class EngineOptions:
         check_backend(self.backend)
         check_dtype(self.dtype, "--dtype", InputError)
         check_request(self.backend, self.graph_variant)
-        if self.quantize is not None and (self.quantize not in QUANTIZATIONS or self.backend != "ort"):
-            raise InputError("--quantize int4 is available for the ort backend only")
+        if self.quantize is not None:
+            check_choice(self.quantize, QUANTIZATIONS, "--quantize")
+            if self.backend != "ort":
+                raise InputError(f"--quantize {self.quantize} is available for the ort backend only")
+        check_choice(self.kv_dtype, KV_DTYPES, "--kv-dtype")
+        if self.kv_dtype != "float32" and (self.backend != "ort" or self.graph_variant == "portable"):
+            raise InputError(f"--kv-dtype {self.kv_dtype} is available for the ort backend's ort graph variant only")
         self.tensorrt.validate()
         if self.backend != "tensorrt":
             given = self.tensorrt.given()
@@ -146,4 +155,4 @@ class BuildOptions:
         e, c = self.engine, self.calibration
         return {"model": self.model, **asdict(self.selection), "calib": c.data, "calib_prompts": c.prompts,
                 "calib_tokens": c.tokens, "backend": e.backend, "dtype": e.dtype, "quantize": e.quantize,
-                "graph_variant": e.graph_variant, **e.tensorrt.record()}
+                "kv_dtype": e.kv_dtype, "graph_variant": e.graph_variant, **e.tensorrt.record()}

@@ -7,8 +7,8 @@ import sys
 
 from adaskip.builder.build import build
 from adaskip.calibrate.corpus import CALIBRATION_ENGINES
-from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, QUANTIZATIONS, STAND_INS, BuildOptions,
-                                     CalibrationOptions, EngineOptions, SelectionOptions)
+from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, KV_DTYPES, QUANTIZATIONS, STAND_INS,
+                                     BuildOptions, CalibrationOptions, EngineOptions, SelectionOptions)
 from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
@@ -61,7 +61,11 @@ def parser() -> argparse.ArgumentParser:
                           "tensorrt: serialized TensorRT engine (built on CPU with TensorRT-RTX; runs on a GPU)")
     out.add_argument("--dtype", choices=DTYPES, default=de.dtype, help="weights dtype")
     out.add_argument("--quantize", choices=QUANTIZATIONS,
-                     help="ort backend: weight-only int4 linear layers (MatMulNBits)")
+                     help="ort backend: weight-only int4 or int8 linear layers and LM head (MatMulNBits, blocks of 32)")
+    out.add_argument("--kv-dtype", choices=KV_DTYPES, default=de.kv_dtype,
+                     help="ort graph variant: the KV cache's dtype; float16 halves the cache's memory (attention still "
+                          "computes in float32), but ONNX Runtime 1.32's CPU provider decodes ~2x slower with it "
+                          "(docs/benchmarks.md)")
     out.add_argument("--graph-variant", choices=GRAPH_VARIANTS, default=de.graph_variant,
                      help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
                           "standard ops (what TensorRT parses); auto picks ort when the plan allows it")
@@ -80,7 +84,8 @@ def options(a: argparse.Namespace) -> BuildOptions:
                                    window=a.window, online=not a.no_online, stand_in=a.stand_in, plan=a.plan),
         calibration=CalibrationOptions(data=a.calib, prompts=a.calib_prompts, tokens=a.calib_tokens,
                                        engine=a.calib_engine, cache=a.calib_cache, reuse=a.calib_reuse),
-        engine=EngineOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, graph_variant=a.graph_variant,
+        engine=EngineOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, kv_dtype=a.kv_dtype,
+                             graph_variant=a.graph_variant,
                              tensorrt=tensorrt_options(a), trtllm=trtllm_options(a)),
         force=a.force, progress=not a.quiet)
 

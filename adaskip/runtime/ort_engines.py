@@ -151,10 +151,10 @@ class GqaKVCache(_BufferCache):
     """BNSH buffers of the request's capacity that ONNX Runtime's GroupQueryAttention updates in place; rows are
     right-padded, each with its own length."""
 
-    def __init__(self, spec: ModelSpec, batch: int, capacity: int, layers: list[int]):
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, layers: list[int], dtype=np.float32):
         shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
-        self.k = {i: np.zeros(shape, np.float32) for i in layers}
-        self.v = {i: np.zeros(shape, np.float32) for i in layers}
+        self.k = {i: np.zeros(shape, dtype) for i in layers}
+        self.v = {i: np.zeros(shape, dtype) for i in layers}
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
@@ -182,9 +182,13 @@ class OrtGqaEngine(OrtGraphEngine):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        # the graph's KV buffer type (float32, or float16 from adaskip-build --kv-dtype float16)
+        types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
+        self.kv_dtype = np.float16 if types == {"tensor(float16)"} else np.float32
+        self.dtype = torch.float16 if self.kv_dtype == np.float16 else torch.float32  # KV bytes (generate.dtype_bytes)
 
     def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:
-        return GqaKVCache(self.spec, batch, capacity, self.kv_layers)
+        return GqaKVCache(self.spec, batch, capacity, self.kv_layers, self.kv_dtype)
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
@@ -296,7 +300,7 @@ class OrtGqaEngine(OrtGraphEngine):
             for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
                 for kind, buf in (("key", cache.k[i][first:stop]), ("value", cache.v[i][first:stop])):
                     binding.bind_cpu_input(f"past_{kind}_{i}", buf)
-                    binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape),
+                    binding.bind_output(f"present_{kind}_{i}", "cpu", 0, buf.dtype, list(buf.shape),
                                         buf.ctypes.data)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))

@@ -6,7 +6,10 @@ KV cache: GroupQueryAttention (rotary inside) reads and writes a caller-owned bu
 `past_key_i` / `past_value_i` [B, kv_heads, capacity, head_dim] (BNSH), bound as `present_key_i` / `present_value_i`
 too. Extra inputs: `seqlens_k` [B] int32 (each row's valid tokens after this forward, minus one),
 `total_sequence_length` [] int32 and `last_index` [B] int64 (each row's last new token; rows are right-padded).
-Sliding-window layers use the kernel's local_window_size.
+Sliding-window layers use the kernel's local_window_size. The buffers may be float16 (`kv_type`): the kernel's cache
+type is its own (T_CACHE), queries and the attention math stay float32; half the memory, but ONNX Runtime 1.32's
+CPU provider has no kernel for that pair and casts the whole cache to float32 and back each step (~2x slower decode;
+docs/benchmarks.md).
 
 Residual adds: SkipSimplifiedLayerNormalization computes h + delta together with the next sublayer's input norm.
 FFN: gate and up as two MatMuls. Prefill tail (adaskip.layout.last_token_tail): after the last attention that can
@@ -22,14 +25,19 @@ from adaskip.export.onnx.nodes import FLOAT, INT32, INT64, Graph
 from adaskip.export.onnx.ops import Dims, Ops
 from adaskip.layout import SkipLayout
 
+# KV cache dtypes of the ort variant -> ONNX element type (GroupQueryAttention's cache type T_CACHE may differ from
+# its queries'; checked against the reference in tests/test_quantize.py)
+KV_DTYPES = {"float32": FLOAT, "float16": onnx.TensorProto.FLOAT16}
+
 
 class OrtLowering:
     variant = "ort"
     opsets = (helper.make_opsetid("com.microsoft", 1),)
     nested_ifs = True
 
-    def __init__(self, ops: Ops, layout: SkipLayout, dims: Dims):
+    def __init__(self, ops: Ops, layout: SkipLayout, dims: Dims, kv_type: int = FLOAT):
         self.ops, self.spec, self.dims = ops, ops.spec, dims
+        self.kv_type = kv_type  # the KV buffers' element type (KV_DTYPES)
         self.cached = set(layout.cached_layers)
         self.tail_start: int | None = layout.prefill_tail_start
         # (residual, norm weight) -> the norm computed together with the residual sum
@@ -53,9 +61,9 @@ class OrtLowering:
     def kv_io(self, i: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
         """BNSH buffers of the request's capacity, shared between past and present."""
         shape = ["batch", self.spec.num_kv_heads, "capacity", self.spec.head_dim]
-        return ([helper.make_tensor_value_info(f"past_key_{i}", FLOAT, shape),
-                 helper.make_tensor_value_info(f"past_value_{i}", FLOAT, shape)],
-                [helper.make_tensor_value_info(name, FLOAT, shape) for name in self.kv_names(i)])
+        return ([helper.make_tensor_value_info(f"past_key_{i}", self.kv_type, shape),
+                 helper.make_tensor_value_info(f"past_value_{i}", self.kv_type, shape)],
+                [helper.make_tensor_value_info(name, self.kv_type, shape) for name in self.kv_names(i)])
 
     # -- sublayers ---------------------------------------------------------------------------------------------------
     def input_norm(self, g: Graph, h: str, role: str) -> str:
