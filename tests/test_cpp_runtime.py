@@ -481,6 +481,20 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
         assert lines[0].startswith("adaskip_generate: error: ") and message in lines[0], (args, run.stderr)
 
 
+def test_a_float16_kv_engine_is_refused_with_one_line(build, tiny_chat_model, tmp_path):
+    """adaskip-build --kv-dtype float16 engines run in Python only: the C++ runtime says so instead of failing in ORT."""
+    from adaskip.cli import build as build_cli
+
+    out = tmp_path / "kv16"
+    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "--kv-dtype", "float16", "-q",
+                           "--calib-prompts", "2", "--calib-tokens", "64", "--output", str(out)]) == 0
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    run = subprocess.run([str(cli), "--engine", str(out), "--ids", "1,2"], capture_output=True, text=True, env=ENV,
+                         timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "runs float32 KV caches only" in lines[0], run.stderr
+
+
 def test_detokenizer_decodes_like_python(build, data):
     out = _ctest(build.wait(), data, "detokenize")
     assert re.search(r"tokenizer\.json: \d{4,} cases", out), out

@@ -138,6 +138,15 @@ OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& mod
     auto kv = dims(("past_key_" + std::to_string(i)).c_str(), true);
     shapes_ok = shapes_ok && kv.size() == 4 && kv[1] == model_.num_kv_heads && kv[3] == model_.head_dim;
   }
+  for (size_t i = 0; i < inputs.size(); ++i) {  // float32 KV buffers only (adaskip-build --kv-dtype float16 is not)
+    auto name = session_->session.GetInputNameAllocated(i, alloc);
+    if (std::string(name.get()).rfind("past_", 0) == 0 &&
+        session_->session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType() !=
+            ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      throw EngineDirError(model_file.string() + ": its KV cache is not float32 (built with --kv-dtype float16?); "
+                           "the C++ runtime runs float32 KV caches only: rebuild without --kv-dtype");
+    }
+  }
   if (!shapes_ok) {
     throw EngineDirError(model_file.string() + ": graph shapes do not match the manifest's model (" +
                          std::to_string(n_) + " sublayers, vocabulary " + std::to_string(model_.vocab_size) + ", " +
