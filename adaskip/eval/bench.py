@@ -70,7 +70,7 @@ class BenchOptions:
     spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)
     llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
-    llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py; default: from the installed version's sdist
+    llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -425,7 +425,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['decode_tokens']} steps; our engines run "
              f"the sublayers after a prompt's last attention for its last token only, and so do the ideals): FLOPs = "
              f"the FLOP fraction the plan removes; bytes+FLOPs = a per-kernel roofline, max(bytes read / "
-             f"{machine['bandwidth_gbs']} GB/s, FLOPs / {machine['peak_gflops']} GFLOP/s) summed over the sublayers "
+             f"{machine['bandwidth_gbs']:g} GB/s, FLOPs / {machine['peak_gflops']:g} GFLOP/s) summed over the "
+             f"sublayers "
              f"that run (fp32 weights and KV cache: decode is memory-bound, so a skipped attention saves its weights "
              f"and its KV cache, an FFN its weights; prefill comes to the FLOP fraction); of ideal = speedup / the "
              f"bytes+FLOPs ideal. "
@@ -449,7 +450,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                   + ("." if attention is None else f"; GroupQueryAttention, causal over {ctx} tokens in the engine's "
                                                      f"prefill chunks, {attention:.0f} GFLOP/s."), ""]
         lines += ["| column | TTFT (s) | prefill speedup | ideal: FLOPs | bytes+FLOPs | of ideal | GFLOP/s | "
-                  "kernel bound (s) | decode (ms/token) | decode speedup | ideal: FLOPs | bytes+FLOPs | of ideal | note |",
+                  "kernel bound (s) | decode (ms/token) | decode speedup | ideal: FLOPs | bytes+FLOPs | of ideal | "
+                  "note |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for col in cols:
             r = res[col["name"]][key]

@@ -79,7 +79,8 @@ def _quantize(src: str, dst: str, gguf_type: str, threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m adaskip.eval.llamacpp_worker", description="adaskip-bench's llama.cpp worker")
+    p = argparse.ArgumentParser(prog="python -m adaskip.eval.llamacpp_worker",
+                                description="adaskip-bench's llama.cpp worker")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="load a GGUF, then time one request per JSON line on stdin")
     w.add_argument("gguf")
