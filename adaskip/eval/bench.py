@@ -202,8 +202,8 @@ def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str
         info = worker.info
         columns.append(Column(
             f"llama.cpp-{t}", worker.run, close=worker.close, last_token_tail=False, info=info,
-            note=(f"llama-cpp-python {info['llama_cpp_python']}; {t} GGUF by llama.cpp's converter"
-                  + ("" if t == "f32" else " and quantizer") + f"; {info['kv_cache']} KV cache, flash attention "
+            note=(f"llama-cpp-python {info['llama_cpp_python']}, ggml {info['ggml']}; {t} GGUF by llama.cpp's "
+                  "converter" + ("" if t == "f32" else " and quantizer") + f"; {info['kv_cache']} KV cache, flash attention "
                   f"{'on' if info['flash_attn'] else 'off'}, batch {info['n_batch']}/{info['n_ubatch']}; OpenMP wait "
                   f"policy {info['omp_wait_policy']}")))
 

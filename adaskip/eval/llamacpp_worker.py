@@ -21,9 +21,23 @@ _FTYPE = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 def build_info(llama_cpp: Any) -> dict[str, Any]:
     """What the worker's llama.cpp is: the llama-cpp-python version, its ggml system info (the CPU features and
     options it was compiled with: AVX2, OpenMP, repacking, llamafile kernels ...) and the OpenMP wait policy seen."""
-    return {"llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+    return {"llama_cpp_python": importlib.metadata.version("llama-cpp-python"), "ggml": _ggml_version(),
             "system_info": llama_cpp.llama_print_system_info().decode().strip(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: OpenMP's default)")}
+
+
+def _ggml_version() -> str:
+    """ggml's version and the llama.cpp commit it was built from (`0.25.3 (0c1e570)`), as its library reports them."""
+    import ctypes
+
+    try:
+        from llama_cpp._ggml import libggml  # the package's handle on libggml (its ggml-base dependency exports these)
+
+        for fn in (libggml.ggml_version, libggml.ggml_commit):
+            fn.restype = ctypes.c_char_p
+        return f"{libggml.ggml_version().decode()} ({libggml.ggml_commit().decode()})"
+    except (ImportError, AttributeError, OSError):  # a build without them: the package version still says which
+        return "unknown"
 
 
 def time_request(llm: Any, llama_cpp: Any, prompt: list[int], steps: int) -> tuple[float, float, list[int]]:
