@@ -77,7 +77,8 @@ def converter(explicit: str | None = None) -> Path:
         out = work / "vendor"
         with tarfile.open(sdists[0]) as tar:
             wanted = [m for m in tar.getmembers() if _converter_member(m.name)]
-            tar.extractall(out, members=wanted, filter="data")
+            # the "data" filter (no links out, no device files) where this Python has it (3.10.12+, 3.11.4+)
+            tar.extractall(out, members=wanted, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         src = next(out.glob("*/vendor/llama.cpp"))
         (src / _DONE).write_text(json.dumps({"sdist": sdists[0].name}))
         if root.exists():  # an earlier broken or concurrent attempt
