@@ -33,6 +33,8 @@ setup(
         "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]==2.73.0"],
         "eval": ["rouge-score", "scipy>=1.15"],  # scipy: intervals and paired tests (adaskip/eval/stats.py)
         "bench": ["onnxruntime-genai"],
+        # llama.cpp anchor columns of adaskip-bench: a source distribution, pip compiles llama.cpp (10-15 min on 2 cores)
+        "llamacpp": ["llama-cpp-python>=0.3.36", "sentencepiece"],  # llama.cpp's converter imports sentencepiece
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus_client>=0.20"],
         "test": [
             "pytest>=8", "hypothesis>=6",

@@ -1,7 +1,20 @@
-"""A FLOP cost model of each sublayer at a context length: turns an acceleration target into a skip count K and
-tells the ideal speedup a plan can give (what benchmarks compare against)."""
+"""Cost models of each sublayer at a context length: turn an acceleration target into a skip count K and tell the
+ideal speedup a plan can give (what benchmarks compare against).
+
+Two ideals. The FLOP ideal (`ideal_speedup`, `speedups`): the fraction of the FLOPs a plan removes. The bytes-and-FLOPs
+ideal (`roofline_speedup`, `roofline_speedups`): every sublayer takes max(bytes it reads / memory bandwidth, its FLOPs
+/ compute peak) on a stated machine (a per-kernel roofline), the step the sum over the sublayers that run. A decode
+step is memory-bound (a matrix-vector product does 2 FLOPs per weight it reads, attention over the cache 2 * heads /
+kv_heads per cached element), so there the ideal is the fraction of the bytes removed: a skipped attention saves its
+weights and its layer's KV cache, an FFN its weights, and the LM head, which every step reads in full, is paid by all.
+A prefill's products over the whole prompt are compute-bound, so there it comes to the FLOP fraction. One rule for
+both phases is what makes "fraction of ideal" mean the same in each.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 
 from adaskip.errors import PlanError
 from adaskip.model.spec import ModelSpec
@@ -73,20 +86,25 @@ def ideal_speedup(spec: ModelSpec, skipped: list[int], context_len: int, phase: 
     return total / (total - sum(costs[j] for j in set(skipped)))
 
 
+def _over_generation(layout: SkipLayout, decode_steps: int, step_speedup: Callable[[list[int]], float]) -> float:
+    """1 / the mean over decode steps 1..decode_steps of each step's cost fraction (1 / `step_speedup(skipped)`)."""
+    if decode_steps < 1:
+        raise ValueError(f"decode_steps must be at least 1; got {decode_steps}")
+    steps = [layout.decode_skip_at(t) for t in range(1, decode_steps + 1)]
+    fraction = {s: 1.0 / step_speedup(sorted(s)) for s in set(steps)}
+    return decode_steps / sum(fraction[s] for s in steps)
+
+
 def speedups(spec: ModelSpec, layout: SkipLayout, context_len: int, decode_steps: int) -> dict:
     """The ideal speedups of a plan over one generation at `context_len` tokens: its prefill, and its first
     `decode_steps` decode steps together (1 / the mean of their per-step FLOP fractions, each step costed at
     `context_len` tokens of past), with the sets the layout skips in each (SkipDecode's set grows with the step, so
     its figure depends on the length; every other plan's decode set is the same at every step). Online skipping is
     per request and not counted."""
-    if decode_steps < 1:
-        raise ValueError(f"decode_steps must be at least 1; got {decode_steps}")
-    steps = [layout.decode_skip_at(t) for t in range(1, decode_steps + 1)]
-    fraction = {s: 1.0 / ideal_speedup(spec, sorted(s), context_len, "decode") for s in set(steps)}
-    total = sum(fraction[s] for s in steps)
+    decode = _over_generation(layout, decode_steps, lambda s: ideal_speedup(spec, s, context_len, "decode"))
     return {"context_len": context_len, "decode_steps": decode_steps,
             "prefill": round(ideal_speedup(spec, sorted(layout.prefill_skip), context_len, "prefill"), 4),
-            "decode": round(decode_steps / total, 4)}
+            "decode": round(decode, 4)}
 
 
 def k_for_alpha(spec: ModelSpec, ranking: list[int], alpha: float, context_len: int, phase: str) -> int:
@@ -98,3 +116,101 @@ def k_for_alpha(spec: ModelSpec, ranking: list[int], alpha: float, context_len: 
             return k
     best = ideal_speedup(spec, ranking, context_len, phase)
     raise PlanError(f"--alpha {alpha} is out of reach: skipping every sublayer gives at most {best:.2f}x")
+
+
+# -- the bytes-and-FLOPs (roofline) ideal ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Machine:
+    """The two rates of the roofline. The default is the 2-core machine the benchmarks in docs/ run on: 44.5 GB/s of
+    memory read bandwidth and 210 GFLOP/s, the fp32 MatMul rate adaskip-bench measures there in ONNX Runtime at 2
+    threads (its "Kernels alone" line). Only their ratio (4.7 FLOPs per byte) decides which side bounds a kernel:
+    decode kernels do 0.5-1.5 FLOPs per byte in fp32 and prompt-wide products hundreds, far from it either way."""
+    bandwidth_gbs: float = 44.5
+    peak_gflops: float = 210.0
+
+
+MACHINE = Machine()
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Bytes an engine reads per element: of the sublayers' weight matrices, of the LM head (and the embedding rows),
+    of the KV cache, and of the activations and norm weights."""
+    weights: float = 4.0
+    head: float = 4.0
+    kv: float = 4.0
+    activations: float = 4.0
+
+    @classmethod
+    def for_engine(cls, dtype: str = "float32", quantize: str | None = None, block_size: int = 32) -> "Widths":
+        """An engine's widths from adaskip-build's --dtype and --quantize: int4 (MatMulNBits, symmetric) stores 4
+        bits per weight plus one fp32 scale per block of the sublayers' linear layers and keeps the LM head, the KV
+        cache and the activations in the model dtype (adaskip/export/onnx/quantize.py)."""
+        width = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}[dtype]
+        if quantize is None:
+            return cls(width, width, width, width)
+        if quantize == "int4":
+            return cls(0.5 + 4.0 / block_size, width, width, width)
+        raise ValueError(f"unknown quantization {quantize!r}")
+
+
+def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Iterable[int] = (), tail: bool = True,
+                   widths: Widths = Widths()) -> list[tuple[float, float]]:
+    """(FLOPs, bytes read or written) of every sublayer that runs, then of the fixed part (embedding row, final norm,
+    LM head for the last position), in one prefill of `context_len` tokens (the prefill tail for the last token only,
+    as in prefill_split) or one decode step with `context_len` tokens of past.
+
+    Bytes: each weight matrix and norm weight read once; an attention writes its new K/V and reads its cached K/V
+    once over its span (a decode step: the whole span; a prefill: the prompt's, once, as a fused kernel streams it);
+    each sublayer reads and writes the hidden state of the tokens it runs for (activations inside a sublayer are
+    taken to stay in cache). Skipped sublayers cost nothing: a skipped attention's layer keeps no KV cache."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"unknown phase {phase!r}")
+    removed = set(skipped)
+    d, hd = spec.hidden_size, spec.head_dim
+    proj, ffn = _per_token(spec)
+    attn_weights = d * (spec.num_heads * hd * 2 + spec.num_kv_heads * hd * 2)
+    ffn_weights = 3 * d * spec.intermediate_size
+    runs = [i for i in range(spec.num_layers) if 2 * i not in removed]
+    tail_start = last_token_tail(runs) if (tail and phase == "prefill") else spec.num_sublayers
+    prompt = context_len if phase == "prefill" else 1
+    out: list[tuple[float, float]] = []
+    for j in range(spec.num_sublayers):
+        if j in removed:
+            continue
+        tokens = 1 if j >= tail_start else prompt
+        hidden = 2.0 * tokens * d * widths.activations + d * widths.activations  # in, out; its norm's weight
+        if j % 2 == 0:
+            span = _attention_span(spec.attention_windows[j // 2], context_len)
+            kv = 2.0 * spec.num_kv_heads * hd * (span + prompt) * widths.kv  # read over the span, write the new
+            out.append((float(prompt * proj + _attention_core(spec, j // 2, context_len, phase)),
+                        attn_weights * widths.weights + kv + hidden))
+        else:
+            out.append((float(tokens * ffn), ffn_weights * widths.weights + hidden))
+    head = d * spec.vocab_size * widths.head + prompt * d * widths.head + d * widths.activations
+    out.append((2.0 * d * spec.vocab_size, float(head)))
+    return out
+
+
+def roofline_seconds(costs: list[tuple[float, float]], machine: Machine = MACHINE) -> float:
+    """Seconds the kernels take if each runs at the roofline: max(bytes / bandwidth, FLOPs / peak), summed."""
+    return sum(max(b / (machine.bandwidth_gbs * 1e9), f / (machine.peak_gflops * 1e9)) for f, b in costs)
+
+
+def roofline_speedup(spec: ModelSpec, skipped: list[int], context_len: int, phase: str, widths: Widths = Widths(),
+                     machine: Machine = MACHINE, tail: bool = True) -> float:
+    """Roofline time of the unskipped model / with `skipped` removed, in one prefill or one decode step."""
+    full = roofline_seconds(sublayer_costs(spec, context_len, phase, [], tail, widths), machine)
+    return full / roofline_seconds(sublayer_costs(spec, context_len, phase, skipped, tail, widths), machine)
+
+
+def roofline_speedups(spec: ModelSpec, layout: SkipLayout, context_len: int, decode_steps: int,
+                      widths: Widths = Widths(), machine: Machine = MACHINE) -> dict:
+    """The bytes-and-FLOPs ideal of a plan over one generation, as `speedups` gives the FLOP ideal (the same decode
+    steps and sets), with the machine and widths it assumes."""
+    decode = _over_generation(layout, decode_steps,
+                              lambda s: roofline_speedup(spec, s, context_len, "decode", widths, machine))
+    prefill = roofline_speedup(spec, sorted(layout.prefill_skip), context_len, "prefill", widths, machine)
+    return {"context_len": context_len, "decode_steps": decode_steps, "prefill": round(prefill, 4),
+            "decode": round(decode, 4), "machine": asdict(machine), "widths": asdict(widths)}

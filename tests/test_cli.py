@@ -235,8 +235,11 @@ def test_baseline_engines_build_and_run(tiny_chat_model, tmp_path, capsys, metho
     plan = json.loads((out / "plan.json").read_text())
     assert plan["method"] == method and plan["budget"] == {"unit": "layers", "k": 2} and not plan["online"]["enabled"]
     expected = plan["selection"]["expected_speedup"]  # the provenance states the length its decode figure covers
-    assert expected["decode_steps"] == 512 and f"decode {expected['decode']:.3f}x over 512 decode steps" in \
-        capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert expected["decode_steps"] == 512 and f"decode {expected['decode']:.3f}x over 512 decode steps" in summary
+    roofline = expected["roofline"]  # and the bytes-and-FLOPs ideal beside it, at the engine's fp32 widths
+    assert roofline["widths"]["weights"] == 4.0 and roofline["machine"]["bandwidth_gbs"] == 44.5
+    assert f"prefill {roofline['prefill']:.3f}x, decode {roofline['decode']:.3f}x" in summary
     assert run_cli.main(["--engine", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     skipped = [j for i in plan["selection"]["layers"] for j in (2 * i, 2 * i + 1)]
@@ -329,8 +332,23 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
                        "--decode-tokens", "2", "--no-hf", "--no-genai", "--calib-prompts", "1", "--calib-tokens", "16",
                        "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
-    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-spin", "ort-adaskip-k1"]
+    # llama.cpp (the [llamacpp] extra): its three GGUF columns where llama-cpp-python is installed, else a reason
+    from adaskip.eval import llamacpp
+
+    missing = llamacpp.unavailable()
+    anchors = [] if missing else ["llama.cpp-f32", "llama.cpp-q8_0", "llama.cpp-q4_0"]
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-spin", "ort-adaskip-k1", *anchors]
+    assert data["skipped"] == ({"llama.cpp": missing} if missing else {})
     assert "spinning on" in data["columns"][2]["note"]  # the like-for-like column for onnxruntime-genai
+    for name in anchors:  # timed like every other column, OpenMP's default wait policy, its build recorded
+        col = next(c for c in data["columns"] if c["name"] == name)
+        assert data["results"][name]["32"]["ttft"] > 0 and data["results"][name]["32"]["decode"] > 0
+        assert col["info"]["llama_cpp_python"] and "OPENMP = 1" in col["info"]["system_info"]
+        assert col["info"]["omp_wait_policy"].startswith("(unset") and "OpenMP wait policy (unset" in col["note"]
+    # both ideals beside the AdaSkip column: the bytes-and-FLOPs one with its machine constants
+    k1 = next(c for c in data["columns"] if c["name"] == "ort-adaskip-k1")["ideal"]["32"]
+    assert set(k1["roofline"]) == {"prefill", "decode"} and k1["roofline"]["decode"] >= 1.0
+    assert data["roofline"]["machine"] == {"bandwidth_gbs": 44.5, "peak_gflops": 210.0}
     assert set(data["results"]["ort"]) == {"16", "32"} and data["results"]["ort"]["16"]["ttft"] > 0
     flops = {c["name"]: sum(c["prefill_flops"]["32"].values()) for c in data["columns"]}
     assert data["gemm_gflops"]["16"] > 0 and 0 < flops["ort-adaskip-k1"] < flops["ort"] == flops["torch-reference"]
@@ -340,6 +358,9 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     assert {c["ideal"]["32"]["decode_steps"] for c in data["columns"] if c["ideal"]} == {2}  # the steps measured
     md = (out / "benchmarks.md").read_text()
     assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists() and "decode over the same 2 steps" in md
+    assert "bytes+FLOPs" in md and "44.5 GB/s" in md
+    assert (f"Not measured: llama.cpp: {missing}." in md) if missing else ("| llama.cpp-q4_0 |" in md
+                                                                           and "llama.cpp build (ggml system info)" in md)
     assert "Kernels alone: fp32 MatMul" in md and ("GroupQueryAttention, causal over 32 tokens" in md) == head_ok
 
 

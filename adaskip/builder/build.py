@@ -144,7 +144,12 @@ def build(opts: BuildOptions) -> BuildReport:
                                                 spec.max_position_embeddings, opts.progress)
     plan = make_plan(opts, model, tokenizer)
     # decode: over SkipDecode's horizon (where its growing set is fully grown; any other plan's is step-independent)
-    expected = cost.speedups(spec, SkipLayout.from_plan(plan), context_len, SKIPDECODE_HORIZON)
+    layout = SkipLayout.from_plan(plan)
+    expected = cost.speedups(spec, layout, context_len, SKIPDECODE_HORIZON)
+    # next to it the bytes-and-FLOPs ideal at the engine's widths (decode is memory-bound)
+    widths = cost.Widths.for_engine(opts.engine.dtype, opts.engine.quantize)
+    roofline = cost.roofline_speedups(spec, layout, context_len, SKIPDECODE_HORIZON, widths)
+    expected["roofline"] = {k: roofline[k] for k in ("prefill", "decode", "machine", "widths")}
     plan.selection = {**plan.selection, "expected_speedup": expected}
 
     with atomic_dir(output, force=opts.force, expect=output_state) as tmp:

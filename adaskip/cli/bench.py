@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import ArgumentParser, defaults, int_list, joined, main_wrapper
+from adaskip.cli.common import ArgumentParser, defaults, int_list, joined, main_wrapper, word_list
 from adaskip.eval.bench import BenchOptions, run_bench, write_outputs
 from adaskip.eval.bench import __doc__ as bench_doc
 
@@ -31,6 +31,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-genai", action="store_true")
     p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
                    help="leave out ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)")
+    p.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp columns (they run when "
+                   "llama-cpp-python is installed)")
+    p.add_argument("--llamacpp-types", default=joined(d.llamacpp_types), help="GGUF types of the llama.cpp columns, "
+                   "converted from the same weights")
+    p.add_argument("--llamacpp-convert", help="llama.cpp's convert_hf_to_gguf.py (default: the one in the sdist of "
+                   "the installed llama-cpp-python, fetched once with pip)")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 
@@ -40,7 +46,8 @@ def options(a: argparse.Namespace) -> BenchOptions:
                         budgets=int_list(a.budgets, "--budgets"), repeats=a.repeats, decode_tokens=a.decode_tokens,
                         threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
                         calib_tokens=a.calib_tokens, int4=a.int4, hf=not a.no_hf, genai=not a.no_genai,
-                        spinning_pair=a.spinning_pair)
+                        spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
+                        llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert)
 
 
 @main_wrapper("adaskip-bench")

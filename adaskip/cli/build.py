@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"online: W={plan.window}, beta={plan.beta:.5f} (FFNs with decode similarity >= beta join after W steps)")
     print(f"ideal speedup at {e['context_len']} tokens (FLOP model): prefill {e['prefill']:.3f}x, "
           f"decode {e['decode']:.3f}x over {e['decode_steps']} decode steps (before online skipping)")
+    r = e["roofline"]
+    print(f"ideal speedup at {e['context_len']} tokens (bytes+FLOPs roofline at "
+          f"{r['machine']['bandwidth_gbs']:g} GB/s, {r['machine']['peak_gflops']:g} GFLOP/s, {r['widths']['weights']:g} bytes per weight): prefill "
+          f"{r['prefill']:.3f}x, decode {r['decode']:.3f}x")
     if a.backend == "trtllm-checkpoint":
         command = trtllm_build_command(report.output, world_size=a.tp_size * a.pp_size)
         print(f"build it where TensorRT-LLM is installed: {command}")

@@ -2,11 +2,14 @@
 
 Columns: Hugging Face transformers (sdpa), the reference torch engine, our ONNX Runtime engine with nothing skipped,
 the same engine with AdaSkip e2e plans at the given budgets, onnxruntime-genai fp32 (and int4 next to our
-`--quantize int4` engine) on the same model. Every repeat runs every column once, in a rotating order, on the same
-real-text prompt, so slow drifts of a shared machine hit all columns alike; we report medians and ratios against
-our unskipped ORT engine, with the ideal speedup (the FLOPs the plan removes) beside each AdaSkip column.
+`--quantize int4` engine) and llama.cpp (f32, q8_0, q4_0 GGUFs converted from the same weights) on the same model.
+Every repeat runs every column once, in a rotating order, on the same real-text prompt ids, so slow drifts of a
+shared machine hit all columns alike; we report medians and ratios against our unskipped ORT engine, with two ideal
+speedups beside each AdaSkip column: the FLOPs the plan removes, and the bytes-and-FLOPs (roofline) ideal of
+adaskip/cost.py, which is what a memory-bound decode step can gain.
 Run with OMP_WAIT_POLICY=PASSIVE; every ONNX Runtime session has intra-op spinning off except the `-spin`
-pair (ours and onnxruntime-genai's with spinning on, as onnxruntime-genai runs by default).
+pair (ours and onnxruntime-genai's with spinning on, as onnxruntime-genai runs by default); llama.cpp runs in worker
+processes without that variable, with OpenMP's default wait policy, as its users run it (adaskip/eval/llamacpp.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +32,8 @@ import torch
 from adaskip import cost
 from adaskip.calibrate.corpus import CalibrationOptions, builtin_text, load_calibration
 from adaskip.calibrate.importance import cached_calibration
-from adaskip.errors import InputError
+from adaskip.errors import InputError, check_choice
+from adaskip.eval import llamacpp
 from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.quantize import quantize_int4
 from adaskip.export.onnx.save import save_onnx
@@ -43,6 +47,9 @@ from adaskip.runtime.generate import Generator, SamplingParams
 from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 from adaskip.runtime.registry import engine_class
 from adaskip.runtime.torch_engine import TorchEngine
+
+
+ROOFLINE_WIDTHS = cost.Widths.for_engine("float32")  # the AdaSkip columns are fp32 engines
 
 
 @dataclass
@@ -61,6 +68,9 @@ class BenchOptions:
     hf: bool = True  # the Hugging Face transformers column
     genai: bool = True  # the onnxruntime-genai columns
     spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)
+    llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
+    llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
+    llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -69,6 +79,11 @@ class BenchOptions:
             raise InputError("--contexts must be one or more positive token counts")
         if self.budgets and min(self.budgets) < 0:
             raise InputError("--budgets must be non-negative integers (sublayers)")
+        for t in self.llamacpp_types:
+            check_choice(t, llamacpp.GGUF_TYPES, "--llamacpp-types")
+        if self.llamacpp_convert is not None and not Path(self.llamacpp_convert).expanduser().is_file():
+            raise InputError(f"--llamacpp-convert {self.llamacpp_convert}: no such file "
+                             "(llama.cpp's convert_hf_to_gguf.py)")
         if self.budgets and self.calibration is None:  # AdaSkip columns calibrate as adaskip-build does
             CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
 
@@ -81,6 +96,8 @@ class Column:
     note: str = ""
     skipped: list[int] = field(default_factory=list)  # sublayers its plan removes (for its prefill FLOPs)
     last_token_tail: bool = True  # runs a prefill's tail for the last token only (our engines; not HF, not genai)
+    info: dict[str, Any] = field(default_factory=dict)  # what the engine is (versions, build), for the record
+    close: Callable[[], None] | None = None  # releases what it holds (a worker process)
 
 
 def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Column:
@@ -173,6 +190,22 @@ def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_s
     name = f"ort-genai-{precision}"
     return [_genai_column(built, name, threads, spinning=False)] + (
         [_genai_column(built, f"{name}-spin", threads, spinning=True)] if with_spinning else [])
+
+
+def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str, n_ctx: int, work: Path) -> None:
+    """llama.cpp on GGUFs of the same weights, one worker process per GGUF type (adaskip/eval/llamacpp.py), each
+    added to `columns` as soon as it runs (so that it is closed whatever happens next)."""
+    ggufs = llamacpp.make_ggufs(hf_dir, opts.llamacpp_types, work, llamacpp.converter(opts.llamacpp_convert),
+                                opts.threads)
+    for t, path in ggufs.items():
+        worker = llamacpp.Worker(path, opts.threads, n_ctx)
+        info = worker.info
+        columns.append(Column(
+            f"llama.cpp-{t}", worker.run, close=worker.close, last_token_tail=False, info=info,
+            note=(f"llama-cpp-python {info['llama_cpp_python']}, ggml {info['ggml']}; {t} GGUF by llama.cpp's "
+                  "converter" + ("" if t == "f32" else " and quantizer") + f"; {info['kv_cache']} KV cache, flash attention "
+                  f"{'on' if info['flash_attn'] else 'off'}, batch {info['n_batch']}/{info['n_ubatch']}; OpenMP wait "
+                  f"policy {info['omp_wait_policy']}")))
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
@@ -286,15 +319,21 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         calib = cached_calibration(model, data, threads=opts.threads)[0]
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
+    columns: list[Column] = []
     try:
-        return _measure(opts, model, calib, nothing, budgets, contexts, corpus, work)
+        return _measure(opts, model, calib, nothing, budgets, contexts, corpus, work, columns)
     finally:
+        for col in columns:
+            if col.close is not None:
+                col.close()
         shutil.rmtree(work, ignore_errors=True)  # the exported graphs: several copies of the weights
 
 
-def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpus, work: Path) -> dict[str, Any]:
+def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpus, work: Path,
+             columns: list[Column]) -> dict[str, Any]:
+    """Fills `columns` (the caller closes them), runs them and returns the record."""
     spec = model.spec
-    columns: list[Column] = []
+    skipped: dict[str, str] = {}  # anchors asked for that cannot run here, and why
     if opts.hf:
         columns.append(_hf_column(model.source))
     columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
@@ -305,7 +344,10 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
-        col.ideal = {c: cost.speedups(spec, SkipLayout.from_plan(plan), c, opts.decode_tokens) for c in contexts}
+        layout = SkipLayout.from_plan(plan)
+        col.ideal = {c: {**cost.speedups(spec, layout, c, opts.decode_tokens),
+                         "roofline": _phases(cost.roofline_speedups(spec, layout, c, opts.decode_tokens,
+                                                                    ROOFLINE_WIDTHS))} for c in contexts}
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
@@ -315,6 +357,13 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
         columns.append(_ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True))
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False)
+    if opts.llamacpp and opts.llamacpp_types:
+        reason = llamacpp.unavailable()
+        if reason is None:
+            _add_llamacpp_columns(columns, opts, model.source, max(contexts) + opts.decode_tokens + 1, work)
+        else:
+            skipped["llama.cpp"] = reason
+            print(f"adaskip-bench: no llama.cpp columns: {reason}", file=sys.stderr)
 
     results: dict[str, dict[int, dict[str, list[float]]]] = {c.name: {} for c in columns}
     # the kernels' rates are measured in every repeat, next to the columns, and the best kept: a shared machine's
@@ -338,9 +387,11 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
     return {"model": opts.model, "threads": opts.threads, "repeats": opts.repeats,
             "decode_tokens": opts.decode_tokens, "contexts": contexts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "roofline": {"machine": asdict(cost.MACHINE), "widths": asdict(ROOFLINE_WIDTHS)},
+            "skipped": skipped,
             "gemm_gflops": {str(ctx): g for ctx, g in gemm.items()},
             "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
-            "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal,
+            "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal, "info": c.info,
                          "prefill_flops": {str(ctx): dict(zip(("matmul", "attention"),
                                                               cost.prefill_split(spec, ctx, c.skipped,
                                                                                  c.last_token_tail)))
@@ -348,6 +399,10 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
                         for c in columns],
             "results": {name: {str(ctx): {k: statistics.median(v) for k, v in d.items()} | {"raw": d}
                                for ctx, d in per_ctx.items()} for name, per_ctx in results.items()}}
+
+
+def _phases(ideal: dict[str, Any]) -> dict[str, float]:
+    return {"prefill": ideal["prefill"], "decode": ideal["decode"]}
 
 
 def _kernel_bound(flops: dict[str, float], gemm: float, attention: float | None) -> float | None:
@@ -358,6 +413,7 @@ def _kernel_bound(flops: dict[str, float], gemm: float, attention: float | None)
 
 def render_markdown(data: dict[str, Any]) -> str:
     res, cols = data["results"], data["columns"]
+    machine = data.get("roofline", {}).get("machine", asdict(cost.MACHINE))
     lines = [f"# Benchmarks: {data['model']}", "",
              f"Generated by `adaskip-bench` ({data['threads']} threads, OMP_WAIT_POLICY={data['omp_wait_policy']}, "
              f"every ONNX Runtime session, ours and onnxruntime-genai's, with intra-op spinning off, except the "
@@ -365,15 +421,26 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['repeats']} repeats; every "
              f"repeat runs all columns on the same real-text prompt in rotating order. Decode: mean over "
              f"{data['decode_tokens']} greedy tokens after the prompt. Speedup = time of `ort` (our engine, nothing "
-             f"skipped) / time of the column; ideal = FLOP fraction the plan removes (cost model, decode over the "
-             f"same {data['decode_tokens']} steps; our engines run "
-             f"the sublayers after a prompt's last attention for its last token only, and so does the model's ideal). "
+             f"skipped) / time of the column. Two ideals (adaskip/cost.py, decode over the same "
+             f"{data['decode_tokens']} steps; our engines run "
+             f"the sublayers after a prompt's last attention for its last token only, and so do the ideals): FLOPs = "
+             f"the FLOP fraction the plan removes; bytes+FLOPs = a per-kernel roofline, max(bytes read / "
+             f"{machine['bandwidth_gbs']:g} GB/s, FLOPs / {machine['peak_gflops']:g} GFLOP/s) summed over the "
+             f"sublayers "
+             f"that run (fp32 weights and KV cache: decode is memory-bound, so a skipped attention saves its weights "
+             f"and its KV cache, an FFN its weights; prefill comes to the FLOP fraction); of ideal = speedup / the "
+             f"bytes+FLOPs ideal. "
              f"GFLOP/s = the cost model's prefill FLOPs for the column's plan, as that engine runs it, / TTFT. Kernel "
              f"bound = the prefill time if the "
              f"plan's weight products ran at the measured rate of one fp32 MatMul of the model's FFN shape in ONNX "
              f"Runtime and its attention at the measured rate of ONNX Runtime's GroupQueryAttention alone over the "
              f"context (both given per context: the best of one measurement per repeat), with nothing else costing "
              f"time.", ""]
+    builds = {c["info"].get("system_info") for c in cols if c.get("info", {}).get("system_info")}
+    for info in sorted(builds):
+        lines += [f"llama.cpp build (ggml system info): `{info}`", ""]
+    for name, reason in data.get("skipped", {}).items():
+        lines += [f"Not measured: {name}: {reason}.", ""]
     for ctx in data["contexts"]:
         key = str(ctx)
         base = res["ort"][key]
@@ -382,22 +449,33 @@ def render_markdown(data: dict[str, Any]) -> str:
                   f"Kernels alone: fp32 MatMul {gemm:.0f} GFLOP/s"
                   + ("." if attention is None else f"; GroupQueryAttention, causal over {ctx} tokens in the engine's "
                                                      f"prefill chunks, {attention:.0f} GFLOP/s."), ""]
-        lines += ["| column | TTFT (s) | prefill speedup | ideal | GFLOP/s | kernel bound (s) | decode (ms/token) | "
-                  "decode speedup | ideal | note |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| column | TTFT (s) | prefill speedup | ideal: FLOPs | bytes+FLOPs | of ideal | GFLOP/s | "
+                  "kernel bound (s) | decode (ms/token) | decode speedup | ideal: FLOPs | bytes+FLOPs | of ideal | "
+                  "note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for col in cols:
             r = res[col["name"]][key]
             ideal = col["ideal"].get(ctx) or col["ideal"].get(key) or {}
-            ip = f"{ideal['prefill']:.3f}" if ideal else ""
-            idd = f"{ideal['decode']:.3f}" if ideal else ""
+            speedup = {"prefill": base["ttft"] / r["ttft"], "decode": base["decode"] / r["decode"]}
+            cells = {phase: _ideal_cells(ideal, phase, speedup[phase]) for phase in speedup}
             flops = col["prefill_flops"][key]
             gflops = (flops["matmul"] + flops["attention"]) / r["ttft"] / 1e9
             bound = _kernel_bound(flops, gemm, attention)
-            lines.append(f"| {col['name']} | {r['ttft']:.3f} | {base['ttft'] / r['ttft']:.3f} | {ip} | {gflops:.0f} | "
-                         f"{'' if bound is None else f'{bound:.3f}'} | {r['decode'] * 1000:.2f} | "
-                         f"{base['decode'] / r['decode']:.3f} | {idd} | {col['note']} |")
+            lines.append(f"| {col['name']} | {r['ttft']:.3f} | {speedup['prefill']:.3f} | {cells['prefill']} | "
+                         f"{gflops:.0f} | {'' if bound is None else f'{bound:.3f}'} | {r['decode'] * 1000:.2f} | "
+                         f"{speedup['decode']:.3f} | {cells['decode']} | {col['note']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ideal_cells(ideal: dict[str, Any], phase: str, speedup: float) -> str:
+    """`FLOPs | bytes+FLOPs | of ideal` cells of one phase (empty for a column without a plan)."""
+    if not ideal:
+        return " |  | "
+    roof = ideal.get("roofline", {}).get(phase)
+    if roof is None:  # a record from before the bytes-and-FLOPs ideal
+        return f"{ideal[phase]:.3f} |  | "
+    return f"{ideal[phase]:.3f} | {roof:.3f} | {speedup / roof:.2f}"
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
