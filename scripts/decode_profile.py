@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import torch
 
+from adaskip.export.onnx.quantize import all_nodes
 from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.ort_engines import session_options
 
@@ -51,13 +52,6 @@ def measure_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float
     return 2 * src.nbytes / best / 1e9
 
 
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-
 
 def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
     """Bytes of initializers each node of the (optimized) graph reads per decode token, and each node's op type."""
@@ -65,7 +59,7 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]
     for t in model.graph.initializer:
         sizes[t.name] = (int(np.prod(t.dims)) if t.dims else 1) * ITEMSIZE.get(t.data_type, 4), list(t.dims)
     out, ops = {}, {}
-    for node in _nodes(model.graph):
+    for node in all_nodes(model.graph):
         total = 0
         for k, name in enumerate(node.input):
             if name not in sizes:

@@ -17,7 +17,7 @@ from adaskip.builder.options import EngineOptions
 from adaskip.errors import InputError
 from adaskip.eval.verify import compare_engines
 from adaskip.export.onnx.graph import build_onnx
-from adaskip.export.onnx.quantize import HEAD_WEIGHT, quantize
+from adaskip.export.onnx.quantize import HEAD_WEIGHT, all_nodes, quantize
 from adaskip.export.onnx.save import save_onnx
 from adaskip.model import load_model
 from adaskip.plan import baseline_plan
@@ -46,13 +46,6 @@ def _compare(model, out: Path, atol: float | None):
     return engine, compare_engines(TorchEngine.from_loaded(model), engine, _no_skip(model), prompts, 8, atol=atol)
 
 
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])  # tied embedding / own LM head
 def test_int4_and_int8_quantize_every_linear_layer_and_the_lm_head(kind, tiny_root, tmp_path):
@@ -67,7 +60,7 @@ def test_int4_and_int8_quantize_every_linear_layer_and_the_lm_head(kind, tiny_ro
         info = quantize(out, bits)
         assert info["quantize"] == bits and info["bits"] == int(bits[3:])
         graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-        nbits = [n for n in _nodes(graph) if n.op_type == "MatMulNBits"]
+        nbits = [n for n in all_nodes(graph) if n.op_type == "MatMulNBits"]
         assert len(nbits) == info["quantized_matmuls"] == 4 * 5 + 1  # (qkv, o, gate, up, down) x 4 layers + head
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(bits[3:])}
         head = next(n for n in graph.node if "logits" in n.output)

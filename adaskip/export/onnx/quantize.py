@@ -67,7 +67,7 @@ def quantize(model_dir: str | Path, kind: str, block_size: int = 32) -> dict:
     quantizer.process()
     (Path(model_dir) / DATA_FILE).unlink()
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
-    quantized = sum(n.op_type == "MatMulNBits" for n in _all_nodes(quantizer.model.model.graph))
+    quantized = sum(n.op_type == "MatMulNBits" for n in all_nodes(quantizer.model.model.graph))
     return {"quantize": kind, "bits": BITS[kind], "block_size": block_size, "op": "com.microsoft::MatMulNBits",
             "lm_head": "quantized" + (" (own copy of the tied embedding)" if untied else ""),
             "quantized_matmuls": quantized}
@@ -78,9 +78,10 @@ def quantize_int4(model_dir: str | Path, block_size: int = 32) -> dict:
     return quantize(model_dir, "int4", block_size)
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph`, those inside If/Loop subgraphs included (the conditional sublayers live there)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
+                yield from all_nodes(attr.g)
