@@ -485,8 +485,15 @@ def test_a_float16_kv_engine_is_refused_with_one_line(build, tiny_chat_model, tm
     """adaskip-build --kv-dtype float16 engines run in Python only: the C++ runtime says so instead of failing in ORT."""
     from adaskip.cli import build as build_cli
 
+    # the tiny chat model with 2 heads of 16 (same weight shapes): GroupQueryAttention, which keeps the float16 cache,
+    # needs a head size that is a multiple of 16
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    (model / "config.json").write_text(json.dumps(config))
     out = tmp_path / "kv16"
-    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "--kv-dtype", "float16", "-q",
+    assert build_cli.main(["--model", str(model), "--skip", "2", "--kv-dtype", "float16", "-q",
                            "--calib-prompts", "2", "--calib-tokens", "64", "--output", str(out)]) == 0
     cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
     run = subprocess.run([str(cli), "--engine", str(out), "--ids", "1,2"], capture_output=True, text=True, env=ENV,
