@@ -47,7 +47,8 @@ METRICS = [("ttft_p50_ms", "time_to_first_token", "p50"), ("ttft_p99_ms", "time_
            ("latency_p50_ms", "request_latency", "p50"), ("output_tok_s", "output_token_throughput", "avg"),
            ("requests_s", "request_throughput", "avg"), ("isl_avg", "input_sequence_length", "avg"),
            ("osl_avg", "output_sequence_length", "avg"), ("duration_s", "benchmark_duration", "avg"),
-           ("completed", "completed_request_count", "avg"), ("error_rate_pct", "request_error_rate", "avg")]
+           ("completed", "completed_request_count", "avg"), ("error_rate_pct", "request_error_rate", "avg"),
+           ("effective_concurrency", "effective_concurrency", "avg")]
 
 
 def die(msg: str) -> None:
