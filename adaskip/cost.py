@@ -135,24 +135,32 @@ MACHINE = Machine()
 
 @dataclass(frozen=True)
 class Widths:
-    """Bytes an engine reads per element: of the sublayers' weight matrices, of the LM head (and the embedding rows),
-    of the KV cache, and of the activations and norm weights."""
+    """Bytes an engine reads per element: of the sublayers' weight matrices, of the LM head, of the KV cache, and of
+    the activations, norm weights and embedding rows (the embedding table stays in the model dtype when the head is
+    quantized)."""
     weights: float = 4.0
     head: float = 4.0
     kv: float = 4.0
     activations: float = 4.0
 
     @classmethod
-    def for_engine(cls, dtype: str = "float32", quantize: str | None = None, block_size: int = 32) -> "Widths":
-        """An engine's widths from adaskip-build's --dtype and --quantize: int4 (MatMulNBits, symmetric) stores 4
-        bits per weight plus one fp32 scale per block of the sublayers' linear layers and keeps the LM head, the KV
-        cache and the activations in the model dtype (adaskip/export/onnx/quantize.py)."""
-        width = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}[dtype]
-        if quantize is None:
-            return cls(width, width, width, width)
-        if quantize == "int4":
-            return cls(0.5 + 4.0 / block_size, width, width, width)
-        raise ValueError(f"unknown quantization {quantize!r}")
+    def for_engine(cls, dtype: str = "float32", bits: int | None = None, kv_dtype: str | None = None,
+                   block_size: int = 32) -> "Widths":
+        """An engine's widths from adaskip-build's --dtype, --quantize (as its bit count: int4 = 4, int8 = 8) and
+        --kv-dtype: weight-only MatMulNBits (symmetric) stores `bits` per weight plus one fp32 scale per block of
+        `block_size` for the sublayers' linear layers and the LM head, and keeps the activations in the model dtype
+        (adaskip/export/onnx/quantize.py); the KV cache is in `kv_dtype`, the model dtype by default."""
+        width = _DTYPE_BYTES[dtype]
+        kv = _DTYPE_BYTES[kv_dtype or dtype]
+        if bits is None:
+            return cls(width, width, kv, width)
+        if bits not in (4, 8):
+            raise ValueError(f"no MatMulNBits width for {bits}-bit weights")
+        packed = bits / 8 + 4.0 / block_size
+        return cls(packed, packed, kv, width)
+
+
+_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 
 
 def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Iterable[int] = (), tail: bool = True,
@@ -188,7 +196,7 @@ def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Itera
                         attn_weights * widths.weights + kv + hidden))
         else:
             out.append((float(tokens * ffn), ffn_weights * widths.weights + hidden))
-    head = d * spec.vocab_size * widths.head + prompt * d * widths.head + d * widths.activations
+    head = d * spec.vocab_size * widths.head + prompt * d * widths.activations + d * widths.activations
     out.append((2.0 * d * spec.vocab_size, float(head)))
     return out
 

@@ -41,18 +41,20 @@ def test_decode_bytes_by_hand():
 
 
 def test_int4_and_half_widths_by_hand():
-    q4 = cost.Widths.for_engine("float32", "int4")
-    assert q4 == cost.Widths(weights=0.625, head=4.0, kv=4.0, activations=4.0)  # 4 bits + an fp32 scale per 32
+    q4 = cost.Widths.for_engine("float32", 4)
+    assert q4 == cost.Widths(weights=0.625, head=0.625, kv=4.0, activations=4.0)  # 4 bits + an fp32 scale per 32
+    assert cost.Widths.for_engine("float32", 8, "float16") == cost.Widths(1.125, 1.125, 2.0, 4.0)
     assert cost.Widths.for_engine("float16") == cost.Widths(2.0, 2.0, 2.0, 2.0)
     attn, ffn = 12288 * 0.625 + KV + HIDDEN, 3 * 64 * 256 * 0.625 + HIDDEN
     costs = cost.sublayer_costs(SPEC, 1024, "decode", widths=q4)
-    assert [b for _, b in costs] == [attn, ffn] * 4 + [HEAD]
-    step = 4 * (attn + ffn) + HEAD
+    head = 64 * 100 * 0.625 + 64 * 4 + 64 * 4  # the head at 4 bits; the embedding row and final norm in fp32
+    assert [b for _, b in costs] == [attn, ffn] * 4 + [head]
+    step = 4 * (attn + ffn) + head
     # with int4 weights the KV cache is a larger share of a step: skipping an attention is worth more
     assert cost.roofline_speedup(SPEC, [2], 1024, "decode", q4) == pytest.approx(step / (step - attn))
     assert cost.roofline_speedup(SPEC, [2], 1024, "decode", q4) > cost.roofline_speedup(SPEC, [2], 1024, "decode")
-    with pytest.raises(ValueError, match="unknown quantization"):
-        cost.Widths.for_engine("float32", "int3")
+    with pytest.raises(ValueError, match="no MatMulNBits width"):
+        cost.Widths.for_engine("float32", 3)
 
 
 def test_prefill_bytes_by_hand_and_its_tail():

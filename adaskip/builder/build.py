@@ -16,7 +16,7 @@ from adaskip.calibrate.importance import cached_calibration, calibration_from_pl
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
-from adaskip.export.onnx.quantize import quantize
+from adaskip.export.onnx.quantize import BITS, quantize
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant
 from adaskip.export.tensorrt.builder import TrtSettings, build_into, check_environment
@@ -147,7 +147,7 @@ def build(opts: BuildOptions) -> BuildReport:
     layout = SkipLayout.from_plan(plan)
     expected = cost.speedups(spec, layout, context_len, SKIPDECODE_HORIZON)
     # next to it the bytes-and-FLOPs ideal at the engine's widths (decode is memory-bound)
-    widths = cost.Widths.for_engine(opts.engine.dtype, opts.engine.quantize)
+    widths = cost.Widths.for_engine(opts.engine.dtype, BITS.get(opts.engine.quantize), opts.engine.kv_dtype)
     roofline = cost.roofline_speedups(spec, layout, context_len, SKIPDECODE_HORIZON, widths)
     expected["roofline"] = {k: roofline[k] for k in ("prefill", "decode", "machine", "widths")}
     plan.selection = {**plan.selection, "expected_speedup": expected}
