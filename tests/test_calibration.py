@@ -74,3 +74,31 @@ def test_calibration_from_plan(tmp_path):
     with pytest.raises(InputError, match="no calibration"):
         calibration_from_plan(tmp_path / "b.json", "fp")
     assert json.loads(path.read_text())["calibration"]["similarity"] == calib.similarity
+
+
+def test_channel_sums_are_cached_beside_the_statistics(tiny_root, tmp_path, monkeypatch):
+    """A fitted stand-in's torch pass is cached with its channel sums: a second build with another K reuses both,
+    gives the same compensation, and the statistics serve a norm-ratio build too; damaged sums are a miss."""
+    import torch
+
+    from adaskip.calibrate import compensation as comp
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    ids = [[(5 * i + 11 * p) % 300 + 5 for i in range(64)] for p in range(2)]
+    data = CalibrationSet(prompts=ids, source="t", digest="sha256:cc")
+    calib, stats, cached = comp.cached_collect(model, data, progress=False)
+    assert not cached
+    again, stats2, cached = comp.cached_collect(model, data, progress=False)
+    assert cached and again == calib
+    for name, tensor in stats.to_dict().items():
+        assert torch.equal(tensor, getattr(stats2, name)), name
+    assert comp.fit("channel-affine", stats2, again)[1] == comp.fit("channel-affine", stats, calib)[1]
+    cache = CalibrationCache()
+    assert cache.get(model.fingerprint, data) == (calib, "torch")  # a norm-ratio build's hit
+    cache.put(model.fingerprint, data, calib, "ort")  # a later ORT pass keeps the sums
+    assert cache.get_channels(model.fingerprint, data) is not None
+    for f in (tmp_path / "xdg").rglob("*.channels.pt"):
+        f.write_bytes(b"damaged")
+    assert cache.get_channels(model.fingerprint, data) is None
+    assert comp.cached_collect(model, data, use_cache=False, progress=False)[2] is False

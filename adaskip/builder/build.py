@@ -96,7 +96,7 @@ def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, calib:
 def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Calibration, Any, Any]:
     """(statistics, scales, compensation) for an AdaSkip plan: from an earlier plan (--calibration), from the cache,
     or from a pass on the fastest engine that gives the reference's statistics. A fitted stand-in needs the
-    per-channel sums of the reference engine's pass, which are not cached."""
+    per-channel sums of a pass on the reference engine (cached beside its statistics)."""
     sel, cal = opts.selection, opts.calibration
     if cal.reuse is not None:
         if sel.stand_in != "norm-ratio":
@@ -105,9 +105,11 @@ def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> t
         return calibration_from_plan(cal.reuse, model.fingerprint), None, None
     data = load_calibration(tokenizer, cal.prompts, cal.tokens, cal.data)
     if sel.stand_in != "norm-ratio":  # the same pass sums the per-channel statistics the stand-in is fitted on
-        _log(f"calibrating on {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source} (torch, with the "
+        _log(f"calibration: {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source} (torch, with the "
              f"per-channel sums of --stand-in {sel.stand_in})", opts)
-        calib, stats = comp.collect(TorchEngine.from_loaded(model), data, progress=opts.progress)
+        calib, stats, cached = comp.cached_collect(model, data, cal.cache, progress=opts.progress)
+        if cached:
+            _log("calibration and channel sums reused from the cache (--no-calib-cache to recompute)", opts)
         scales, compensation = comp.fit(sel.stand_in, stats, calib)
         return calib, scales, compensation
     _log(f"calibration: {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source}", opts)

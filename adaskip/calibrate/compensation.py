@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adaskip.calibrate.importance import calibrate
+from adaskip.calibrate.importance import CalibrationCache, calibrate
 from adaskip.calibrate.corpus import CalibrationSet
+from adaskip.model.spec import LoadedModel
 from adaskip.plan import COMPENSATION_RULES, Calibration, Compensation
 from adaskip.runtime.torch_engine import TorchEngine
 
@@ -92,6 +93,20 @@ def collect(engine: TorchEngine, data: CalibrationSet, progress: bool = True) ->
     finally:
         engine.observer = previous
     return calib, stats
+
+
+def cached_collect(model: LoadedModel, data: CalibrationSet, use_cache: bool = True,
+                   progress: bool = True) -> tuple[Calibration, ChannelStats, bool]:
+    """`collect` on the reference engine through the calibration cache: (statistics, channel sums, whether they came
+    from the cache). The pass's statistics also serve later norm-ratio builds on the same prompts."""
+    cache = CalibrationCache() if use_cache else None
+    hit = cache.get_channels(model.fingerprint, data) if cache else None
+    if hit is not None:
+        return hit[0], ChannelStats.from_dict(hit[1]), True
+    calib, stats = collect(TorchEngine.from_loaded(model), data, progress=progress)
+    if cache:
+        cache.put(model.fingerprint, data, calib, "torch", channels=stats.to_dict())
+    return calib, stats, False
 
 
 def fit(rule: str, stats: ChannelStats, calib: Calibration) -> tuple[list[float], Compensation | None]:

@@ -75,7 +75,9 @@ def calibrate_model(model: LoadedModel, data: CalibrationSet, engine: str = "aut
 
 class CalibrationCache:
     """Finished calibrations on disk, one JSON file per (model fingerprint, prompt-token digest); written
-    atomically, read back only when every recorded key matches."""
+    atomically, read back only when every recorded key matches. A torch pass that also summed the per-channel
+    statistics a fitted stand-in needs (adaskip/calibrate/compensation.py) keeps those sums beside it in a
+    `.channels.pt` file, so a second build with a fitted stand-in does not calibrate again either."""
 
     def __init__(self, root: str | Path | None = None):
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -100,16 +102,40 @@ class CalibrationCache:
         except (OSError, ValueError, TypeError, KeyError):  # missing or damaged: calibrate again
             return None
 
-    def put(self, fingerprint: str, data: CalibrationSet, calibration: Calibration, engine: str) -> None:
+    def get_channels(self, fingerprint: str, data: CalibrationSet) -> tuple[Calibration, dict[str, torch.Tensor]] | None:
+        """The statistics and the per-channel sums of one torch pass, or None (never cached, or damaged)."""
+        hit = self.get(fingerprint, data)
+        if hit is None:
+            return None
+        path = self._path(self.key(fingerprint, data)).with_suffix(".channels.pt")
+        try:
+            record = torch.load(path, weights_only=True)
+            if record.get("key") != json.dumps(self.key(fingerprint, data), sort_keys=True):
+                return None
+            return hit[0], record["channels"]
+        except Exception:  # torch.load raises many types on a missing or damaged file: calibrate again
+            return None
+
+    def put(self, fingerprint: str, data: CalibrationSet, calibration: Calibration, engine: str,
+            channels: dict[str, torch.Tensor] | None = None) -> None:
         key = self.key(fingerprint, data)
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "engine": engine, "calibration": asdict(calibration)}))
-            os.replace(tmp, path)
+            if channels is not None:  # first, so a statistics file never points at half-written sums
+                self._replace(path.with_suffix(".channels.pt"),
+                              lambda tmp: torch.save({"key": json.dumps(key, sort_keys=True),
+                                                      "channels": channels}, tmp))
+            record = json.dumps({"key": key, "engine": engine, "calibration": asdict(calibration)})
+            self._replace(path, lambda tmp: tmp.write_text(record))
         except OSError:  # a cache that cannot be written only costs time next build
             pass
+
+    @staticmethod
+    def _replace(path: Path, write: Any) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write(tmp)
+        os.replace(tmp, path)
 
 
 def cached_calibration(model: LoadedModel, data: CalibrationSet, engine: str = "auto", use_cache: bool = True,
