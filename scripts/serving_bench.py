@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MIXES = {"chat": (512, 256), "long": (4096, 128)}  # name -> (prompt tokens, output tokens)
+# name -> (prompt tokens, output tokens, output tokens' standard deviation): `chat-var` is the chat mix with the
+# spread of output lengths real chat has, where a static batch waits for its longest request
+MIXES = {"chat": (512, 256, 0), "chat-var": (512, 256, 128), "long": (4096, 128, 0)}
 # (our name, aiperf JSON key, statistic)
 METRICS = [("ttft_p50_ms", "time_to_first_token", "p50"), ("ttft_p99_ms", "time_to_first_token", "p99"),
            ("itl_p50_ms", "inter_token_latency", "p50"), ("itl_p99_ms", "inter_token_latency", "p99"),
@@ -90,8 +92,8 @@ class Target:
 
     def start(self, a: argparse.Namespace, capacity: int, logdir: Path) -> None:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-        if self.kind == "llama-server":  # llama.cpp's OpenMP threads are made to spin: passive waits slowed its
-            env.pop("OMP_WAIT_POLICY")   # decode 2-3x here, and its users do not set it (as adaskip-bench runs it)
+        # llama-server keeps OMP_WAIT_POLICY=PASSIVE here although adaskip-bench runs llama.cpp spinning (faster alone):
+        # beside the load generator on 2 cores its spinning OpenMP threads made 1.0 output tok/s at c=1 (PASSIVE: 4.7)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         py = a.python
         if self.kind == "engine":
@@ -156,8 +158,9 @@ class Target:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
-    def aiperf_args(self, isl: int, osl: int) -> list[str]:
-        common = ["--model", self.model, "--url", self.base, "--isl", str(isl), "--osl", str(osl)]
+    def aiperf_args(self, isl: int, osl: int, osl_sd: int = 0) -> list[str]:
+        common = ["--model", self.model, "--url", self.base, "--isl", str(isl), "--osl", str(osl),
+                  "--osl-stddev", str(osl_sd)]
         if self.kind == "triton-static":
             template = '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}}'
             extra = json.dumps({"payload_template": template, "response_field": "text_output"})
@@ -166,11 +169,11 @@ class Target:
         return common + ["--endpoint-type", "completions", "--streaming", "--extra-inputs", "ignore_eos:true"]
 
 
-def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, conc: int, n: int,
+def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, osl_sd: int, conc: int, n: int,
              outdir: Path) -> dict:
     art = outdir / f"{t.name}-{mix}-c{conc}"
     shutil.rmtree(art, ignore_errors=True)
-    cmd = [a.aiperf, "profile", *t.aiperf_args(isl, osl), "--concurrency", str(conc), "--request-count", str(n),
+    cmd = [a.aiperf, "profile", *t.aiperf_args(isl, osl, osl_sd), "--concurrency", str(conc), "--request-count", str(n),
            "--tokenizer", a.tokenizer, "--random-seed", str(a.seed), "--ui-type", "none", "--artifact-dir", str(art),
            # one worker and one record processor: the load generator shares this host's cores with the server
            "--workers-max", "1", "--record-processors", "1", "--no-server-metrics", "--no-gpu-telemetry"]
@@ -185,7 +188,7 @@ def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, con
         print(res.stdout[-3000:], file=sys.stderr)
         die(f"aiperf failed for {t.name} {mix} c={conc} (exit {res.returncode})")
     d = json.loads(export.read_text())
-    row = {"target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "concurrency": conc,
+    row = {"target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
            "requests": n, "load_before": before, "load_after": after, "wall_s": round(time.time() - t0, 1),
            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
            "server_setup": t.setup, "server_command": t.command, "aiperf_command": cmd}
@@ -225,8 +228,9 @@ def markdown(rows: list[dict]) -> str:
     out = []
     for mix in mix_order(rows):
         sel = [r for r in rows if r["mix"] == mix]
-        isl, osl = sel[0]["isl"], sel[0]["osl"]
-        out += [f"**{mix}** mix ({isl} prompt / {osl} output tokens):", "",
+        isl, osl, sd = sel[0]["isl"], sel[0]["osl"], sel[0].get("osl_stddev", 0)
+        spread = f" +- {sd} (normal, per request)" if sd else ""
+        out += [f"**{mix}** mix ({isl} prompt / {osl}{spread} output tokens):", "",
                 "| target | concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | output tok/s | "
                 "requests/s | mean output tokens | load (1 min) |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -278,7 +282,7 @@ def main() -> None:
     p.add_argument("--llama-server-bin", default="llama-server")
     p.add_argument("--run", action="append", default=[], metavar="TARGET:MIX:CxN,...",
                    help="cells to measure, in order (C concurrency, N requests)")
-    p.add_argument("--mix", action="append", default=[], metavar="NAME=ISL/OSL",
+    p.add_argument("--mix", action="append", default=[], metavar="NAME=ISL/OSL[/OSL_STDDEV]",
                    help=f"add or override a mix (built in: {MIXES})")
     p.add_argument("--tokenizer", help="tokenizer folder aiperf uses (the engine dir's tokenizer/)")
     p.add_argument("--aiperf", default="/work/tools/aiperf/bin/aiperf")
@@ -301,10 +305,12 @@ def main() -> None:
     for m in a.mix:
         try:
             name, v = m.split("=")
-            isl, osl = (int(x) for x in v.split("/"))
+            isl, osl, *sd = (int(x) for x in v.split("/"))
+            if len(sd) > 1:
+                raise ValueError
         except ValueError:
-            die(f"--mix {m!r}: want NAME=ISL/OSL")
-        mixes[name] = (isl, osl)
+            die(f"--mix {m!r}: want NAME=ISL/OSL or NAME=ISL/OSL/OSL_STDDEV")
+        mixes[name] = (isl, osl, sd[0] if sd else 0)
     out = Path(a.out)
     rows: list[dict] = [] if a.fresh or not out.exists() else json.loads(out.read_text())["cells"]
 
@@ -326,13 +332,13 @@ def main() -> None:
         arts = Path(a.artifacts)
         arts.mkdir(parents=True, exist_ok=True)
         for t, mix, pairs in runs:
-            isl, osl = mixes[mix]
-            capacity = isl + osl + 64  # room for tokenizer round-trip differences
+            isl, osl, osl_sd = mixes[mix]
+            capacity = isl + osl + 4 * osl_sd + 64  # room for long draws and tokenizer round-trip differences
             print(f"[{time.strftime('%H:%M:%S')}] {t.name} ({t.kind}) {mix}: starting, load {load()}", flush=True)
             t.start(a, capacity, arts)
             try:
                 for conc, n in pairs:
-                    row = run_cell(a, t, mix, isl, osl, conc, n, arts)
+                    row = run_cell(a, t, mix, isl, osl, osl_sd, conc, n, arts)
                     rows = [r for r in rows if (r["target"], r["mix"], r["concurrency"]) != (t.name, mix, conc)]
                     rows.append(row)
                     out.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
