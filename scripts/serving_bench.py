@@ -93,7 +93,7 @@ class Target:
     def start(self, a: argparse.Namespace, capacity: int, logdir: Path) -> None:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
         # llama-server keeps OMP_WAIT_POLICY=PASSIVE here although adaskip-bench runs llama.cpp spinning (faster alone):
-        # beside the load generator on 2 cores its spinning OpenMP threads made 1.0 output tok/s at c=1 (PASSIVE: 4.7)
+        # beside the load generator on 2 cores its spinning OpenMP threads made 1.0 output tok/s at c=1 (PASSIVE: 13.1)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         py = a.python
         if self.kind == "engine":
@@ -306,10 +306,10 @@ def main() -> None:
         try:
             name, v = m.split("=")
             isl, osl, *sd = (int(x) for x in v.split("/"))
-            if len(sd) > 1:
+            if len(sd) > 1 or isl < 1 or osl < 1 or (sd and sd[0] < 0):
                 raise ValueError
         except ValueError:
-            die(f"--mix {m!r}: want NAME=ISL/OSL or NAME=ISL/OSL/OSL_STDDEV")
+            die(f"--mix {m!r}: want NAME=ISL/OSL or NAME=ISL/OSL/OSL_STDDEV (lengths >= 1, spread >= 0)")
         mixes[name] = (isl, osl, sd[0] if sd else 0)
     out = Path(a.out)
     rows: list[dict] = [] if a.fresh or not out.exists() else json.loads(out.read_text())["cells"]

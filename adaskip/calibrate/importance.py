@@ -107,10 +107,10 @@ class CalibrationCache:
         hit = self.get(fingerprint, data)
         if hit is None:
             return None
-        path = self._path(self.key(fingerprint, data)).with_suffix(".channels.pt")
+        key = self.key(fingerprint, data)
         try:
-            record = torch.load(path, weights_only=True)
-            if record.get("key") != json.dumps(self.key(fingerprint, data), sort_keys=True):
+            record = torch.load(self._path(key).with_suffix(".channels.pt"), weights_only=True)
+            if record.get("key") != json.dumps(key, sort_keys=True):
                 return None
             return hit[0], record["channels"]
         except Exception:  # torch.load raises many types on a missing or damaged file: calibrate again
