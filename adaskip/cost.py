@@ -190,8 +190,7 @@ def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Itera
         tokens = 1 if j >= tail_start else prompt
         hidden = 2.0 * tokens * d * widths.activations + d * widths.activations  # in, out; its norm's weight
         if j % 2 == 0:
-            span = _attention_span(spec.attention_windows[j // 2], context_len)
-            kv = 2.0 * spec.num_kv_heads * hd * (span + prompt) * widths.kv  # read over the span, write the new
+            kv = kv_bytes(spec, j // 2, context_len, prompt, widths.kv)
             out.append((float(prompt * proj + _attention_core(spec, j // 2, context_len, phase)),
                         attn_weights * widths.weights + kv + hidden))
         else:
@@ -199,6 +198,20 @@ def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Itera
     head = d * spec.vocab_size * widths.head + prompt * d * widths.activations + d * widths.activations
     out.append((2.0 * d * spec.vocab_size, float(head)))
     return out
+
+
+def kv_bytes(spec: ModelSpec, layer: int, context_len: int, new_tokens: int, width: float) -> float:
+    """Bytes of layer `layer`'s KV cache a forward of `new_tokens` tokens reads (over its attention span) and writes
+    (the new tokens' K and V), `width` bytes per element."""
+    span = _attention_span(spec.attention_windows[layer], context_len)
+    return 2.0 * spec.num_kv_heads * spec.head_dim * (span + new_tokens) * width
+
+
+def decode_step_bytes(spec: ModelSpec, context_len: int, skipped: Iterable[int] = (),
+                      widths: Widths = Widths()) -> float:
+    """Bytes one decode step with `context_len` tokens of past moves to and from memory with `skipped` removed: the
+    numerator of its memory floor (that over the machine's read bandwidth is the fastest the step can be)."""
+    return sum(b for _, b in sublayer_costs(spec, context_len, "decode", skipped, widths=widths))
 
 
 def roofline_seconds(costs: list[tuple[float, float]], machine: Machine = MACHINE) -> float:

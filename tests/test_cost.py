@@ -38,6 +38,10 @@ def test_decode_bytes_by_hand():
     assert cost.roofline_speedup(SPEC, [2, 7], 1024, "decode") == pytest.approx(2_064_896 / 1_555_200)
     # the KV cache grows with the context: a skipped attention is worth more at 4k than at 1k
     assert cost.roofline_speedup(SPEC, [2], 4000, "decode") > cost.roofline_speedup(SPEC, [2], 1024, "decode")
+    # the memory floor's numerator: the step's bytes, less the skipped sublayers'; a layer's KV alone
+    assert cost.decode_step_bytes(SPEC, 1024) == STEP
+    assert cost.decode_step_bytes(SPEC, 1024, [2, 7]) == STEP - ATTN - FFN
+    assert cost.kv_bytes(SPEC, 0, 1024, 1, 4.0) == KV and cost.kv_bytes(SPEC, 0, 1024, 1, 2.0) == KV / 2
 
 
 def test_int4_and_half_widths_by_hand():

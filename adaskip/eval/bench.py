@@ -98,6 +98,8 @@ class Column:
     last_token_tail: bool = True  # runs a prefill's tail for the last token only (our engines; not HF, not genai)
     info: dict[str, Any] = field(default_factory=dict)  # what the engine is (versions, build), for the record
     close: Callable[[], None] | None = None  # releases what it holds (a worker process)
+    decode_bytes: Callable[[int], float] | None = None  # context -> bytes one decode step reads (its memory floor)
+    layout: SkipLayout | None = None  # an AdaSkip column's plan (its ideals need the measured machine)
 
 
 def _generator_column(name: str, engine: Any, policy: Any, note: str = "") -> Column:
@@ -143,7 +145,32 @@ def _genai_build(hf_dir: str, precision: str, work: Path) -> Path | None:
     return out
 
 
-def _genai_column(built: Path, name: str, threads: int, spinning: bool) -> Column:
+def _onnx_decode_weights(path: Path) -> tuple[float, float]:
+    """(bytes of the initializers a decode step reads, bytes per KV element) of another builder's ONNX model: every
+    initializer except those only gathered from (an embedding table: one row per token), and the element width of
+    its `past_key_values.*` inputs. Read from the graph's metadata, not its weights."""
+    import onnx
+
+    def width(elem_type: int) -> float:
+        four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+        return 0.5 if elem_type in four_bit else onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+
+    m = onnx.load(str(path), load_external_data=False)
+    gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+    used_otherwise = {i for n in m.graph.node if n.op_type != "Gather" for i in n.input}
+    weights = 0.0
+    for init in m.graph.initializer:
+        if init.name in gathered and init.name not in used_otherwise:
+            continue
+        count = 1
+        for d in init.dims:
+            count *= d
+        weights += count * width(init.data_type)
+    kv_types = {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_key_values")}
+    return weights, float(width(kv_types.pop()) if len(kv_types) == 1 else 4)
+
+
+def _genai_column(built: Path, name: str, threads: int, spinning: bool, spec: Any) -> Column:
     """One onnxruntime-genai model over a built folder. Its genai_config.json passes unknown session_options keys to
     ONNX Runtime as config entries, so spinning is set the same way as in our sessions; each setting gets its own
     folder (links to the built files, its own config) because a model reads the config of its folder."""
@@ -173,12 +200,16 @@ def _genai_column(built: Path, name: str, threads: int, spinning: bool) -> Colum
             gen.generate_next_token()
         return t1 - t0, (time.perf_counter() - t1) / steps
 
+    weights, kv_width = _onnx_decode_weights(folder / cfg["model"]["decoder"]["filename"])
     return Column(name, run, note="GroupQueryAttention, shared KV buffer (its builder's defaults); "
                   + ("intra-op spinning on, its default" if spinning else "intra-op spinning off, as ours"),
-                  last_token_tail=False)
+                  last_token_tail=False,
+                  decode_bytes=lambda c: weights + sum(cost.kv_bytes(spec, i, c, 1, kv_width)
+                                                       for i in range(spec.num_layers)))
 
 
-def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_spinning: bool) -> list[Column]:
+def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_spinning: bool,
+                   spec: Any) -> list[Column]:
     """onnxruntime-genai at `precision` with spinning off (like our sessions) and, if asked, on (its default)."""
     import importlib.util
 
@@ -188,11 +219,12 @@ def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_s
     if built is None:
         return []
     name = f"ort-genai-{precision}"
-    return [_genai_column(built, name, threads, spinning=False)] + (
-        [_genai_column(built, f"{name}-spin", threads, spinning=True)] if with_spinning else [])
+    return [_genai_column(built, name, threads, spinning=False, spec=spec)] + (
+        [_genai_column(built, f"{name}-spin", threads, spinning=True, spec=spec)] if with_spinning else [])
 
 
-def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str, n_ctx: int, work: Path) -> None:
+def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str, spec: Any, n_ctx: int,
+                          work: Path) -> None:
     """llama.cpp on GGUFs of the same weights, one worker process per GGUF type (adaskip/eval/llamacpp.py), each
     added to `columns` as soon as it runs (so that it is closed whatever happens next)."""
     ggufs = llamacpp.make_ggufs(hf_dir, opts.llamacpp_types, work, llamacpp.converter(opts.llamacpp_convert),
@@ -200,8 +232,13 @@ def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str
     for t, path in ggufs.items():
         worker = llamacpp.Worker(path, opts.threads, n_ctx)
         info = worker.info
+        # every tensor of the GGUF (llama_model_size), each read once per token: exact for a tied embedding (the
+        # table is the LM head), the embedding table too many for an untied one; the KV cache in its type
+        weights, kv_width = float(info["weight_bytes"]), {"f16": 2.0, "f32": 4.0}[info["kv_cache"]]
         columns.append(Column(
             f"llama.cpp-{t}", worker.run, close=worker.close, last_token_tail=False, info=info,
+            decode_bytes=lambda c, w=weights, kv=kv_width: w + sum(cost.kv_bytes(spec, i, c, 1, kv)
+                                                                   for i in range(spec.num_layers)),
             note=(f"llama-cpp-python {info['llama_cpp_python']}, ggml {info['ggml']}; {t} GGUF by llama.cpp's "
                   "converter" + ("" if t == "f32" else " and quantizer") + f"; {info['kv_cache']} KV cache, flash attention "
                   f"{'on' if info['flash_attn'] else 'off'}, batch {info['n_batch']}/{info['n_ubatch']}; OpenMP wait "
@@ -216,12 +253,17 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
     policy = SkipPolicy(plan)
     variant = choose_variant(model.spec, policy.layout, "ort")  # what adaskip-build picks for --backend ort
     save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out, check=False)
+    widths = ROOFLINE_WIDTHS
     if quantize:
-        quantize_int4(out)
+        q = quantize_int4(out)
+        widths = cost.Widths.for_engine("float32", bits=q["bits"], block_size=q["block_size"])
     engine_cls = engine_class("ort", variant)
-    return _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
-                             policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
-                                                                 if spinning else ""))
+    col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
+                            policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
+                                                                if spinning else ""))
+    skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
+    col.decode_bytes = lambda c: cost.decode_step_bytes(model.spec, c, skipped, widths)
+    return col
 
 
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
@@ -245,6 +287,32 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
         sess.run(None, {"x": x})
         best = min(best, time.perf_counter() - t0)
     return 2.0 * rows * d * f / best / 1e9
+
+
+def _read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth (GB/s), the best of two streaming reads of a matrix far larger than any
+    cache: ONNX Runtime's matrix-vector product (the kernel a decode step spends its time in) and torch's sum, both
+    at `threads` threads, best of `repeats`. The memory floor of a decode step is its bytes over this."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    cols = megabytes * 2**20 // 4 // 1024
+    w = np.random.default_rng(0).standard_normal((1024, cols), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+                              [numpy_helper.from_array(w, "w")])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                .SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    x = np.ones((1, 1024), np.float32)
+    flat = torch.from_numpy(w)
+    best = float("inf")
+    for _ in range(repeats):
+        for read in (lambda: sess.run(None, {"x": x}), flat.sum):
+            t0 = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best / 1e9
 
 
 def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -> float | None:
@@ -344,23 +412,21 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
-        layout = SkipLayout.from_plan(plan)
-        col.ideal = {c: {**cost.speedups(spec, layout, c, opts.decode_tokens),
-                         "roofline": _phases(cost.roofline_speedups(spec, layout, c, opts.decode_tokens,
-                                                                    ROOFLINE_WIDTHS))} for c in contexts}
+        col.layout = SkipLayout.from_plan(plan)
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
     if opts.genai:
-        columns += _genai_columns(model.source, "fp32", work, opts.threads, opts.spinning_pair)
+        columns += _genai_columns(model.source, "fp32", work, opts.threads, opts.spinning_pair, spec)
     if opts.int4:
         columns.append(_ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True))
         if opts.genai:
-            columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False)
+            columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False,
+                                      spec=spec)
     if opts.llamacpp and opts.llamacpp_types:
         reason = llamacpp.unavailable()
         if reason is None:
-            _add_llamacpp_columns(columns, opts, model.source, max(contexts) + opts.decode_tokens + 1, work)
+            _add_llamacpp_columns(columns, opts, model.source, spec, max(contexts) + opts.decode_tokens + 1, work)
         else:
             skipped["llama.cpp"] = reason
             print(f"adaskip-bench: no llama.cpp columns: {reason}", file=sys.stderr)
@@ -370,10 +436,12 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
     # busy moments slow a measurement, never speed it up
     gemm: dict[int, float] = {}
     attention: dict[int, float | None] = {}
+    bandwidth = 0.0
     for ctx in contexts:
         prompt = corpus[:ctx]
         for rep in range(opts.repeats):
             gemm[ctx] = max(gemm.get(ctx, 0.0), _gemm_gflops(spec, opts.threads))
+            bandwidth = max(bandwidth, _read_bandwidth_gbs(opts.threads))
             rate = _attention_gflops(spec, opts.threads, ctx)
             attention[ctx] = None if rate is None else max(attention.get(ctx) or 0.0, rate)
             order = columns[rep % len(columns):] + columns[:rep % len(columns)]
@@ -384,14 +452,26 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
                 slot["decode"].append(per_token)
                 print(f"adaskip-bench: {ctx:>5} tokens  repeat {rep + 1}/{opts.repeats}  {col.name:<18} "
                       f"TTFT {ttft:7.3f} s  decode {per_token * 1000:7.2f} ms/token", file=sys.stderr, flush=True)
+    # the bytes-and-FLOPs ideals on this machine's measured rates, and each column's memory floor
+    machine = cost.Machine(bandwidth_gbs=round(bandwidth, 1), peak_gflops=round(max(gemm.values()), 1))
+    floor_context = {ctx: ctx + opts.decode_tokens // 2 for ctx in contexts}  # the middle of the timed steps
+    for col in columns:
+        if col.layout is not None:
+            col.ideal = {c: {**cost.speedups(spec, col.layout, c, opts.decode_tokens),
+                             "roofline": _phases(cost.roofline_speedups(spec, col.layout, c, opts.decode_tokens,
+                                                                        ROOFLINE_WIDTHS, machine))}
+                         for c in contexts}
     return {"model": opts.model, "threads": opts.threads, "repeats": opts.repeats,
             "decode_tokens": opts.decode_tokens, "contexts": contexts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "roofline": {"machine": asdict(cost.MACHINE), "widths": asdict(ROOFLINE_WIDTHS)},
+            "roofline": {"machine": asdict(machine), "widths": asdict(ROOFLINE_WIDTHS)},
+            "bandwidth_gbs": bandwidth,
             "skipped": skipped,
             "gemm_gflops": {str(ctx): g for ctx, g in gemm.items()},
             "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
             "columns": [{"name": c.name, "note": c.note, "ideal": c.ideal, "info": c.info,
+                         "decode_bytes": {str(ctx): c.decode_bytes(floor_context[ctx]) for ctx in contexts}
+                         if c.decode_bytes else {},
                          "prefill_flops": {str(ctx): dict(zip(("matmul", "attention"),
                                                               cost.prefill_split(spec, ctx, c.skipped,
                                                                                  c.last_token_tail)))
@@ -435,7 +515,15 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"plan's weight products ran at the measured rate of one fp32 MatMul of the model's FFN shape in ONNX "
              f"Runtime and its attention at the measured rate of ONNX Runtime's GroupQueryAttention alone over the "
              f"context (both given per context: the best of one measurement per repeat), with nothing else costing "
-             f"time.", ""]
+             f"time. Decode floor = the bytes one decode step of the column's engine moves (its weights as stored, "
+             f"the embedding's one row, its KV cache over the context in its own type) / the memory read bandwidth "
+             f"measured in this run; of floor = decode time / floor (1.00 is the memory's limit).", ""]
+    if "bandwidth_gbs" in data:
+        lines += [f"This machine, measured in this run (best of one measurement per repeat): memory read bandwidth "
+                  f"{data['bandwidth_gbs']:.1f} GB/s (a matrix-vector product over a 256 MB fp32 matrix in ONNX "
+                  f"Runtime, and torch's sum over it, at {data['threads']} threads); the roofline's rates are these "
+                  f"and the best MatMul rate below ({machine['bandwidth_gbs']:g} GB/s, {machine['peak_gflops']:g} "
+                  f"GFLOP/s).", ""]
     builds = {c["info"].get("system_info") for c in cols if c.get("info", {}).get("system_info")}
     for info in sorted(builds):
         lines += [f"llama.cpp build (ggml system info): `{info}`", ""]
@@ -450,9 +538,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                   + ("." if attention is None else f"; GroupQueryAttention, causal over {ctx} tokens in the engine's "
                                                      f"prefill chunks, {attention:.0f} GFLOP/s."), ""]
         lines += ["| column | TTFT (s) | prefill speedup | ideal: FLOPs | bytes+FLOPs | of ideal | GFLOP/s | "
-                  "kernel bound (s) | decode (ms/token) | decode speedup | ideal: FLOPs | bytes+FLOPs | of ideal | "
-                  "note |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "kernel bound (s) | decode (ms/token) | decode floor (ms) | of floor | decode speedup | ideal: FLOPs "
+                  "| bytes+FLOPs | of ideal | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for col in cols:
             r = res[col["name"]][key]
             ideal = col["ideal"].get(ctx) or col["ideal"].get(key) or {}
@@ -461,9 +549,10 @@ def render_markdown(data: dict[str, Any]) -> str:
             flops = col["prefill_flops"][key]
             gflops = (flops["matmul"] + flops["attention"]) / r["ttft"] / 1e9
             bound = _kernel_bound(flops, gemm, attention)
+            floor = _floor_cells(col.get("decode_bytes", {}).get(key), data.get("bandwidth_gbs"), r["decode"])
             lines.append(f"| {col['name']} | {r['ttft']:.3f} | {speedup['prefill']:.3f} | {cells['prefill']} | "
                          f"{gflops:.0f} | {'' if bound is None else f'{bound:.3f}'} | {r['decode'] * 1000:.2f} | "
-                         f"{speedup['decode']:.3f} | {cells['decode']} | {col['note']} |")
+                         f"{floor} | {speedup['decode']:.3f} | {cells['decode']} | {col['note']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -476,6 +565,14 @@ def _ideal_cells(ideal: dict[str, Any], phase: str, speedup: float) -> str:
     if roof is None:  # a record from before the bytes-and-FLOPs ideal
         return f"{ideal[phase]:.3f} |  | "
     return f"{ideal[phase]:.3f} | {roof:.3f} | {speedup / roof:.2f}"
+
+
+def _floor_cells(step_bytes: float | None, bandwidth_gbs: float | None, decode_s: float) -> str:
+    """`decode floor (ms) | of floor` cells (empty where the column's bytes or the bandwidth are unknown)."""
+    if not step_bytes or not bandwidth_gbs:
+        return " | "
+    floor = step_bytes / (bandwidth_gbs * 1e9)
+    return f"{floor * 1000:.2f} | {decode_s / floor:.2f}"
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

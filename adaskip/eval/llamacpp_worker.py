@@ -71,7 +71,8 @@ def _serve(gguf: str, threads: int, n_ctx: int, out: IO[str]) -> None:
     llm = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=2048, n_ubatch=512,
                           flash_attn=True, logits_all=False, verbose=False)
     out.write(json.dumps({"ready": True, **build_info(llama_cpp), "n_batch": llm.n_batch, "n_ubatch": 512,
-                          "flash_attn": True, "kv_cache": "f16"}) + "\n")
+                          "flash_attn": True, "kv_cache": "f16",
+                          "weight_bytes": int(llama_cpp.llama_model_size(llm.model))}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
