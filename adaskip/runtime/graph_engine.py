@@ -45,9 +45,10 @@ class GraphEngine:
     @staticmethod
     def _check_skip(skip: torch.Tensor) -> np.ndarray:
         skip_np = np.ascontiguousarray(skip.numpy().astype(bool))
-        for j in range(0, skip_np.shape[1], 2):  # attention decisions are offline: the same for every row
-            if skip_np[:, j].any() and not skip_np[:, j].all():
-                raise ValueError(f"attention of layer {j // 2} must be skipped for all rows of a batch or none")
+        attention = skip_np[:, 0::2]  # attention decisions are offline: the same for every row
+        split = np.flatnonzero(attention.any(axis=0) & ~attention.all(axis=0))
+        if len(split):
+            raise ValueError(f"attention of layer {int(split[0])} must be skipped for all rows of a batch or none")
         return skip_np
 
     @staticmethod

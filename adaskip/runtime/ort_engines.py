@@ -159,8 +159,9 @@ class GqaKVCache(_BufferCache):
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
         # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
-        # [first, stop) a forward runs over: a slot's rows are contiguous in BNSH, so any range is a view
-        self.bindings: dict[tuple[int, int], object] = {}
+        # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each with
+        # the arrays its small inputs are bound to (updated in place while their shapes hold)
+        self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray]]] = {}
 
     @property
     def slots(self) -> int:
@@ -182,6 +183,7 @@ class OrtGqaEngine(OrtGraphEngine):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.step_outputs = [n for n in self.outputs if not n.startswith("present_")]  # the KV buffers: bound once
         # the graph's KV buffer type (float32, or float16 from adaskip-build --kv-dtype float16)
         types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
         self.kv_dtype = np.float16 if types == {"tensor(float16)"} else np.float32
@@ -291,10 +293,11 @@ class OrtGqaEngine(OrtGraphEngine):
                  "total_sequence_length": np.array(int(total.max()), np.int32),
                  "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
-        outputs = [n for n in self.outputs if not n.startswith("present_")]
-        binding = cache.bindings.get((first, stop))
+        outputs = self.step_outputs
+        binding, held = cache.bindings.get((first, stop), (None, {}))
         if binding is None:  # the KV buffers are bound once per request (or range of slots), not every step
-            binding = cache.bindings[(first, stop)] = self.session.io_binding()
+            binding = self.session.io_binding()
+            cache.bindings[(first, stop)] = binding, held
             for name in outputs:  # bound first: get_outputs() returns them in binding order
                 binding.bind_output(name, "cpu")
             for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
@@ -303,7 +306,12 @@ class OrtGqaEngine(OrtGraphEngine):
                     binding.bind_output(f"present_{kind}_{i}", "cpu", 0, buf.dtype, list(buf.shape),
                                         buf.ctypes.data)
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            array = held.get(name)
+            if array is not None and array.shape == np.shape(value) and array.dtype == value.dtype:
+                np.copyto(array, value)  # the binding reads this array's memory: nothing to rebind
+            else:
+                held[name] = array = np.array(value, order="C")  # our own copy, so no caller's array is bound
+                binding.bind_cpu_input(name, array)
         for name in outputs:  # rebinding keeps each name's position; fresh buffers so results stay ours
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
