@@ -6,8 +6,8 @@ node events are counted. Per op type (and the --top slowest nodes) it prints the
 bytes the op must read from memory each step: its weights (initializers of the optimized graph, as ONNX Runtime runs
 it, so fused nodes carry their parts' weights; an embedding Gather reads one row per token) and, for
 GroupQueryAttention, the K and V cache up to the current length. "GB/s" is bytes / time; "floor" is bytes / the
-machine's bandwidth, measured as a multi-threaded numpy copy of a 1 GiB array ((read + write) bytes / time, best of 5)
-or given with --bandwidth.
+machine's read bandwidth, measured as adaskip-bench measures it (adaskip.eval.bench.read_bandwidth_gbs) or given with
+--bandwidth.
 
 Usage: python scripts/decode_profile.py ENGINE_DIR [--context 1024] [--steps 16] [--threads 2] [--bandwidth GB/s]
 Run it with OMP_WAIT_POLICY=PASSIVE on a quiet machine; it says the load average it saw.
@@ -21,36 +21,19 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
+from adaskip.eval.bench import read_bandwidth_gbs
 from adaskip.export.onnx.quantize import all_nodes
 from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.ort_engines import session_options
 
 ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.UINT8: 1,
             onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.BOOL: 1}
-
-
-def measure_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """(read + write) GB/s of a numpy copy of a `gib` GiB array split over `threads` threads (numpy releases the
-    GIL while copying), best of `repeats`."""
-    n = int(gib * 2**30) // 4
-    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
-    parts = np.array_split(np.arange(n), threads)
-    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
-            best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
-
 
 
 def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
@@ -177,7 +160,7 @@ def main() -> None:
     a = p.parse_args()
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: OMP_WAIT_POLICY is not PASSIVE (torch's OpenMP threads may spin)")
-    bandwidth = a.bandwidth or measure_bandwidth(a.threads)
+    bandwidth = a.bandwidth or read_bandwidth_gbs(a.threads)
     result = profile(a.engine, a.context, a.steps, a.warmup, a.threads)
     print(f"load average before/after: {os.getloadavg()[0]:.2f}")
     print(table(result, bandwidth, a.top))

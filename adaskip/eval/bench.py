@@ -289,7 +289,7 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
     return 2.0 * rows * d * f / best / 1e9
 
 
-def _read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
     """This machine's memory read bandwidth (GB/s), the best of two streaming reads of a matrix far larger than any
     cache: ONNX Runtime's matrix-vector product (the kernel a decode step spends its time in) and torch's sum, both
     at `threads` threads, best of `repeats`. The memory floor of a decode step is its bytes over this."""
@@ -307,11 +307,16 @@ def _read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) ->
     x = np.ones((1, 1024), np.float32)
     flat = torch.from_numpy(w)
     best = float("inf")
-    for _ in range(repeats):
-        for read in (lambda: sess.run(None, {"x": x}), flat.sum):
-            t0 = time.perf_counter()
-            read()
-            best = min(best, time.perf_counter() - t0)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(repeats):
+            for read in (lambda: sess.run(None, {"x": x}), flat.sum):
+                t0 = time.perf_counter()
+                read()
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(torch_threads)
     return w.nbytes / best / 1e9
 
 
@@ -441,7 +446,7 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
         prompt = corpus[:ctx]
         for rep in range(opts.repeats):
             gemm[ctx] = max(gemm.get(ctx, 0.0), _gemm_gflops(spec, opts.threads))
-            bandwidth = max(bandwidth, _read_bandwidth_gbs(opts.threads))
+            bandwidth = max(bandwidth, read_bandwidth_gbs(opts.threads))
             rate = _attention_gflops(spec, opts.threads, ctx)
             attention[ctx] = None if rate is None else max(attention.get(ctx) or 0.0, rate)
             order = columns[rep % len(columns):] + columns[:rep % len(columns)]
