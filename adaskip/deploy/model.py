@@ -348,9 +348,9 @@ class TritonPythonModel:
                     self.jobs[job.handle.id] = job
 
     def _reject(self, job: Job, reason: str, error: Any) -> None:
+        if self.metrics is not None:  # counted before the answer goes out: a client that reads /metrics after its
+            self.metrics.inc("rejected", reason=reason)  # error must find it there (a race under load otherwise)
         self._send(job, pb_utils.InferenceResponse(error=error), final=True)
-        if self.metrics is not None:
-            self.metrics.inc("rejected", reason=reason)
 
     def _listener(self, job: Job):
         def on_event(handle: Any, event: Any) -> None:  # the scheduler's thread; must not block
