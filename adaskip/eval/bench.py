@@ -15,6 +15,7 @@ processes without that variable, with OpenMP's default wait policy, as its users
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -145,6 +146,12 @@ def _genai_build(hf_dir: str, precision: str, work: Path) -> Path | None:
     return out
 
 
+def _stored_model_bytes(spec: Any, weights: float, kv_width: float) -> Callable[[int], float]:
+    """Another engine's decode-step bytes at a context: its stored weights read once, plus every layer's KV cache
+    over the context at `kv_width` bytes per element (the anchors skip nothing)."""
+    return lambda context: weights + sum(cost.kv_bytes(spec, i, context, 1, kv_width) for i in range(spec.num_layers))
+
+
 def _onnx_decode_weights(path: Path) -> tuple[float, float]:
     """(bytes of the initializers a decode step reads, bytes per KV element) of another builder's ONNX model: every
     initializer except those only gathered from (an embedding table: one row per token), and the element width of
@@ -162,10 +169,7 @@ def _onnx_decode_weights(path: Path) -> tuple[float, float]:
     for init in m.graph.initializer:
         if init.name in gathered and init.name not in used_otherwise:
             continue
-        count = 1
-        for d in init.dims:
-            count *= d
-        weights += count * width(init.data_type)
+        weights += math.prod(init.dims) * width(init.data_type)
     kv_types = {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_key_values")}
     return weights, float(width(kv_types.pop()) if len(kv_types) == 1 else 4)
 
@@ -203,9 +207,7 @@ def _genai_column(built: Path, name: str, threads: int, spinning: bool, spec: An
     weights, kv_width = _onnx_decode_weights(folder / cfg["model"]["decoder"]["filename"])
     return Column(name, run, note="GroupQueryAttention, shared KV buffer (its builder's defaults); "
                   + ("intra-op spinning on, its default" if spinning else "intra-op spinning off, as ours"),
-                  last_token_tail=False,
-                  decode_bytes=lambda c: weights + sum(cost.kv_bytes(spec, i, c, 1, kv_width)
-                                                       for i in range(spec.num_layers)))
+                  last_token_tail=False, decode_bytes=_stored_model_bytes(spec, weights, kv_width))
 
 
 def _genai_columns(hf_dir: str, precision: str, work: Path, threads: int, with_spinning: bool,
@@ -237,8 +239,7 @@ def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str
         weights, kv_width = float(info["weight_bytes"]), {"f16": 2.0, "f32": 4.0}[info["kv_cache"]]
         columns.append(Column(
             f"llama.cpp-{t}", worker.run, close=worker.close, last_token_tail=False, info=info,
-            decode_bytes=lambda c, w=weights, kv=kv_width: w + sum(cost.kv_bytes(spec, i, c, 1, kv)
-                                                                   for i in range(spec.num_layers)),
+            decode_bytes=_stored_model_bytes(spec, weights, kv_width),
             note=(f"llama-cpp-python {info['llama_cpp_python']}, ggml {info['ggml']}; {t} GGUF by llama.cpp's "
                   "converter" + ("" if t == "f32" else " and quantizer") + f"; {info['kv_cache']} KV cache, flash attention "
                   f"{'on' if info['flash_attn'] else 'off'}, batch {info['n_batch']}/{info['n_ubatch']}; OpenMP wait "
@@ -294,24 +295,25 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> 
     cache: ONNX Runtime's matrix-vector product (the kernel a decode step spends its time in) and torch's sum, both
     at `threads` threads, best of `repeats`. The memory floor of a decode step is its bytes over this."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     cols = megabytes * 2**20 // 4 // 1024
     w = np.random.default_rng(0).standard_normal((1024, cols), dtype=np.float32)
+    # the matrix is fed, not stored in the graph: no 256 MB model to serialize on every call
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-                              [numpy_helper.from_array(w, "w")])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [1024, cols])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])])
     sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                 .SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    x = np.ones((1, 1024), np.float32)
+    feeds = {"x": np.ones((1, 1024), np.float32), "w": w}
     flat = torch.from_numpy(w)
     best = float("inf")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(repeats):
-            for read in (lambda: sess.run(None, {"x": x}), flat.sum):
+            for read in (lambda: sess.run(None, feeds), flat.sum):
                 t0 = time.perf_counter()
                 read()
                 best = min(best, time.perf_counter() - t0)
