@@ -160,8 +160,9 @@ class GqaKVCache(_BufferCache):
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
         # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
         # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each with
-        # the arrays its small inputs are bound to (updated in place while their shapes hold)
-        self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray]]] = {}
+        # the arrays its small inputs and its step outputs are bound to (inputs updated in place while their shapes
+        # hold; outputs written in place by every run)
+        self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
 
     @property
     def slots(self) -> int:
@@ -170,6 +171,10 @@ class GqaKVCache(_BufferCache):
     def release(self, slot: int) -> None:
         """Empties one slot for the next request (its stale K/V stays; lengths say what is valid)."""
         self.lengths[slot] = 0
+
+
+# ONNX Runtime's names of the element types our graphs' outputs carry
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OrtGqaEngine(OrtGraphEngine):
@@ -183,7 +188,10 @@ class OrtGqaEngine(OrtGraphEngine):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.step_outputs = [n for n in self.outputs if not n.startswith("present_")]  # the KV buffers: bound once
+        # logits [B, vocab], similarity and norm_ratio [B, 2L]: element type and width of each (the KV buffers are the
+        # cache's own arrays)
+        self.step_outputs = {o.name: (_NUMPY_TYPES[o.type], o.shape[1]) for o in self.session.get_outputs()
+                             if not o.name.startswith("present_")}
         # the graph's KV buffer type (float32, or float16 from adaskip-build --kv-dtype float16)
         types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
         self.kv_dtype = np.float16 if types == {"tensor(float16)"} else np.float32
@@ -293,13 +301,13 @@ class OrtGqaEngine(OrtGraphEngine):
                  "total_sequence_length": np.array(int(total.max()), np.int32),
                  "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
-        outputs = self.step_outputs
-        binding, held = cache.bindings.get((first, stop), (None, {}))
-        if binding is None:  # the KV buffers are bound once per request (or range of slots), not every step
+        binding, held, results = cache.bindings.get((first, stop), (None, {}, {}))
+        if binding is None:  # KV buffers and outputs are bound once per request (or range of slots), not every step
             binding = self.session.io_binding()
-            cache.bindings[(first, stop)] = binding, held
-            for name in outputs:  # bound first: get_outputs() returns them in binding order
-                binding.bind_output(name, "cpu")
+            cache.bindings[(first, stop)] = binding, held, results
+            for name, (dtype, width) in self.step_outputs.items():  # one row each, whatever the forward's width
+                results[name] = array = np.empty((stop - first, width), dtype)
+                binding.bind_output(name, "cpu", 0, dtype, list(array.shape), array.ctypes.data)
             for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
                 for kind, buf in (("key", cache.k[i][first:stop]), ("value", cache.v[i][first:stop])):
                     binding.bind_cpu_input(f"past_{kind}_{i}", buf)
@@ -312,12 +320,9 @@ class OrtGqaEngine(OrtGraphEngine):
             else:
                 held[name] = array = np.array(value, order="C")  # our own copy, so no caller's array is bound
                 binding.bind_cpu_input(name, array)
-        for name in outputs:  # rebinding keeps each name's position; fresh buffers so results stay ours
-            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        # the raw vector: wrapping all 2 + 2L outputs (the KV buffers too) in Python objects costs ~1 ms per step
-        raw = getattr(binding, "get_outputs_as_ortvaluevector", binding.get_outputs)()
-        out = {name: raw[k].numpy() for k, name in enumerate(outputs)}
+        # the next run overwrites the bound arrays: the caller gets its own logits (the stats are copied below)
+        out = dict(results, logits=results["logits"].copy())
         cache.lengths[first:stop] = total
         if rows is None:
             cache.length += ids.shape[1]
