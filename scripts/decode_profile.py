@@ -28,19 +28,15 @@ import onnx
 import torch
 
 from adaskip.eval.bench import read_bandwidth_gbs
-from adaskip.export.onnx.quantize import all_nodes
+from adaskip.export.onnx.quantize import all_nodes, initializer_bytes
 from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.ort_engines import session_options
 
-ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.UINT8: 1,
-            onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.BOOL: 1}
-
-
-def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]]:
+def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, str]]:
     """Bytes of initializers each node of the (optimized) graph reads per decode token, and each node's op type."""
     sizes = {}
     for t in model.graph.initializer:
-        sizes[t.name] = (int(np.prod(t.dims)) if t.dims else 1) * ITEMSIZE.get(t.data_type, 4), list(t.dims)
+        sizes[t.name] = initializer_bytes(t), list(t.dims)
     out, ops = {}, {}
     for node in all_nodes(model.graph):
         total = 0
@@ -50,7 +46,7 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, str]
             size, dims = sizes[name]
             if dims and ((node.op_type in ("Gather", "GatherBlockQuantized") and k == 0)
                          or (node.op_type == "GroupQueryAttention" and k in (7, 8))):
-                size //= dims[0]  # one row of the table per token (embedding; the rotary cos/sin caches)
+                size /= dims[0]  # one row of the table per token (embedding; the rotary cos/sin caches)
             total += size
         out[node.name], ops[node.name] = total, node.op_type
     return out, ops

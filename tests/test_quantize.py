@@ -177,3 +177,20 @@ def test_build_and_verify_int8_with_a_float16_kv_cache(gqa_chat_model, tmp_path,
     err = capsys.readouterr().err
     assert "--kv-dtype float16 is available for the ort backend" in err and "Traceback" not in err
     assert not bad.exists()
+
+
+def test_initializer_bytes_follow_each_element_type():
+    """One width rule for every reader of a graph's bytes (the bench's anchors, scripts/decode_profile.py)."""
+    from adaskip.export.onnx.quantize import element_bytes, initializer_bytes
+
+    def init(dtype: int, dims: list[int]) -> onnx.TensorProto:
+        t = onnx.TensorProto(name="w", data_type=dtype)
+        t.dims.extend(dims)
+        return t
+
+    assert initializer_bytes(init(onnx.TensorProto.FLOAT, [3, 4])) == 48
+    assert initializer_bytes(init(onnx.TensorProto.FLOAT16, [3, 4])) == 24
+    assert initializer_bytes(init(onnx.TensorProto.UINT8, [3, 4])) == 12  # MatMulNBits' packed blocks
+    assert initializer_bytes(init(onnx.TensorProto.INT4, [8])) == 4
+    assert initializer_bytes(init(onnx.TensorProto.INT64, [])) == 8  # a scalar
+    assert element_bytes(onnx.TensorProto.UINT4) == 0.5

@@ -15,7 +15,6 @@ processes without that variable, with OpenMP's default wait policy, as its users
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from adaskip.calibrate.importance import cached_calibration
 from adaskip.errors import InputError, check_choice
 from adaskip.eval import llamacpp
 from adaskip.export.onnx.graph import build_onnx
-from adaskip.export.onnx.quantize import quantize_int4
+from adaskip.export.onnx.quantize import element_bytes, initializer_bytes, quantize_int4
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant, gqa_supports
 from adaskip.layout import SkipLayout
@@ -158,10 +157,6 @@ def _onnx_decode_weights(path: Path) -> tuple[float, float]:
     its `past_key_values.*` inputs. Read from the graph's metadata, not its weights."""
     import onnx
 
-    def width(elem_type: int) -> float:
-        four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-        return 0.5 if elem_type in four_bit else onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
-
     m = onnx.load(str(path), load_external_data=False)
     gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
     used_otherwise = {i for n in m.graph.node if n.op_type != "Gather" for i in n.input}
@@ -169,9 +164,9 @@ def _onnx_decode_weights(path: Path) -> tuple[float, float]:
     for init in m.graph.initializer:
         if init.name in gathered and init.name not in used_otherwise:
             continue
-        weights += math.prod(init.dims) * width(init.data_type)
+        weights += initializer_bytes(init)
     kv_types = {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_key_values")}
-    return weights, float(width(kv_types.pop()) if len(kv_types) == 1 else 4)
+    return weights, element_bytes(kv_types.pop()) if len(kv_types) == 1 else 4.0
 
 
 def _genai_column(built: Path, name: str, threads: int, spinning: bool, spec: Any) -> Column:

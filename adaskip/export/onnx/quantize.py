@@ -16,6 +16,7 @@ error at twice int4's bytes. accuracy_level must be 4: bits=8 at level 0 dequant
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,19 @@ def quantize(model_dir: str | Path, kind: str, block_size: int = 32) -> dict:
 def quantize_int4(model_dir: str | Path, block_size: int = 32) -> dict:
     """int4 weight-only quantization (see quantize)."""
     return quantize(model_dir, "int4", block_size)
+
+
+def element_bytes(elem_type: int) -> float:
+    """Bytes one element of an ONNX tensor type takes (a 4-bit type: half a byte; MatMulNBits packs its weights into
+    uint8, one byte per element of the stored tensor)."""
+    if elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return 0.5
+    return float(onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
+
+
+def initializer_bytes(tensor: onnx.TensorProto) -> float:
+    """Bytes an initializer holds, from its metadata (the weights themselves need not be loaded)."""
+    return math.prod(tensor.dims) * element_bytes(tensor.data_type)
 
 
 def all_nodes(graph: onnx.GraphProto):
