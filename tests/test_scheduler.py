@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_hf
@@ -86,6 +87,12 @@ def test_rows_joining_and_leaving_equal_their_solo_runs_with_online_skipping(tin
     assert any(r.filler_rows for r in records), "a freed slot inside the batch's range was carried along"
     assert any(r.online_skips for r in records)
     assert max(len(r.decoded) for r in records) == 4
+    # many slot ranges ran, each with its own binding; their step outputs share one row per slot of the pool
+    pool = sched.pool
+    assert len(pool.bindings) > 2
+    assert all(a.shape[0] == pool.slots for a in pool.outputs.values())
+    for _, _, results in pool.bindings.values():
+        assert all(np.shares_memory(a, pool.outputs[name]) for name, a in results.items())
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):

@@ -161,8 +161,11 @@ class GqaKVCache(_BufferCache):
         # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
         # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each with
         # the arrays its small inputs and its step outputs are bound to (inputs updated in place while their shapes
-        # hold; outputs written in place by every run)
+        # hold; outputs written in place by every run, into rows [first, stop) of `outputs`)
         self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        # the step outputs, one row per slot, shared by every binding's rows (forwards run one at a time and their
+        # results are copied out before the next): memory stays at one row per slot however many ranges run
+        self.outputs: dict[str, np.ndarray] = {}
 
     @property
     def slots(self) -> int:
@@ -305,8 +308,10 @@ class OrtGqaEngine(OrtGraphEngine):
         if binding is None:  # KV buffers and outputs are bound once per request (or range of slots), not every step
             binding = self.session.io_binding()
             cache.bindings[(first, stop)] = binding, held, results
-            for name, (dtype, width) in self.step_outputs.items():  # one row each, whatever the forward's width
-                results[name] = array = np.empty((stop - first, width), dtype)
+            for name, (dtype, width) in self.step_outputs.items():
+                if name not in cache.outputs:
+                    cache.outputs[name] = np.empty((cache.slots, width), dtype)
+                results[name] = array = cache.outputs[name][first:stop]  # contiguous: whole rows
                 binding.bind_output(name, "cpu", 0, dtype, list(array.shape), array.ctypes.data)
             for i in self.kv_layers:  # past and present are the same memory: the kernel appends in place
                 for kind, buf in (("key", cache.k[i][first:stop]), ("value", cache.v[i][first:stop])):
