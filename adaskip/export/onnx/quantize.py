@@ -79,11 +79,17 @@ def quantize_int4(model_dir: str | Path, block_size: int = 32) -> dict:
     return quantize(model_dir, "int4", block_size)
 
 
+# element types narrower than a byte -> their bits (the newer ones only where the installed onnx knows them)
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+                  if hasattr(onnx.TensorProto, name)}
+
+
 def element_bytes(elem_type: int) -> float:
-    """Bytes one element of an ONNX tensor type takes (a 4-bit type: half a byte; MatMulNBits packs its weights into
+    """Bytes one element of an ONNX tensor type takes (4-bit types: half a byte; MatMulNBits packs its weights into
     uint8, one byte per element of the stored tensor)."""
-    if elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return 0.5
+    if elem_type in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[elem_type] / 8
     return float(onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
 
 
