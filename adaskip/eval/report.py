@@ -594,8 +594,10 @@ def render(data: dict[str, Any], png: str, notes: str, depth: int = 1, frontier_
                       + f" (targets compared: {span}; {decided} of {len(cells)} comparisons have an interval).", ""]
         if data["verdicts"].get(c):
             lines += [f"{h3} {data['ours']} vs the best baseline at equal budget K ({c} tokens)", "",
-                      "Each cell: verdict, ours vs the best of early-exit / skipdecode / unified (by its point "
-                      "estimate), Δ = ours - theirs with its 95% interval, and the paired test's p.", "",
+                      "Each cell: verdict, ours vs the best of the baselines evaluated ("
+                      + " / ".join(b for b in BASELINES if any(r["method"] == b for r in rows_c))
+                      + ", by its point estimate), Δ = ours - theirs with its 95% interval, and the paired test's p.",
+                      "",
                       verdict_table(data["verdicts"][c]), ""]
         if data["verdicts_paper_rule"].get(c):
             lines += [f"{h3} The paper's rule (adaskip) vs the best baseline ({c} tokens)", "",
