@@ -132,7 +132,8 @@ class Target:
         else:
             self.command = [a.llama_server_bin, "-m", self.path, "--port", str(self.port), "--host", "127.0.0.1",
                             "-t", str(a.threads), "-tb", str(a.threads), "--parallel", str(a.slots),
-                            "--cont-batching", "-c", str(a.slots * capacity), "--no-cache-prompt", "--no-webui"]
+                            "--cont-batching", "-c", str(a.slots * capacity), "--no-cache-prompt", "--cache-ram", "0",
+                            "--no-webui"]
             health = f"{self.base}/health"
         self.log = logdir / f"server-{self.name}-{capacity}.log"
         with open(self.log, "w") as f:
