@@ -481,6 +481,67 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
         assert lines[0].startswith("adaskip_generate: error: ") and message in lines[0], (args, run.stderr)
 
 
+def test_cli_jsonl_serves_requests_and_answers_bad_ones_with_an_error(build, data, engine):
+    """--jsonl keeps the engine loaded: each request line gets the --json answer of a one-shot run, and a hostile line
+    gets {"error": ...} while the lines after it are still served."""
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    case = next(c for c in json.loads((data / "generate.json").read_text())["cases"] if c["name"] == "chat-stops-at-eos")
+    good = json.dumps({"ids": case["ids"], "max_new_tokens": 48})
+    bad = [
+        ("not json", "bad request: "),
+        ("[1, 2]", 'a request is a JSON object with "ids"'),
+        ('{"ids": []}', "prompt is empty"),
+        ('{"ids": [1.5]}', "ids must be an integer; got 1.5"),
+        ('{"ids": "1,2"}', "ids must be a list of token ids"),
+        ('{"ids": [99999999]}', "token ids outside the vocabulary"),
+        ('{"ids": [1], "top_p": 0}', "top_p must be in (0, 1]"),
+        ('{"ids": [1], "max_new_tokens": 1e300}', "max_new_tokens must be an integer"),
+        ('{"ids": [1], "max_new_tokens": 18446744073709551615}', "max_new_tokens is out of range"),
+        ('{"ids": [1], "seed": -1}', "seed is out of range"),
+        ('{"ids": [1], "truncate": "left"}', "truncate must be error or middle"),
+        ('{"ids": [1], "temprature": 0.5}', "unknown request key 'temprature'"),
+        ("[" * 100000 + "]" * 100000, "a request is a JSON object"),  # deep nesting: parsed without recursion, refused
+        ("{" + " " * (17 << 20) + "}", "request line longer than"),  # not buffered whole
+    ]
+    stdin = "\n".join([good, *(line for line, _ in bad), "", good]) + "\n"
+    run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl"], input=stdin, capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(answers) == len(bad) + 2  # the blank line is not a request
+    for got in (answers[0], answers[-1]):  # the same answer before and after the bad lines
+        assert {k: got[k] for k in case["expect"]} == case["expect"] and got["decode_s"] >= 0
+    for (line, message), got in zip(bad, answers[1:-1]):
+        assert list(got) == ["error"] and message in got["error"], (line[:80], got)
+    run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl", "--ids", "1"], capture_output=True, text=True,
+                         env=ENV, timeout=60)
+    assert run.returncode == 2 and "no --ids, --ids-file, --stream or --json with it" in run.stderr, run.stderr
+
+
+def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_model, tmp_path):
+    """adaskip-bench --cpp-runtime: the `ort` engine dir also driven by adaskip_generate --jsonl (column ort-cpp)."""
+    from adaskip.cli import bench
+
+    model = tmp_path / "model"  # 2 heads of 16: the ort graph variant (GroupQueryAttention), which the C++ runtime runs
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    (model / "config.json").write_text(json.dumps(config))
+    cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    out = tmp_path / "docs"
+    assert bench.main(["--model", str(model), "--contexts", "16,32", "--budgets", "", "--repeats", "2",
+                       "--decode-tokens", "3", "--no-hf", "--no-genai", "--no-llamacpp", "--no-spinning-pair",
+                       "--cpp-runtime", str(cli), "--out", str(out)]) == 0
+    data = json.loads((out / "benchmarks.json").read_text())
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-cpp"]
+    cpp = data["results"]["ort-cpp"]["32"]
+    assert len(cpp["raw"]["decode"]) == 2 and cpp["ttft"] > 0 and cpp["decode"] > 0
+    step = {c["name"]: c["decode_bytes"]["32"] for c in data["columns"] if c["decode_bytes"]}
+    assert step["ort-cpp"] == step["ort"] > 0  # the same engine: the same floor
+    assert "| ort-cpp |" in (out / "benchmarks.md").read_text()
+    assert bench.main(["--model", str(model), "--cpp-runtime", str(tmp_path / "nope")]) == 2  # checked up front
+
+
 def test_a_float16_kv_engine_is_refused_with_one_line(build, tiny_chat_model, tmp_path):
     """adaskip-build --kv-dtype float16 engines run in Python only: the C++ runtime says so instead of failing in ORT."""
     from adaskip.cli import build as build_cli

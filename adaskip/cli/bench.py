@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
                    "converted from the same weights")
     p.add_argument("--llamacpp-convert", help="llama.cpp's convert_hf_to_gguf.py (default: the one in the sdist of "
                    "the installed llama-cpp-python, fetched once with pip)")
+    p.add_argument("--cpp-runtime", metavar="PATH", help="cpp/runtime's adaskip_generate (docs/cpp-runtime.md): adds "
+                   "ort-cpp (and with --int4 ort-int4-cpp), the same engines driven by the C++ runtime's loop")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 
@@ -47,7 +49,8 @@ def options(a: argparse.Namespace) -> BenchOptions:
                         threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
                         calib_tokens=a.calib_tokens, int4=a.int4, hf=not a.no_hf, genai=not a.no_genai,
                         spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
-                        llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert)
+                        llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert,
+                        cpp_runtime=a.cpp_runtime)
 
 
 @main_wrapper("adaskip-bench")

@@ -32,15 +32,16 @@ import torch
 from adaskip import cost
 from adaskip.calibrate.corpus import CalibrationOptions, builtin_text, load_calibration
 from adaskip.calibrate.importance import cached_calibration
+from adaskip.engine_dir import PLAN, TOKENIZER, save_tokenizer, write_manifest
 from adaskip.errors import InputError, check_choice
-from adaskip.eval import llamacpp
+from adaskip.eval import cpp_runtime, llamacpp
 from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.quantize import element_bytes, initializer_bytes, quantize_int4
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant, gqa_supports
 from adaskip.layout import SkipLayout
 from adaskip.model import load_model
-from adaskip.model.tokenizer import load_tokenizer
+from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.generate import Generator, SamplingParams
@@ -71,6 +72,7 @@ class BenchOptions:
     llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
     llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
+    cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: ort-cpp (and ort-int4-cpp) columns
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -84,6 +86,8 @@ class BenchOptions:
         if self.llamacpp_convert is not None and not Path(self.llamacpp_convert).expanduser().is_file():
             raise InputError(f"--llamacpp-convert {self.llamacpp_convert}: no such file "
                              "(llama.cpp's convert_hf_to_gguf.py)")
+        if self.cpp_runtime is not None:
+            cpp_runtime.check_program(self.cpp_runtime)
         if self.budgets and self.calibration is None:  # AdaSkip columns calibrate as adaskip-build does
             CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
 
@@ -241,17 +245,27 @@ def _add_llamacpp_columns(columns: list[Column], opts: BenchOptions, hf_dir: str
                   f"policy {info['omp_wait_policy']}")))
 
 
-def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
-                spinning: bool = False) -> Column:
+@dataclass
+class CppTwin:
+    """What an engine column needs to run a second time in the C++ runtime: its program and the tokenizer that
+    completes an engine dir (the runtime reads only its end-of-sequence ids; the bench sends none)."""
+    program: Path
+    tokenizer: Any
 
+
+def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
+                spinning: bool = False, cpp: CppTwin | None = None) -> list[Column]:
+    """Our engine on `plan` in the Python Generator, and with `cpp` the same engine dir in the C++ runtime's loop
+    too (column `<name>-cpp`)."""
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
     variant = choose_variant(model.spec, policy.layout, "ort")  # what adaskip-build picks for --backend ort
-    save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out, check=False)
+    graph_info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out, check=False)
     widths = ROOFLINE_WIDTHS
     if quantize:
         q = quantize_int4(out)
+        graph_info.update(q)
         widths = cost.Widths.for_engine("float32", bits=q["bits"], block_size=q["block_size"])
     engine_cls = engine_class("ort", variant)
     col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
@@ -259,7 +273,18 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                                                                 if spinning else ""))
     skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
     col.decode_bytes = lambda c: cost.decode_step_bytes(model.spec, c, skipped, widths)
-    return col
+    if cpp is None:
+        return [col]
+    # the graph made an engine dir the C++ runtime opens, as adaskip-build writes one: plan, tokenizer, manifest
+    plan.save(out / PLAN)
+    save_tokenizer(cpp.tokenizer, out / TOKENIZER)
+    write_manifest(out, "ort", model.spec, model.fingerprint, plan, {"graph": graph_info, "source": model.source},
+                   {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, cpp.tokenizer)})
+    worker = cpp_runtime.Worker(cpp.program, out, threads)
+    twin = Column(f"{name}-cpp", worker.run, close=worker.close, decode_bytes=col.decode_bytes,
+                  info={"program": str(cpp.program.resolve())},
+                  note=f"{col.note}; the same engine dir in the C++ runtime's loop (adaskip_generate --jsonl)")
+    return [col, twin]
 
 
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
@@ -391,7 +416,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="adaskip-bench-"))
     columns: list[Column] = []
     try:
-        return _measure(opts, model, calib, nothing, budgets, contexts, corpus, work, columns)
+        return _measure(opts, model, tokenizer, calib, nothing, budgets, contexts, corpus, work, columns)
     finally:
         for col in columns:
             if col.close is not None:
@@ -399,7 +424,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)  # the exported graphs: several copies of the weights
 
 
-def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpus, work: Path,
+def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, contexts, corpus, work: Path,
              columns: list[Column]) -> dict[str, Any]:
     """Fills `columns` (the caller closes them), runs them and returns the record."""
     spec = model.spec
@@ -407,13 +432,14 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
     if opts.hf:
         columns.append(_hf_column(model.source))
     columns.append(_generator_column("torch-reference", TorchEngine.from_loaded(model), SkipPolicy(nothing)))
-    columns.append(_ort_column("ort", model, nothing, work, opts.threads))
+    cpp = None if opts.cpp_runtime is None else CppTwin(cpp_runtime.check_program(opts.cpp_runtime), tokenizer)
+    columns += _ort_column("ort", model, nothing, work, opts.threads, cpp=cpp)
     if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
-        columns.append(_ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True))
+        columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True)
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
-        col = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
+        [col] = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
         col.layout = SkipLayout.from_plan(plan)
         col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
         col.skipped = list(plan.skip)
@@ -421,7 +447,7 @@ def _measure(opts: BenchOptions, model, calib, nothing, budgets, contexts, corpu
     if opts.genai:
         columns += _genai_columns(model.source, "fp32", work, opts.threads, opts.spinning_pair, spec)
     if opts.int4:
-        columns.append(_ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True))
+        columns += _ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True, cpp=cpp)
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False,
                                       spec=spec)

@@ -3,12 +3,14 @@
 //   adaskip_generate --engine DIR --ids 1,2,3 --max-new-tokens 32 [--temperature T --top-k K --top-p P --seed S]
 //                    [--stop-ids 2,3 | --stop-ids ""] [--truncate error|middle] [--threads N] [--stream] [--json]
 //                    [--text]
+//   adaskip_generate --engine DIR --jsonl [sampling flags as defaults] [--threads N] [--text]
 //
 // Prints the new token ids (space separated; the text with --text) and a statistics line on stderr, or one JSON
-// object with --json.
+// object with --json. --jsonl keeps the engine loaded and answers one request per stdin line with one JSON line.
 // User errors print "adaskip_generate: error: ..." and exit with status 2, as the Python CLIs do.
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <iomanip>
@@ -29,6 +31,7 @@ const char* kUsage =
     "usage: adaskip_generate --engine DIR (--ids 1,2,3 | --ids-file FILE) [--max-new-tokens N] [--temperature T]\n"
     "                        [--top-k K] [--top-p P] [--seed S] [--stop-ids LIST] [--truncate error|middle]\n"
     "                        [--threads N] [--stream] [--json] [--text]\n"
+    "       adaskip_generate --engine DIR --jsonl [sampling flags] [--threads N] [--text]\n"
     "  --ids LIST        prompt token ids, comma separated\n"
     "  --ids-file FILE   prompt token ids, separated by commas or whitespace\n"
     "  --max-new-tokens  default 128\n"
@@ -37,7 +40,14 @@ const char* kUsage =
     "  --stream          print each token as it is generated\n"
     "  --json            print the result and skip statistics as one JSON object\n"
     "  --text            print the generated text (the engine dir's tokenizer.json) instead of token ids;\n"
-    "                    with --json, add it under \"text\"\n";
+    "                    with --json, add it under \"text\"\n"
+    "  --jsonl           serve requests from stdin, one JSON object per line ({\"ids\": [..]} and any of\n"
+    "                    max_new_tokens, temperature, top_k, top_p, seed, stop_ids, truncate; the flags give the\n"
+    "                    defaults); answers one line each: the --json object, or {\"error\": \"...\"} for a bad\n"
+    "                    request, after which the next line is served\n";
+
+// One --jsonl request line at most (a 128k-token prompt is ~1 MB of ids): longer lines are refused, not buffered.
+constexpr size_t kMaxLineBytes = 16 << 20;
 
 struct UsageError : adaskip::InputError {
   using adaskip::InputError::InputError;
@@ -75,10 +85,115 @@ std::vector<int64_t> parse_ids(const std::string& flag, std::string text) {
   return ids;
 }
 
+// Reads the next line of `in` into `line` (false at the end of input); a line over kMaxLineBytes is consumed to its
+// end and comes back as `too_long` instead of being held in memory.
+bool read_line(std::istream& in, std::string& line, bool& too_long) {
+  line.clear();
+  too_long = false;
+  int c;
+  while ((c = in.get()) != EOF && c != '\n') {
+    if (line.size() < kMaxLineBytes) {
+      line.push_back(static_cast<char>(c));
+    } else {
+      too_long = true;
+    }
+  }
+  if (too_long) line.clear();
+  return c != EOF || !line.empty() || too_long;
+}
+
+// A request's integer: JSON's 1.5 or 1e300 is refused, not rounded or wrapped into range.
+int64_t json_int(const std::string& key, const nlohmann::json& value, int64_t lo, int64_t hi) {
+  if (!value.is_number_integer()) throw adaskip::InputError(key + " must be an integer; got " + value.dump());
+  if (value.is_number_unsigned() ? value.get<uint64_t>() > static_cast<uint64_t>(hi)
+                                 : value.get<int64_t>() < lo || value.get<int64_t>() > hi) {
+    throw adaskip::InputError(key + " is out of range: " + value.dump());
+  }
+  return value.is_number_unsigned() ? static_cast<int64_t>(value.get<uint64_t>()) : value.get<int64_t>();
+}
+
+std::vector<int64_t> json_ids(const std::string& key, const nlohmann::json& value) {
+  if (!value.is_array()) throw adaskip::InputError(key + " must be a list of token ids");
+  std::vector<int64_t> ids;
+  ids.reserve(value.size());
+  for (const auto& v : value) ids.push_back(json_int(key, v, INT64_MIN, INT64_MAX));  // range: check_prompt's job
+  return ids;
+}
+
+double json_number(const std::string& key, const nlohmann::json& value) {
+  if (!value.is_number()) throw adaskip::InputError(key + " must be a number; got " + value.dump());
+  return value.get<double>();
+}
+
+// The sampling options of one --jsonl request: the command line's, overridden by the request's keys.
+adaskip::SamplingOptions request_options(const nlohmann::json& req, adaskip::SamplingOptions opts) {
+  constexpr int64_t kSmall = int64_t{1} << 30;  // as parse_small_int
+  for (const auto& [key, value] : req.items()) {
+    if (key == "ids") continue;
+    if (key == "max_new_tokens") {
+      opts.max_new_tokens = static_cast<int>(json_int(key, value, -kSmall, kSmall));
+    } else if (key == "temperature") {
+      opts.temperature = json_number(key, value);
+    } else if (key == "top_k") {
+      opts.top_k = static_cast<int>(json_int(key, value, -kSmall, kSmall));
+    } else if (key == "top_p") {
+      opts.top_p = json_number(key, value);
+    } else if (key == "seed") {
+      opts.seed = static_cast<uint64_t>(json_int(key, value, 0, INT64_MAX));
+    } else if (key == "stop_ids") {
+      opts.stop_token_ids = json_ids(key, value);
+    } else if (key == "truncate") {
+      if (!value.is_string()) throw adaskip::InputError("truncate must be error or middle; got " + value.dump());
+      const std::string t = value.get<std::string>();
+      if (t != "error" && t != "middle") throw adaskip::InputError("truncate must be error or middle; got " + t);
+      opts.truncate = t == "middle" ? adaskip::Truncate::Middle : adaskip::Truncate::Error;
+    } else {
+      throw adaskip::InputError("unknown request key '" + key + "'");
+    }
+  }
+  adaskip::validate(opts);
+  return opts;
+}
+
+// The result line of one request: the --json object (with "text" when a detokenizer is given).
+std::string result_json(const adaskip::GenerationResult& r, const adaskip::Detokenizer* detok) {
+  if (!detok) return adaskip::to_json(r);
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(adaskip::to_json(r));
+  j["text"] = detok->decode(r.tokens);
+  return j.dump();
+}
+
+// --jsonl: one request per stdin line, one answer per stdout line (flushed), until the end of input. A bad request
+// is answered with its error and costs nothing else: the engine stays loaded for the next line.
+void serve_lines(const adaskip::Runtime& runtime, const adaskip::SamplingOptions& defaults,
+                 const adaskip::Detokenizer* detok) {
+  std::string line;
+  bool too_long = false;
+  while (read_line(std::cin, line, too_long)) {
+    std::string answer;
+    try {
+      if (too_long) throw adaskip::InputError("request line longer than " + std::to_string(kMaxLineBytes) + " bytes");
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines are not requests
+      const nlohmann::json req = nlohmann::json::parse(line);
+      if (!req.is_object() || !req.contains("ids")) {
+        throw adaskip::InputError("a request is a JSON object with \"ids\": [token ids]");
+      }
+      const std::vector<int64_t> ids = json_ids("ids", req.at("ids"));
+      if (ids.empty()) throw adaskip::InputError("prompt is empty");
+      answer = result_json(runtime.generate(ids, request_options(req, defaults)), detok);
+    } catch (const adaskip::Error& e) {
+      answer = nlohmann::json{{"error", e.what()}}.dump();
+    } catch (const nlohmann::json::exception& e) {  // not JSON, or a key of the wrong type
+      answer = nlohmann::json{{"error", std::string("bad request: ") + e.what()}}.dump();
+    }
+    std::cout << answer << '\n' << std::flush;
+  }
+}
+
 int run(int argc, char** argv) {
   std::string engine;
   std::vector<int64_t> ids;
-  bool have_ids = false, json = false, stream = false, text = false;
+  bool have_ids = false, json = false, stream = false, text = false, jsonl = false;
   adaskip::SamplingOptions opts;
   adaskip::RuntimeOptions rt_opts;
   for (int i = 1; i < argc; ++i) {
@@ -93,6 +208,10 @@ int run(int argc, char** argv) {
     }
     if (flag == "--text") {
       text = true;
+      continue;
+    }
+    if (flag == "--jsonl") {
+      jsonl = true;
       continue;
     }
     if (flag == "--stream") {
@@ -136,13 +255,19 @@ int run(int argc, char** argv) {
     }
   }
   if (engine.empty()) throw UsageError("--engine DIR is required");
-  if (!have_ids) throw UsageError("give the prompt as --ids 1,2,3 or --ids-file FILE");
+  if (jsonl && (have_ids || stream || json)) throw UsageError("--jsonl reads its prompts from stdin and answers JSON: "
+                                                             "no --ids, --ids-file, --stream or --json with it");
+  if (!have_ids && !jsonl) throw UsageError("give the prompt as --ids 1,2,3 or --ids-file FILE");
   adaskip::validate(opts);  // before the (slow) engine load
-  if (ids.empty()) throw adaskip::InputError("prompt is empty");
+  if (ids.empty() && !jsonl) throw adaskip::InputError("prompt is empty");
 
   adaskip::Runtime runtime(engine, rt_opts);
   std::optional<adaskip::Detokenizer> detok;
   if (text) detok.emplace(runtime.engine_dir() / "tokenizer" / "tokenizer.json");
+  if (jsonl) {
+    serve_lines(runtime, opts, detok ? &*detok : nullptr);
+    return 0;
+  }
   adaskip::TokenCallback print_token;
   std::vector<int64_t> streamed;
   size_t printed = 0;  // bytes of the streamed text already printed
@@ -162,13 +287,7 @@ int run(int argc, char** argv) {
   }
   adaskip::GenerationResult r = runtime.generate(ids, opts, print_token);
   if (json) {
-    if (!detok) {
-      std::cout << adaskip::to_json(r) << '\n';
-    } else {
-      nlohmann::ordered_json j = nlohmann::ordered_json::parse(adaskip::to_json(r));
-      j["text"] = detok->decode(r.tokens);
-      std::cout << j.dump() << '\n';
-    }
+    std::cout << result_json(r, detok ? &*detok : nullptr) << '\n';
     return 0;
   }
   if (detok) {

@@ -172,6 +172,7 @@ std::string to_json(const GenerationResult& r) {
       {"finish_reason", r.finish_reason},
       {"ttft_s", rounded(r.ttft_s, 4)},
       {"decode_tokens_per_s", rounded(r.decode_tokens_per_s(), 2)},
+      {"decode_s", rounded(r.decode_s, 6)},  // not in Python's summary: exact timing for benchmarks
       {"prefill_skipped", r.skips.prefill_skipped},
       {"decode_skipped_offline", r.skips.decode_skipped_offline},
       {"decode_skipped_online", r.skips.decode_skipped_online},
