@@ -24,6 +24,10 @@ cache): ours has none, and a cell must not be served from an earlier cell's pref
         --tokenizer engines/smollm2-k0/tokenizer --run k0:chat:1x4,4x8,16x32 --run llama:chat:1x4,4x8,16x32
     python scripts/serving_bench.py --report-only          # tables + plot from docs/serving.json
 
+Latency columns: TTFT; aiperf's ITL, which is per request ((latency - TTFT) / (tokens - 1): a stream's mean gap,
+its share of the prompts prefilled beside it included), p50 / p99 over requests; and the token gap, the time
+between two streamed tokens (aiperf's inter-chunk latency), p50 / p99 over every token of the cell.
+
 Runs aiperf from its own virtual environment (`--aiperf`, default /work/tools/aiperf/bin/aiperf): it pins versions
 the project's environment must not be moved to.
 """
@@ -48,9 +52,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (prompt tokens, output tokens, output tokens' standard deviation): `chat-var` is the chat mix with the
 # spread of output lengths real chat has, where a static batch waits for its longest request
 MIXES = {"chat": (512, 256, 0), "chat-var": (512, 256, 128), "long": (4096, 128, 0)}
-# (our name, aiperf JSON key, statistic)
+# (our name, aiperf JSON key, statistic). aiperf's "inter token latency" is per request: (request latency - TTFT) /
+# (output tokens - 1), so its p50 is over requests and every stream's share of the prompts prefilled beside it is in
+# it; the gap between one streamed token and the next (its "inter chunk latency", one token per chunk here) is the
+# per-token figure, whose p99 shows the steps that carried a prompt chunk.
 METRICS = [("ttft_p50_ms", "time_to_first_token", "p50"), ("ttft_p99_ms", "time_to_first_token", "p99"),
            ("itl_p50_ms", "inter_token_latency", "p50"), ("itl_p99_ms", "inter_token_latency", "p99"),
+           ("gap_p50_ms", "inter_chunk_latency", "p50"), ("gap_p99_ms", "inter_chunk_latency", "p99"),
            ("latency_p50_ms", "request_latency", "p50"), ("output_tok_s", "output_token_throughput", "avg"),
            ("requests_s", "request_throughput", "avg"), ("isl_avg", "input_sequence_length", "avg"),
            ("osl_avg", "output_sequence_length", "avg"), ("duration_s", "benchmark_duration", "avg"),
@@ -203,17 +211,32 @@ def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, osl
         print(res.stdout[-3000:], file=sys.stderr)
         die(f"aiperf failed for {t.name} {mix} c={conc} (exit {res.returncode})")
     d = json.loads(export.read_text())
-    row = {"target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
+    row = {"artifacts": str(art), "target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
            "requests": n, "load_before": before, "load_after": after, "wall_s": round(time.time() - t0, 1),
            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
            "server_setup": t.setup, "server_command": t.command, "aiperf_command": cmd}
-    for name, key, stat in METRICS:
-        v = d.get(key, {}).get(stat) if isinstance(d.get(key), dict) else None
-        row[name] = v
+    row.update(metrics(d))
     if row["completed"] is None or row["completed"] < n or (row["error_rate_pct"] or 0) > 0:
         print(json.dumps(d.get("error_summary"), indent=1), file=sys.stderr)
         row["note"] = "errors: see the aiperf log"
     return row
+
+
+def metrics(export: dict) -> dict:
+    """Our METRICS out of one aiperf export (None where it lacks one)."""
+    return {name: export[key].get(stat) if isinstance(export.get(key), dict) else None for name, key, stat in METRICS}
+
+
+def backfill(rows: list[dict], arts: Path) -> None:
+    """Metrics a row lacks (added to METRICS after its run) from its cell's aiperf export, where that is still on
+    disk: the same run's data, read again, never a new measurement."""
+    for r in rows:
+        export = Path(r.get("artifacts") or arts / f"{r['target']}-{r['mix']}-c{r['concurrency']}") / \
+            "profile_export_aiperf.json"
+        missing = [name for name, _, _ in METRICS if name not in r]
+        if missing and export.exists():
+            got = metrics(json.loads(export.read_text()))
+            r.update({name: got[name] for name in missing})
 
 
 def parse_run(spec: str, targets: dict[str, Target], mixes: dict[str, tuple[int, int]]):
@@ -248,12 +271,13 @@ def markdown(rows: list[dict]) -> str:
         isl, osl, sd = sel[0]["isl"], sel[0]["osl"], sel[0].get("osl_stddev", 0)
         spread = f" +- {sd} (normal, per request)" if sd else ""
         out += [f"**{mix}** mix ({isl} prompt / {osl}{spread} output tokens):", "",
-                "| target | concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | output tok/s | "
-                "requests/s | mean output tokens | load (1 min) |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| target | concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | token gap p50 | "
+                "token gap p99 | output tok/s | requests/s | mean output tokens | load (1 min) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sel:
             out.append(f"| {r['target']} | {r['concurrency']} | {r['requests']} | {fmt(r['ttft_p50_ms'], 0)} ms | "
                        f"{fmt(r['ttft_p99_ms'], 0)} ms | {fmt(r['itl_p50_ms'])} ms | {fmt(r['itl_p99_ms'])} ms | "
+                       f"{fmt(r.get('gap_p50_ms'))} ms | {fmt(r.get('gap_p99_ms'))} ms | "
                        f"{fmt(r['output_tok_s'], 2)} | {fmt(r['requests_s'], 3)} | {fmt(r['osl_avg'], 0)} | "
                        f"{r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |")
         out.append("")
@@ -320,6 +344,8 @@ def main() -> None:
     p.add_argument("--artifacts", default=str(Path(tempfile.gettempdir()) / "servbench-artifacts"))
     p.add_argument("--fresh", action="store_true", help="drop the cells already in --out")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--backfill", action="store_true", help="fill metrics the cells in --out lack from their aiperf "
+                   "exports under --artifacts, where those are still there, and rewrite --out")
     a = p.parse_args()
 
     mixes = dict(MIXES)
@@ -375,6 +401,9 @@ def main() -> None:
                 t.stop()
     if not rows:
         die(f"no cells to report (nothing in {out}, no --run)")
+    if a.backfill:
+        backfill(rows, Path(a.artifacts))
+        out.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
     table = markdown(rows)
     print(table)
     if a.markdown:
