@@ -112,8 +112,9 @@ class Target:
         if self.kind == "engine":
             self.command = [py, "-m", "adaskip.cli.serve_openai", "--engine", self.path, "--port", str(self.port),
                             "--model-name", self.name, "--slots", str(a.slots), "--slot-capacity", str(capacity),
-                            "--step-tokens", str(a.step_tokens), "--threads", str(a.threads),
-                            "--max-queue", "256", "--log-level", "warning"]
+                            "--threads", str(a.threads), "--max-queue", "256", "--log-level", "warning"]
+            if a.step_tokens is not None:
+                self.command += ["--step-tokens", str(a.step_tokens)]
             health = f"{self.base}/health"
         elif self.kind == "triton-static":
             self.tmp = tempfile.mkdtemp(prefix="servbench-triton-")
@@ -334,7 +335,7 @@ def main() -> None:
     p.add_argument("--python", default=sys.executable, help="Python that has adaskip installed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--slots", type=int, default=16, help="KV slots / Triton max batch / llama-server --parallel")
-    p.add_argument("--step-tokens", type=int, default=256)
+    p.add_argument("--step-tokens", type=int, help="adaskip-serve --step-tokens (default: the server's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8790)
     p.add_argument("--start-timeout", type=float, default=600)

@@ -503,16 +503,21 @@ def test_cli_jsonl_serves_requests_and_answers_bad_ones_with_an_error(build, dat
         ("[" * 100000 + "]" * 100000, "a request is a JSON object"),  # deep nesting: parsed without recursion, refused
         ("{" + " " * (17 << 20) + "}", "request line longer than"),  # not buffered whole
     ]
-    stdin = "\n".join([good, *(line for line, _ in bad), "", good]) + "\n"
-    run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl"], input=stdin, capture_output=True, text=True,
+    bad = [(line.encode(), message) for line, message in bad] + [
+        (b'{"ids": [1], "k\xff": 1}', "ill-formed UTF-8"),  # quoted back in the message as U+FFFD, never a crash
+        (b"\xff\xfe", "bad request: "),
+    ]
+    stdin = b"\n".join([good.encode(), *(line for line, _ in bad), b"", good.encode()]) + b"\n"
+    run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl"], input=stdin, capture_output=True,
                          env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    answers = [json.loads(line) for line in run.stdout.decode("utf-8").splitlines()]
     assert len(answers) == len(bad) + 2  # the blank line is not a request
     for got in (answers[0], answers[-1]):  # the same answer before and after the bad lines
         assert {k: got[k] for k in case["expect"]} == case["expect"] and got["decode_s"] >= 0
     for (line, message), got in zip(bad, answers[1:-1]):
         assert list(got) == ["error"] and message in got["error"], (line[:80], got)
+    assert "\ufffd" in answers[-3]["error"]
     run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl", "--ids", "1"], capture_output=True, text=True,
                          env=ENV, timeout=60)
     assert run.returncode == 2 and "no --ids, --ids-file, --stream or --json with it" in run.stderr, run.stderr

@@ -283,17 +283,17 @@ class OrtGqaEngine(OrtGraphEngine):
         lengths[where] = saved[where]
         cache.lengths[first:stop] = lengths
         try:
-            out = self._run_gqa(ids, lengths[:, None].copy(), np.ones((width, 1), bool), np.ones(width, np.int64),
-                                cache, skip_all, scales_all, want_stats, rows=(first, stop))
+            return self._run_gqa(ids, lengths[:, None].copy(), np.ones((width, 1), bool), np.ones(width, np.int64),
+                                 cache, skip_all, scales_all, want_stats, rows=(first, stop), select=where)
         finally:
             moved = cache.lengths[first:stop].copy()
             cache.lengths[first:stop] = saved
             cache.lengths[slots] = moved[where]
-        return StepOutput(logits=out.logits[where], similarity=out.similarity[where],
-                          norm_ratio=out.norm_ratio[where])
 
     def _run_gqa(self, ids, positions, token_valid, counts, cache: GqaKVCache, skip, scales,
-                 want_stats: bool, rows: tuple[int, int] | None = None) -> StepOutput:
+                 want_stats: bool, rows: tuple[int, int] | None = None, select: list[int] | None = None) -> StepOutput:
+        """One forward over the slots `rows` (default: all); the outputs of its rows `select` (default: all), in
+        that order."""
         first, stop = rows or (0, cache.slots)
         total = cache.lengths[first:stop] + counts
         if int(total.max()) > cache.capacity:
@@ -326,9 +326,12 @@ class OrtGqaEngine(OrtGraphEngine):
                 held[name] = array = np.array(value, order="C")  # our own copy, so no caller's array is bound
                 binding.bind_cpu_input(name, array)
         self.session.run_with_iobinding(binding)
-        # the next run overwrites the bound arrays: the caller gets its own logits (the stats are copied below)
-        out = dict(results, logits=results["logits"].copy())
+        # the next run overwrites the bound arrays: the caller gets its own logits (picking rows copies them; the
+        # stats are copied in _step_output)
+        pick = slice(None) if select is None else select
+        logits = results["logits"].copy() if select is None else results["logits"][select]
+        out = {"logits": logits, "similarity": results["similarity"][pick], "norm_ratio": results["norm_ratio"][pick]}
         cache.lengths[first:stop] = total
         if rows is None:
             cache.length += ids.shape[1]
-        return self._step_output(out, skip_np)
+        return self._step_output(out, skip_np[pick])

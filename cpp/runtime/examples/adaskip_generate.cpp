@@ -160,7 +160,12 @@ std::string result_json(const adaskip::GenerationResult& r, const adaskip::Detok
   if (!detok) return adaskip::to_json(r);
   nlohmann::ordered_json j = nlohmann::ordered_json::parse(adaskip::to_json(r));
   j["text"] = detok->decode(r.tokens);
-  return j.dump();
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);  // a cut character becomes U+FFFD
+}
+
+// {"error": message}: a message may quote the request's bytes, which need not be UTF-8 (replaced, not thrown on).
+std::string error_json(const std::string& message) {
+  return nlohmann::json{{"error", message}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 // --jsonl: one request per stdin line, one answer per stdout line (flushed), until the end of input. A bad request
@@ -182,9 +187,11 @@ void serve_lines(const adaskip::Runtime& runtime, const adaskip::SamplingOptions
       if (ids.empty()) throw adaskip::InputError("prompt is empty");
       answer = result_json(runtime.generate(ids, request_options(req, defaults)), detok);
     } catch (const adaskip::Error& e) {
-      answer = nlohmann::json{{"error", e.what()}}.dump();
+      answer = error_json(e.what());
     } catch (const nlohmann::json::exception& e) {  // not JSON, or a key of the wrong type
-      answer = nlohmann::json{{"error", std::string("bad request: ") + e.what()}}.dump();
+      answer = error_json(std::string("bad request: ") + e.what());
+    } catch (const std::exception& e) {  // ONNX Runtime's own failures: this request's, not the next one's
+      answer = error_json(std::string("internal error: ") + e.what());
     }
     std::cout << answer << '\n' << std::flush;
   }
