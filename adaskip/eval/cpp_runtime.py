@@ -9,14 +9,12 @@ decode from there to the last one, per decode forward.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from adaskip.errors import InputError, ModelLoadError
+from adaskip.eval.line_worker import LineWorker
 
 
 def check_program(path: str) -> Path:
@@ -28,24 +26,16 @@ def check_program(path: str) -> Path:
     return program
 
 
-class Worker:
+class Worker(LineWorker):
     """One engine dir loaded by `adaskip_generate --jsonl`; `run(prompt, steps)` -> (TTFT s, s per decode token)."""
 
     def __init__(self, program: Path, engine_dir: Path, threads: int):
-        self.log = tempfile.TemporaryFile("w+")  # its stderr: a file, so that it never blocks on a pipe
-        self.proc = subprocess.Popen([str(program), "--engine", str(engine_dir), "--jsonl", "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        super().__init__([str(program), "--engine", str(engine_dir), "--jsonl", "--threads", str(threads)],
+                         "adaskip_generate")
 
     def request(self, prompt: list[int], steps: int) -> dict[str, Any]:
         """The program's JSON result for `steps` greedy decode steps after the prompt (no stop tokens)."""
-        self.proc.stdin.write(json.dumps({"ids": prompt, "max_new_tokens": steps + 1, "stop_ids": []}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.log.seek(0)
-            raise ModelLoadError(f"adaskip_generate exited ({self.proc.returncode}): {self.log.read().strip()[-400:]}")
-        reply = json.loads(line)
+        reply = self.ask({"ids": prompt, "max_new_tokens": steps + 1, "stop_ids": []})
         if "error" in reply:
             raise ModelLoadError(f"adaskip_generate refused a benchmark request: {reply['error']}")
         return reply
@@ -53,13 +43,3 @@ class Worker:
     def run(self, prompt: list[int], steps: int) -> tuple[float, float]:
         r = self.request(prompt, steps)
         return r["ttft_s"], r["decode_s"] / steps
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # --jsonl ends at the end of its input
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()

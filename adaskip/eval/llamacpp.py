@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adaskip.errors import InputError, ModelLoadError
+from adaskip.eval.line_worker import LineWorker
 from adaskip.model.builtin import cache_root
 
 GGUF_TYPES = ("f32", "q8_0", "q4_0")  # what adaskip-bench can run: the f32 conversion and two quantizations of it
@@ -130,42 +131,18 @@ def _worker_call(args: list[str]) -> str:
     return proc.stdout
 
 
-class Worker:
+class Worker(LineWorker):
     """One GGUF loaded in a worker process; `run(prompt, steps)` -> (TTFT s, s per decode token), timed there."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int):
-        self.log = tempfile.TemporaryFile("w+")  # its stderr: a file, so that a chatty worker never blocks on a pipe
-        self.proc = subprocess.Popen([sys.executable, "-m", WORKER, "worker", str(gguf),
-                                      "--threads", str(threads), "--n-ctx", str(n_ctx)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=_worker_env())
-        self.info = {k: v for k, v in self._reply().items() if k != "ready"}
-
-    def _reply(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.log.seek(0)
-            raise ModelLoadError(f"the llama.cpp worker exited ({self.proc.returncode}): "
-                                 f"{self.log.read().strip()[-400:]}")
-        return json.loads(line)
+        super().__init__([sys.executable, "-m", WORKER, "worker", str(gguf), "--threads", str(threads),
+                          "--n-ctx", str(n_ctx)], "the llama.cpp worker", env=_worker_env())
+        self.info = {k: v for k, v in self.reply().items() if k != "ready"}
 
     def request(self, prompt: list[int], steps: int) -> dict[str, Any]:
         """{"ttft": s, "decode": s per token, "tokens": the greedy tokens (steps + 1)}."""
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "steps": steps}) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
+        return self.ask({"prompt": prompt, "steps": steps})
 
     def run(self, prompt: list[int], steps: int) -> tuple[float, float]:
         r = self.request(prompt, steps)
         return r["ttft"], r["decode"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()  # the worker's loop ends at end of input
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
