@@ -52,10 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> (prompt tokens, output tokens, output tokens' standard deviation): `chat-var` is the chat mix with the
 # spread of output lengths real chat has, where a static batch waits for its longest request
 MIXES = {"chat": (512, 256, 0), "chat-var": (512, 256, 128), "long": (4096, 128, 0)}
-# (our name, aiperf JSON key, statistic). aiperf's "inter token latency" is per request: (request latency - TTFT) /
-# (output tokens - 1), so its p50 is over requests and every stream's share of the prompts prefilled beside it is in
-# it; the gap between one streamed token and the next (its "inter chunk latency", one token per chunk here) is the
-# per-token figure, whose p99 shows the steps that carried a prompt chunk.
+# (our name, aiperf JSON key, statistic); ITL vs token gap: see "Latency columns" above
 METRICS = [("ttft_p50_ms", "time_to_first_token", "p50"), ("ttft_p99_ms", "time_to_first_token", "p99"),
            ("itl_p50_ms", "inter_token_latency", "p50"), ("itl_p99_ms", "inter_token_latency", "p99"),
            ("gap_p50_ms", "inter_chunk_latency", "p50"), ("gap_p99_ms", "inter_chunk_latency", "p99"),
@@ -212,7 +209,7 @@ def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, osl
         print(res.stdout[-3000:], file=sys.stderr)
         die(f"aiperf failed for {t.name} {mix} c={conc} (exit {res.returncode})")
     d = json.loads(export.read_text())
-    row = {"artifacts": str(art), "target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
+    row = {"target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
            "requests": n, "load_before": before, "load_after": after, "wall_s": round(time.time() - t0, 1),
            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
            "server_setup": t.setup, "server_command": t.command, "aiperf_command": cmd}
@@ -228,16 +225,23 @@ def metrics(export: dict) -> dict:
     return {name: export[key].get(stat) if isinstance(export.get(key), dict) else None for name, key, stat in METRICS}
 
 
-def backfill(rows: list[dict], arts: Path) -> None:
+def backfill(rows: list[dict]) -> None:
     """Metrics a row lacks (added to METRICS after its run) from its cell's aiperf export, where that is still on
-    disk: the same run's data, read again, never a new measurement."""
+    disk (the --artifact-dir its aiperf command wrote) and still the same run's: its recorded metrics must match."""
     for r in rows:
-        export = Path(r.get("artifacts") or arts / f"{r['target']}-{r['mix']}-c{r['concurrency']}") / \
-            "profile_export_aiperf.json"
+        cmd = r.get("aiperf_command", [])
         missing = [name for name, _, _ in METRICS if name not in r]
-        if missing and export.exists():
-            got = metrics(json.loads(export.read_text()))
-            r.update({name: got[name] for name in missing})
+        if not missing or "--artifact-dir" not in cmd:
+            continue
+        export = Path(cmd[cmd.index("--artifact-dir") + 1]) / "profile_export_aiperf.json"
+        if not export.exists():
+            continue
+        got = metrics(json.loads(export.read_text()))
+        if any(got[name] != r[name] for name, _, _ in METRICS if name in r):
+            print(f"serving_bench: {export} is not the run of {r['target']} {r['mix']} c={r['concurrency']} "
+                  f"recorded in --out (its metrics differ): not backfilled", file=sys.stderr)
+            continue
+        r.update({name: got[name] for name in missing})
 
 
 def parse_run(spec: str, targets: dict[str, Target], mixes: dict[str, tuple[int, int]]):
@@ -345,8 +349,8 @@ def main() -> None:
     p.add_argument("--artifacts", default=str(Path(tempfile.gettempdir()) / "servbench-artifacts"))
     p.add_argument("--fresh", action="store_true", help="drop the cells already in --out")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--backfill", action="store_true", help="fill metrics the cells in --out lack from their aiperf "
-                   "exports under --artifacts, where those are still there, and rewrite --out")
+    p.add_argument("--backfill", action="store_true", help="fill metrics the cells in --out lack from their own aiperf "
+                   "exports, where those are still there, and rewrite --out")
     a = p.parse_args()
 
     mixes = dict(MIXES)
@@ -403,7 +407,7 @@ def main() -> None:
     if not rows:
         die(f"no cells to report (nothing in {out}, no --run)")
     if a.backfill:
-        backfill(rows, Path(a.artifacts))
+        backfill(rows)
         out.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
     table = markdown(rows)
     print(table)

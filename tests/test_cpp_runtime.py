@@ -506,8 +506,12 @@ def test_cli_jsonl_serves_requests_and_answers_bad_ones_with_an_error(build, dat
     bad = [(line.encode(), message) for line, message in bad] + [
         (b'{"ids": [1], "k\xff": 1}', "ill-formed UTF-8"),  # quoted back in the message as U+FFFD, never a crash
         (b"\xff\xfe", "bad request: "),
+        # nesting deeper than a recursive dump could quote, under keys the request knows: named by type, not quoted
+        (b'{"ids": [' + b"[" * 200000 + b"]" * 200000 + b"]}", "ids must be an integer; got an array"),
+        (b'{"ids": [1], "truncate": ' + b"[" * 200000 + b"]" * 200000 + b"}", "got an array"),
     ]
-    stdin = b"\n".join([good.encode(), *(line for line, _ in bad), b"", good.encode()]) + b"\n"
+    # the last request ends in CRLF and then the input, with no final newline
+    stdin = b"\n".join([good.encode(), *(line for line, _ in bad), b"", good.encode() + b"\r"])
     run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl"], input=stdin, capture_output=True,
                          env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -517,10 +521,23 @@ def test_cli_jsonl_serves_requests_and_answers_bad_ones_with_an_error(build, dat
         assert {k: got[k] for k in case["expect"]} == case["expect"] and got["decode_s"] >= 0
     for (line, message), got in zip(bad, answers[1:-1]):
         assert list(got) == ["error"] and message in got["error"], (line[:80], got)
-    assert "\ufffd" in answers[-3]["error"]
+    assert "\ufffd" in answers[-5]["error"]
     run = subprocess.run([str(cli), "--engine", str(engine), "--jsonl", "--ids", "1"], capture_output=True, text=True,
                          env=ENV, timeout=60)
     assert run.returncode == 2 and "no --ids, --ids-file, --stream or --json with it" in run.stderr, run.stderr
+
+
+def test_a_bench_worker_that_dies_at_start_says_why(tmp_path):
+    """A program that cannot serve --jsonl (an older build, an engine it refuses) fails when its column is made, with
+    its own stderr, not with a broken pipe at the first timed cell."""
+    from adaskip.errors import ModelLoadError
+    from adaskip.eval import cpp_runtime
+
+    fake = tmp_path / "adaskip_generate"
+    fake.write_text("#!/bin/sh\necho 'adaskip_generate: error: unknown argument --jsonl' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    with pytest.raises(ModelLoadError, match=r"adaskip_generate exited \(2\): .*unknown argument --jsonl"):
+        cpp_runtime.Worker(cpp_runtime.check_program(str(fake)), tmp_path, 1)
 
 
 def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_model, tmp_path):

@@ -32,6 +32,9 @@ class Worker(LineWorker):
     def __init__(self, program: Path, engine_dir: Path, threads: int):
         super().__init__([str(program), "--engine", str(engine_dir), "--jsonl", "--threads", str(threads)],
                          "adaskip_generate")
+        # one short request now: a program that cannot open the engine (or predates --jsonl) fails here, with its
+        # own message, not at the first timed cell after every other column is built
+        self.request([0], 1)
 
     def request(self, prompt: list[int], steps: int) -> dict[str, Any]:
         """The program's JSON result for `steps` greedy decode steps after the prompt (no stop tokens)."""

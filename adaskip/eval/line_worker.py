@@ -17,7 +17,7 @@ class LineWorker:
         self.what = what  # named in errors: "the llama.cpp worker", "adaskip_generate"
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
+                                     text=True, encoding="utf-8", env=env)
 
     def reply(self) -> dict[str, Any]:
         """The next answer line, or ModelLoadError with the end of its stderr if the process has exited."""
@@ -29,8 +29,11 @@ class LineWorker:
         return json.loads(line)
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it has exited (a broken pipe): reply() says why, from its stderr
+            pass
         return self.reply()
 
     def close(self) -> None:

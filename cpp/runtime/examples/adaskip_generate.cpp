@@ -69,10 +69,20 @@ double parse_float(const std::string& flag, const std::string& s) {
   return v;
 }
 
+// Counts and sizes given as flags or request keys: anything beyond is a mistake, and an int holds it.
+constexpr int64_t kSmallIntLimit = int64_t{1} << 30;
+
 int parse_small_int(const std::string& flag, const std::string& s) {
   long long v = parse_int(flag, s);
-  if (v < -(1LL << 30) || v > (1LL << 30)) throw UsageError(flag + " is out of range: " + s);
+  if (v < -kSmallIntLimit || v > kSmallIntLimit) throw UsageError(flag + " is out of range: " + s);
   return static_cast<int>(v);
+}
+
+// --truncate's and a request's "truncate" value; nullopt for anything else (the caller says which it was).
+std::optional<adaskip::Truncate> parse_truncate(const std::string& value) {
+  if (value == "error") return adaskip::Truncate::Error;
+  if (value == "middle") return adaskip::Truncate::Middle;
+  return std::nullopt;
 }
 
 std::vector<int64_t> parse_ids(const std::string& flag, std::string text) {
@@ -102,13 +112,23 @@ bool read_line(std::istream& in, std::string& line, bool& too_long) {
   return c != EOF || !line.empty() || too_long;
 }
 
-// A request's integer: JSON's 1.5 or 1e300 is refused, not rounded or wrapped into range.
+// A request's value as an error message quotes it: a scalar, cut short; an array or object only by its type (its
+// nesting may be deeper than dump() can recurse, and its size up to a whole line).
+std::string quote(const nlohmann::json& value) {
+  if (value.is_structured()) return std::string("an ") + value.type_name();
+  std::string text = value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return text.size() > 80 ? text.substr(0, 77) + "..." : text;
+}
+
+// A request's integer in [lo, hi]: JSON's 1.5 or 1e300 is refused, not rounded or wrapped into range.
 int64_t json_int(const std::string& key, const nlohmann::json& value, int64_t lo, int64_t hi) {
-  if (!value.is_number_integer()) throw adaskip::InputError(key + " must be an integer; got " + value.dump());
-  if (value.is_number_unsigned() ? value.get<uint64_t>() > static_cast<uint64_t>(hi)
-                                 : value.get<int64_t>() < lo || value.get<int64_t>() > hi) {
-    throw adaskip::InputError(key + " is out of range: " + value.dump());
-  }
+  if (!value.is_number_integer()) throw adaskip::InputError(key + " must be an integer; got " + quote(value));
+  // nlohmann keeps every non-negative integer as unsigned: compare in the type it holds
+  const bool in_range = value.is_number_unsigned()
+                            ? value.get<uint64_t>() <= static_cast<uint64_t>(hi) &&
+                                  (lo <= 0 || value.get<uint64_t>() >= static_cast<uint64_t>(lo))
+                            : value.get<int64_t>() >= lo && value.get<int64_t>() <= hi;
+  if (!in_range) throw adaskip::InputError(key + " is out of range: " + quote(value));
   return value.is_number_unsigned() ? static_cast<int64_t>(value.get<uint64_t>()) : value.get<int64_t>();
 }
 
@@ -121,21 +141,20 @@ std::vector<int64_t> json_ids(const std::string& key, const nlohmann::json& valu
 }
 
 double json_number(const std::string& key, const nlohmann::json& value) {
-  if (!value.is_number()) throw adaskip::InputError(key + " must be a number; got " + value.dump());
+  if (!value.is_number()) throw adaskip::InputError(key + " must be a number; got " + quote(value));
   return value.get<double>();
 }
 
 // The sampling options of one --jsonl request: the command line's, overridden by the request's keys.
 adaskip::SamplingOptions request_options(const nlohmann::json& req, adaskip::SamplingOptions opts) {
-  constexpr int64_t kSmall = int64_t{1} << 30;  // as parse_small_int
   for (const auto& [key, value] : req.items()) {
     if (key == "ids") continue;
     if (key == "max_new_tokens") {
-      opts.max_new_tokens = static_cast<int>(json_int(key, value, -kSmall, kSmall));
+      opts.max_new_tokens = static_cast<int>(json_int(key, value, -kSmallIntLimit, kSmallIntLimit));
     } else if (key == "temperature") {
       opts.temperature = json_number(key, value);
     } else if (key == "top_k") {
-      opts.top_k = static_cast<int>(json_int(key, value, -kSmall, kSmall));
+      opts.top_k = static_cast<int>(json_int(key, value, -kSmallIntLimit, kSmallIntLimit));
     } else if (key == "top_p") {
       opts.top_p = json_number(key, value);
     } else if (key == "seed") {
@@ -143,10 +162,9 @@ adaskip::SamplingOptions request_options(const nlohmann::json& req, adaskip::Sam
     } else if (key == "stop_ids") {
       opts.stop_token_ids = json_ids(key, value);
     } else if (key == "truncate") {
-      if (!value.is_string()) throw adaskip::InputError("truncate must be error or middle; got " + value.dump());
-      const std::string t = value.get<std::string>();
-      if (t != "error" && t != "middle") throw adaskip::InputError("truncate must be error or middle; got " + t);
-      opts.truncate = t == "middle" ? adaskip::Truncate::Middle : adaskip::Truncate::Error;
+      const auto truncate = value.is_string() ? parse_truncate(value.get<std::string>()) : std::nullopt;
+      if (!truncate) throw adaskip::InputError("truncate must be error or middle; got " + quote(value));
+      opts.truncate = *truncate;
     } else {
       throw adaskip::InputError("unknown request key '" + key + "'");
     }
@@ -252,8 +270,9 @@ int run(int argc, char** argv) {
     } else if (flag == "--stop-ids") {
       opts.stop_token_ids = parse_ids(flag, value);
     } else if (flag == "--truncate") {
-      if (value != "error" && value != "middle") throw UsageError("--truncate must be error or middle; got " + value);
-      opts.truncate = value == "middle" ? adaskip::Truncate::Middle : adaskip::Truncate::Error;
+      const auto truncate = parse_truncate(value);
+      if (!truncate) throw UsageError("--truncate must be error or middle; got " + value);
+      opts.truncate = *truncate;
     } else if (flag == "--threads") {
       rt_opts.threads = parse_small_int(flag, value);
       if (rt_opts.threads < 1) throw UsageError("--threads must be >= 1");
