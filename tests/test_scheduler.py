@@ -93,6 +93,17 @@ def test_rows_joining_and_leaving_equal_their_solo_runs_with_online_skipping(tin
     assert all(a.shape[0] == pool.slots for a in pool.outputs.values())
     for _, _, results in pool.bindings.values():
         assert all(np.shares_memory(a, pool.outputs[name]) for name, a in results.items())
+    # a step's outputs are the caller's own, in the order of the slots asked for, whatever the range they span
+    rows = sched.stepper.new_rows(2)
+    skip, scales = sched.stepper._masks(rows, decode=True, any_slot=True)
+    pool.lengths[[1, 3]] = 4  # whatever their cache holds: both calls see the same
+    first = engine.decode_slots([3, 1], torch.tensor([5, 7]), pool, skip, scales)
+    pool.lengths[[1, 3]] = 4
+    again = engine.decode_slots([1, 3], torch.tensor([7, 5]), pool, skip, scales)
+    assert not any(np.shares_memory(t.numpy(), pool.outputs[name]) for name, t in
+                   (("logits", first.logits), ("similarity", first.similarity), ("norm_ratio", first.norm_ratio)))
+    assert first.logits.shape[0] == first.similarity.shape[0] == 2  # the rows asked for, not the range (1..3)
+    torch.testing.assert_close(first.logits, again.logits.flip(0))
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
