@@ -53,12 +53,17 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, st
 
 
 def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int) -> dict:
+    # The profile and the optimized graph (a copy of the weights) are read back here and then deleted.
+    with tempfile.TemporaryDirectory(prefix="decode-profile-") as work:
+        return _profile(engine_dir, context, steps, warmup, threads, Path(work))
+
+
+def _profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int, work: Path) -> dict:
     rt = load_runtime(engine_dir, threads=threads)
     engine, spec = rt.engine, rt.engine.spec
     if not hasattr(engine, "kv_dtype"):
         raise SystemExit(f"{engine_dir}: not an ort-variant engine (GroupQueryAttention); build it with the default "
                          f"graph variant")
-    work = Path(tempfile.mkdtemp(prefix="decode-profile-"))
     so = session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = str(work / "profile")
