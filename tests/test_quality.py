@@ -13,7 +13,7 @@ from adaskip.errors import InputError, PlanError
 from adaskip.plan import Calibration, Compensation, SkipPlan, adaskip_plan
 from adaskip.calibrate import compensation as comp
 from adaskip.eval import metrics, report, tasks
-from adaskip.eval.runner import PrefixCache, mask_schedule, parse_method, prompt_is_chat
+from adaskip.eval.runner import EvalOptions, PrefixCache, mask_schedule, parse_method, prompt_is_chat
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -460,5 +460,17 @@ def test_retrieval_aware_selection_is_seeded_and_disjoint_from_the_evaluation(ti
                                    progress=False, probes=probes) for _ in range(2)]
     assert orders[0] == orders[1] and len(set(orders[0])) == 3
     assert parse_method("adaskip+ret").selection == "kl-ret"
-    with pytest.raises(InputError):
-        parse_method("adaskip+ret+ffn")
+    assert parse_method("adaskip+ret").probe_tokens is None
+    long = parse_method("adaskip+channel-affine+ret1024")
+    assert (long.selection, long.probe_tokens, long.rule) == ("kl-ret", 1024, "channel-affine")
+    for bad in ("adaskip+ret+ffn", "adaskip+ret64", "adaskip+retx", "adaskip+ret-1"):
+        with pytest.raises(InputError):
+            parse_method(bad)
+
+
+def test_eval_records_of_another_probe_count_start_their_own_file():
+    """--ret-probes changes the `ret` rows' plans but not their record keys: a non-default count must not resume the
+    default's records (and the default keeps the digest earlier runs wrote)."""
+    base = EvalOptions(model="m", out="o")
+    assert base.digest("fp") == EvalOptions(model="m", out="o", ret_probes=base.ret_probes).digest("fp")
+    assert EvalOptions(model="m", out="o", ret_probes=base.ret_probes + 3).digest("fp") != base.digest("fp")

@@ -53,7 +53,7 @@ from adaskip.runtime.torch_engine import KVCache, TorchEngine
 BASELINES = ("early-exit", "skipdecode", "unified")
 RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
                 "channel-affine": "channel-affine"}
-MODIFIERS = ("kl", "ret", "attn", "ffn", "no-online", "task-calib")
+MODIFIERS = ("kl", "ret", "retN", "attn", "ffn", "no-online", "task-calib")
 
 
 # -- methods -------------------------------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ class Method:
     kind: str = "all"  # "attn" / "ffn": ranking restricted to one kind
     online: bool = True
     calibration: str = "builtin"  # or "task"
+    probe_tokens: int | None = None  # kl-ret: the retrieval probes' length (None: --kl-tokens, like the KL windows)
 
     @property
     def is_reference(self) -> bool:
@@ -93,8 +94,15 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
             kw["rule"] = RULE_ALIASES[mod]
         elif mod == "kl":
             kw.setdefault("selection", "kl")
-        elif mod == "ret":
+        elif mod == "ret" or (mod.startswith("ret") and mod[3:].isdigit()):
+            # retN: probes of N tokens, so the objective sees the answer positions at the served length (attention
+            # sublayers that long-range retrieval needs may not matter at --kl-tokens)
             kw["selection"] = "kl-ret"
+            if mod != "ret":
+                kw["probe_tokens"] = int(mod[3:])
+                if kw["probe_tokens"] < tasks.MIN_CONTEXT:
+                    raise InputError(f"{name}: {mod} asks for {kw['probe_tokens']}-token probes; retrieval prompts "
+                                     f"need at least {tasks.MIN_CONTEXT} tokens")
         elif mod in ("attn", "ffn"):
             kw["kind"] = mod
         elif mod == "no-online":
@@ -110,6 +118,8 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
 
 
 # -- options -------------------------------------------------------------------------------------------------------
+
+RET_PROBES = 6
 
 @dataclass
 class EvalOptions:
@@ -134,7 +144,7 @@ class EvalOptions:
     kl_windows: int = 1
     kl_tokens: int = 512
     kl_candidates: int = 16
-    ret_probes: int = 6  # `ret` selection: synthetic retrieval prompts (held-out seeds) of kl_tokens tokens
+    ret_probes: int = RET_PROBES  # `ret` selection: synthetic retrieval prompts (held-out seeds)
     prompt_format: str = "auto"  # auto | chat | plain (see prompt_is_chat)
     progress: bool = True
 
@@ -169,6 +179,8 @@ class EvalOptions:
                                                "lm_tokens", "study_windows", "study_tokens", "kl_windows",
                                                "kl_tokens", "kl_candidates")}
         keep["model"], keep["format"] = fingerprint, 1
+        if self.ret_probes != RET_PROBES:  # only when set (records of earlier runs keep their file): the `ret` rows'
+            keep["ret_probes"] = self.ret_probes  # plans depend on it but their record keys do not name it
         if self.prompt_format != "auto":  # only when set, so records of earlier runs keep their file
             keep["prompt_format"] = self.prompt_format
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
@@ -433,10 +445,14 @@ class Evaluator:
         self.study = self._cached_json("study", compute)
         return self.study
 
-    def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False) -> list[int]:
+    def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False,
+                 probe_tokens: int | None = None) -> list[int]:
         """The greedy KL ranking (`retrieval`: the retrieval-aware one, which also scores the KL at the answers of
-        synthetic retrieval prompts from held-out seeds), cached in the out dir."""
+        synthetic retrieval prompts from held-out seeds, of `probe_tokens` tokens or --kl-tokens), cached in the out
+        dir."""
         tag = f"{rule}-ret{self.opts.ret_probes}" if retrieval else rule
+        if retrieval and probe_tokens is not None:
+            tag += f"x{probe_tokens}"
         key = f"{tag}/{source}"
         if key in self._orders:
             return self._orders[key]
@@ -449,8 +465,8 @@ class Evaluator:
             windows = [p[:o.kl_tokens] for p in data.prompts[:o.kl_windows]]
             scales, c = comp.fit(rule, stats, calib)
             candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
-            probes = tasks.answer_probes(self.tok, o.kl_tokens, o.ret_probes, o.seed, chat=self.chat) \
-                if retrieval else None
+            probes = tasks.answer_probes(self.tok, probe_tokens or o.kl_tokens, o.ret_probes, o.seed,
+                                         chat=self.chat) if retrieval else None
             self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}) over "
                      f"{len(candidates)} candidates, K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
@@ -481,7 +497,8 @@ class Evaluator:
         calib, stats = self.calibration(method.calibration)
         scales, c = comp.fit(method.rule, stats, calib)
         if method.selection in ("kl", "kl-ret"):
-            order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret")
+            order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret",
+                                  probe_tokens=method.probe_tokens)
         elif method.kind != "all":
             parity = 0 if method.kind == "attn" else 1
             order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
