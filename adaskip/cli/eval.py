@@ -33,9 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="also evaluate this built engine directory (its own plan) as one more row")
     p.add_argument("--methods", default=joined(d.methods),
                    help="comma-separated: adaskip[+MOD...], adaskip-best, early-exit, skipdecode, unified; MODs: "
-                        "token-ratio, channel-scale, channel-affine, kl, ret (KL plus KL at retrieval answers; retN: answers of "
-                        "N-token probes, default --kl-tokens), attn, ffn, "
-                        "no-online, task-calib")
+                        "token-ratio, channel-scale, channel-affine, kl, ret (KL plus KL at retrieval answers; "
+                        "retN: answers of N-token probes, default --kl-tokens), attn, ffn, no-online, task-calib")
     p.add_argument("--budgets", default=joined(d.budgets), help="K sublayers (baselines: K/2 layers, even K only)")
     p.add_argument("--modes", default=joined(d.modes))
     p.add_argument("--contexts", default=joined(d.contexts), help="prompt lengths in tokens")
@@ -61,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-candidates", type=int, default=d.kl_candidates,
                    help="most similar sublayers the KL selection tries")
     p.add_argument("--ret-probes", type=int, default=d.ret_probes,
-                   help="the `ret` selection (adaskip+ret): synthetic retrieval prompts (of --kl-tokens tokens, or N for retN) from "
-                        "seeds disjoint from the evaluated ones, scored at their answer positions")
+                   help="the `ret` selection (adaskip+ret): synthetic retrieval prompts (of --kl-tokens tokens, "
+                        "or N for retN) from seeds disjoint from the evaluated ones, scored at their answer positions")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
                    help="task prompts in the chat template or as plain text ending in 'Answer:' (auto: chat when "
                         "the tokenizer has a template, plain for built-in base models)")
