@@ -195,8 +195,14 @@ def test_a_failed_or_interrupted_swap_never_loses_the_old_engine(tiny_chat_model
         return real_replace(src, dst)
 
     monkeypatch.setattr(ed_mod.os, "replace", flaky_replace)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and the swap rightly
+    # hands a deferred signal back to the handler the process had: give the test Python's own Ctrl-C handler.
+    interrupted = signal.signal(signal.SIGINT, signal.default_int_handler)
     args = ["--model", str(tiny_chat_model), "--plan", str(engine / "plan.json"), "-o", str(out), "-q", "--force"]
-    rc = build_cli.main(args)
+    try:
+        rc = build_cli.main(args)
+    finally:
+        signal.signal(signal.SIGINT, interrupted)
     capsys.readouterr()
     assert rc == (1 if how == "error" else 130)
     open_engine_dir(out)  # a complete engine is in place: the old one (error) or the finished new one (interrupt)
