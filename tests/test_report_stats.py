@@ -113,3 +113,12 @@ def test_report_renders_intervals_verdicts_and_the_frontier(tmp_path):
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["matched_speed"]["1024"] and saved["verdicts"]["1024"][0]["retrieval"]["verdict"] == "beats"
     assert data["compute"]["documents"] == 500
+
+
+def test_plots_give_a_column_only_to_modes_with_a_skipping_row():
+    """The full model's row sits in prefill mode; a run of e2e rows only must not get an empty prefill column."""
+    rows = [{"mode": "prefill", "method": "full"}, {"mode": "e2e", "method": "early-exit"},
+            {"mode": "e2e", "method": "adaskip+ret"}]
+    assert report.plotted_modes(rows) == ["e2e"]
+    assert report.plotted_modes(rows + [{"mode": "decode", "method": "adaskip"}]) == ["decode", "e2e"]
+    assert report.plotted_modes(rows[:1]) == ["prefill"]  # the full model alone still gets its column

@@ -338,15 +338,22 @@ def _questions(per_context: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['context']}: {r['retrieval_n']}" for r in per_context if r["method"] == "full") or "–"
 
 
+def plotted_modes(rows: list[dict[str, Any]]) -> list[str]:
+    """The modes that get a column of panels: those with a skipping row (the full model's row sits in one mode and is
+    drawn in every panel as a line, so alone it would give an empty column)."""
+    modes = [m for m in MODES if any(r["mode"] == m and r["method"] != "full" for r in rows)]
+    return modes or [m for m in MODES if any(r["mode"] == m for r in rows)]
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = plotted_modes(rows)
     cols = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
-    fig, axes = plt.subplots(len(cols), len(modes), figsize=(4.2 * len(modes), 3.0 * len(cols)), dpi=100,
+    fig, axes = plt.subplots(len(cols), len(modes), figsize=(max(4.2 * len(modes), 7.5), 3.0 * len(cols)), dpi=100,
                              squeeze=False)
     methods = sorted({r["method"] for r in rows if r["method"] != "full"}, key=lambda m: (_method_rank(m), m))
     full = {r["mode"]: r for r in rows if r["method"] == "full"}
@@ -390,9 +397,9 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = plotted_modes(rows)
     cols = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
-    fig, axes = plt.subplots(len(cols), len(modes), figsize=(4.2 * len(modes), 3.0 * len(cols)), dpi=100,
+    fig, axes = plt.subplots(len(cols), len(modes), figsize=(max(4.2 * len(modes), 7.5), 3.0 * len(cols)), dpi=100,
                              squeeze=False)
     methods = sorted({r["method"] for r in rows if r["method"] != "full" and not r["method"].startswith("engine:")},
                      key=lambda m: (_method_rank(m), m))
