@@ -345,16 +345,38 @@ def plotted_modes(rows: list[dict[str, Any]]) -> list[str]:
     return modes or [m for m in MODES if any(r["mode"] == m for r in rows)]
 
 
+PANEL_METRICS = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
+
+
+def _panel_grid(plt: Any, n_modes: int) -> tuple[Any, Any]:
+    """One row of panels per metric, one column per mode; at least 7.5 in wide, room for the title and legend."""
+    return plt.subplots(len(PANEL_METRICS), n_modes, figsize=(max(4.2 * n_modes, 7.5), 3.0 * len(PANEL_METRICS)),
+                        dpi=100, squeeze=False)
+
+
+def _finish(plt: Any, fig: Any, axes: Any, title: str, path: Path) -> None:
+    """One legend of every method in any panel (some run in some modes only), the title, saved and closed."""
+    legend: dict[str, Any] = {}
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = plotted_modes(rows)
-    cols = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
-    fig, axes = plt.subplots(len(cols), len(modes), figsize=(max(4.2 * len(modes), 7.5), 3.0 * len(cols)), dpi=100,
-                             squeeze=False)
+    modes, cols = plotted_modes(rows), PANEL_METRICS
+    fig, axes = _panel_grid(plt, len(modes))
     methods = sorted({r["method"] for r in rows if r["method"] != "full"}, key=lambda m: (_method_rank(m), m))
     full = {r["mode"]: r for r in rows if r["method"] == "full"}
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
@@ -376,17 +398,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             if col == "kl":
                 ax.set_yscale("symlog", linthresh=1e-2)
             ax.grid(alpha=0.3)
-    legend: dict[str, Any] = {}  # every method of any panel (some run in some modes only)
-    for row in axes:
-        for ax in row:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                legend.setdefault(lab, h)
-    handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, axes, title, path)
 
 
 def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -397,10 +409,8 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = plotted_modes(rows)
-    cols = [("retrieval", "retrieval accuracy"), ("rougeL", "ROUGE-L vs full"), ("kl", "next-token KL vs full")]
-    fig, axes = plt.subplots(len(cols), len(modes), figsize=(max(4.2 * len(modes), 7.5), 3.0 * len(cols)), dpi=100,
-                             squeeze=False)
+    modes, cols = plotted_modes(rows), PANEL_METRICS
+    fig, axes = _panel_grid(plt, len(modes))
     methods = sorted({r["method"] for r in rows if r["method"] != "full" and not r["method"].startswith("engine:")},
                      key=lambda m: (_method_rank(m), m))
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
@@ -428,17 +438,7 @@ def frontier_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             if col == "kl":
                 ax.set_yscale("symlog", linthresh=1e-2)
             ax.grid(alpha=0.3)
-    legend: dict[str, Any] = {}
-    for row in axes:
-        for ax in row:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8,
-               frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, axes, title, path)
 
 
 def compute_seconds(records: list[dict[str, Any]]) -> dict[str, Any]:
