@@ -468,6 +468,64 @@ def test_retrieval_aware_selection_is_seeded_and_disjoint_from_the_evaluation(ti
             parse_method(bad)
 
 
+def test_decode_phase_scoring_is_what_decode_mode_serves(tiny_chat_model, smollm2_tokenizer):
+    """`served` in decode mode: a probe's prompt runs through the full model and only the tokens after it skip; the
+    scorer's KL (one cached prefix, one suffix chunk) equals the KL of a prefill then one decode step per token with
+    the plan's mask, and it leaves the cached prefix reusable (the same score twice, in any order)."""
+    from adaskip.model import load_model
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    model = load_model(str(tiny_chat_model))
+    engine = TorchEngine.from_loaded(model)
+    n, layers = model.spec.num_sublayers, model.spec.num_layers
+    ids = [(7 * i) % 300 + 3 for i in range(40)]
+    probe = comp.Probe(ids, list(range(30, 40)), prefix=30)
+    skip, scales = [0, 3], [0.9] * n
+
+    cache = engine.new_cache(1, len(ids), list(range(layers)))
+    x = torch.tensor([ids[:30]])
+    out = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
+                         torch.ones(1, n), want_stats=False)
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, skip] = True
+    stepped = []
+    for t in ids[30:]:  # teacher-forced decode steps: step t's logits predict the token after ids[t]
+        stepped.append(engine.decode(torch.tensor([t]), cache, mask, torch.tensor([scales]), want_stats=False).logits)
+    full = engine.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool),
+                          engine.new_cache(1, len(ids), []), torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n),
+                          all_logits=True, want_stats=False).logits[0]
+    expected = float(comp.kl_divergence(full[30:], torch.cat(stepped)).mean())
+    assert expected > 1e-4  # the skips change the decode steps
+
+    scorer = comp.ProbeScorer(engine, [probe])
+    assert scorer.kl(skip, scales, None) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert scorer.kl([], scales, None) == pytest.approx(0.0, abs=1e-6)  # nothing skipped: the full model
+    assert scorer.kl(skip, scales, None) == pytest.approx(expected, rel=1e-4, abs=1e-6)  # prefix left intact
+    everywhere = comp.ProbeScorer(engine, [comp.Probe(ids, list(range(30, 40)))]).kl(skip, scales, None)
+    assert everywhere != pytest.approx(expected, rel=1e-3)  # the prompt's skips (e2e) move the answers too
+    with pytest.raises(ValueError):  # a position inside the unskipped prefix has nothing to score
+        comp.ProbeScorer(engine, [comp.Probe(ids, [29, 30], prefix=30)])
+
+    # decode-phase answer probes: the prompt is the prefix, the answer's tokens after the first are scored
+    probes = tasks.answer_probes(smollm2_tokenizer, 256, 3, seed=7, phase="decode")
+    plain = tasks.answer_probes(smollm2_tokenizer, 256, 3, seed=7)
+    for d, a in zip(probes, plain):
+        assert d.ids == a.ids and d.prefix == a.positions[0] + 1 and d.positions == a.positions[1:]
+    windows = [[(5 * i) % 300 + 3 for i in range(64)]]
+    orders = [comp.kl_greedy_order(engine, windows, 3, list(range(8)), scales, None, progress=False,
+                                   probes=probes, phase="decode") for _ in range(2)]
+    assert orders[0] == orders[1] and len(set(orders[0])) == 3
+    with pytest.raises(ValueError):
+        comp.kl_greedy_order(engine, windows, 1, [0], scales, None, progress=False, phase="prefill")
+
+    served = parse_method("adaskip+channel-affine+ret1024+served")
+    assert served.served and served.selection == "kl-ret"
+    assert (served.selection_phase("decode"), served.selection_phase("e2e")) == ("decode", "all")
+    assert parse_method("adaskip+kl").selection_phase("decode") == "all"
+    with pytest.raises(InputError):  # served changes a KL objective: the similarity ranking has none
+        parse_method("adaskip+channel-affine+served")
+
+
 def test_eval_records_of_another_probe_count_start_their_own_file():
     """--ret-probes changes the `ret` rows' plans but not their record keys: a non-default count must not resume the
     default's records (and the default keeps the digest earlier runs wrote)."""

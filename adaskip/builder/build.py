@@ -83,13 +83,13 @@ def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, calib:
     _log(f"--max-kl {opts.selection.max_kl}: next-token KL on {len(heldout.prompts)} held-out windows x {tokens} "
          f"tokens ({heldout.source}), K growing along the similarity ranking", opts)
     ranking = rank_by_similarity(calib.similarity)
+    phase = comp.phase_of(opts.selection.mode)
     result = budget.largest_within_kl(TorchEngine.from_loaded(model), heldout.prompts, ranking,
                                       list(calib.norm_ratio) if scales is None else scales, compensation,
-                                      opts.selection.max_kl, progress=opts.progress)
+                                      opts.selection.max_kl, progress=opts.progress, phase=phase)
     selection = {"rule": "max-kl", "k": result.k, **result.record(),
                  "heldout": {"source": heldout.source, "digest": heldout.digest, "windows": len(heldout.prompts),
-                             "tokens": tokens, "measure": "mean next-token KL(full || skipped), nats, every position, "
-                                                          "offline set skipped in every forward"}}
+                             "tokens": tokens, "measure": budget.MEASURES[phase]}}
     return result.k, selection
 
 

@@ -143,12 +143,17 @@ def _logits(engine: TorchEngine, ids: list[int], skip: list[int], scales: list[f
     return out.logits[0]
 
 
+def _skipping_engine(spec: Any, model_weights: Any, skip: list[int], compensation: Compensation | None) -> TorchEngine:
+    """An engine carrying the stand-ins of the sublayers in `skip` only (the others run)."""
+    comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
+        if compensation else None
+    return TorchEngine(spec, model_weights, comp)
+
+
 def mean_kl(model_weights: Any, spec: Any, windows: list[list[int]], reference: list[torch.Tensor],
             skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
     """Mean next-token KL(full || skipped) over every position of `windows` (prefill mode: one forward each)."""
-    comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
-        if compensation else None
-    engine = TorchEngine(spec, model_weights, comp)
+    engine = _skipping_engine(spec, model_weights, skip, compensation)
     kls = [kl_divergence(ref, _logits(engine, ids, skip, scales)) for ids, ref in zip(windows, reference)]
     return float(torch.cat(kls).mean())
 
@@ -157,14 +162,31 @@ def reference_logits(engine: TorchEngine, windows: list[list[int]]) -> list[torc
     return [_logits(engine, ids, [], [1.0] * engine.spec.num_sublayers) for ids in windows]
 
 
+PHASES = ("all", "decode")  # where a selection scores a skip: every position, or decode steps after a full prefill
+
+
+def phase_of(mode: str) -> str:
+    """Where a plan of `mode` skips: decode mode only in decode steps (its prompt runs the full model), prefill and
+    e2e mode in every forward (prefill mode skips in decode steps too: SkipLayout.decode_skip_at)."""
+    return "decode" if mode == "decode" else "all"
+
+
 @dataclass
 class Probe:
     """A prompt whose effect is scored at some positions only: `ids` fed in one forward, `positions` the ones whose
     next-token distributions count (a retrieval prompt with its answer appended: the positions that predict the
-    answer's tokens)."""
+    answer's tokens). The first `prefix` ids are run by the full model, the rest with the skips: a decode-mode plan
+    prefills its prompt unskipped and skips only in the decode steps that follow."""
 
     ids: list[int]
     positions: list[int]
+    prefix: int = 0
+
+
+def decode_windows(windows: list[list[int]]) -> list[Probe]:
+    """Plain-text windows scored as decode mode serves them: the first half prefilled by the full model, the second
+    half teacher-forced through the skipped decode steps."""
+    return [Probe(w, list(range(len(w) // 2, len(w))), len(w) // 2) for w in windows]
 
 
 def probe_reference(engine: TorchEngine, probes: list[Probe]) -> list[torch.Tensor]:
@@ -172,27 +194,90 @@ def probe_reference(engine: TorchEngine, probes: list[Probe]) -> list[torch.Tens
     return [_logits(engine, p.ids, [], [1.0] * engine.spec.num_sublayers)[p.positions] for p in probes]
 
 
-def probe_kl(model_weights: Any, spec: Any, probes: list[Probe], reference: list[torch.Tensor], skip: list[int],
-             scales: list[float], compensation: Compensation | None) -> float:
-    """Mean over probes of the mean next-token KL(full || skipped) at the probe's positions."""
-    comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
-        if compensation else None
-    engine = TorchEngine(spec, model_weights, comp)
-    kls = [float(kl_divergence(ref, _logits(engine, p.ids, skip, scales)[p.positions]).mean())
-           for p, ref in zip(probes, reference)]
-    return sum(kls) / len(kls)
+class ProbeScorer:
+    """Scores skip sets on a fixed list of probes: the full model's logits at their positions and its K/V of their
+    unskipped prefixes are computed once, so each skip set costs only the forwards of the skipped parts."""
+
+    def __init__(self, engine: TorchEngine, probes: list[Probe]):
+        self.engine = engine
+        self.probes = [p for p in probes if p.positions]  # a decode-phase probe of a one-token answer scores nothing
+        if not self.probes:
+            raise ValueError("no probe has a position to score")
+        if any(p.prefix and min(p.positions) < p.prefix for p in self.probes):
+            raise ValueError("a probe scores a position inside its full-model prefix (unskipped: nothing to score)")
+        self.reference = probe_reference(engine, self.probes)
+        n = engine.spec.num_sublayers
+        self.prefixes = []  # (cache after the prefix, position of the first logit the suffix forward returns)
+        for p in self.probes:
+            if p.prefix == 0:
+                self.prefixes.append(None)
+                continue
+            cache = engine.new_cache(1, len(p.ids), cached_layers=list(range(engine.spec.num_layers)))
+            x = torch.tensor([p.ids[:p.prefix]])
+            engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
+                           torch.ones(1, n), want_stats=False)
+            self.prefixes.append(cache)
+
+    def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
+        """Mean over probes of the mean next-token KL(full || skipped) at each probe's positions."""
+        engine = _skipping_engine(self.engine.spec, self.engine.w, skip, compensation)
+        kls = []
+        for p, ref, cache in zip(self.probes, self.reference, self.prefixes):
+            if cache is None:
+                logits = _logits(engine, p.ids, skip, scales)[p.positions]
+            else:
+                logits = _suffix_logits(engine, cache, p, skip, scales)
+            kls.append(float(kl_divergence(ref, logits).mean()))
+        return sum(kls) / len(kls)
+
+
+def _suffix_logits(engine: TorchEngine, cache: Any, p: Probe, skip: list[int], scales: list[float]) -> torch.Tensor:
+    """The logits at p.positions with p.ids[p.prefix:] run with `skip` after the cached full-model prefix (one
+    chunk: the same attention as one decode step per token); the cache is left holding the prefix only."""
+    n = engine.spec.num_sublayers
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, skip] = True
+    x = torch.tensor([p.ids[p.prefix:]])
+    try:
+        out = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, mask, torch.tensor([scales]),
+                             all_logits=True, want_stats=False)
+    finally:  # back to the prefix (the suffix's K/V slots are overwritten by the next call)
+        cache.length = p.prefix
+        cache.next_pos[:] = p.prefix
+        cache.valid[:, p.prefix:] = False
+    return out.logits[0][[q - p.prefix for q in p.positions]]
+
+
+class WindowScorer:
+    """Mean next-token KL(full || skipped) on plain-text windows, where a plan of `phase` skips: "all" (prefill and
+    e2e mode) at every position with the set skipped in every forward (mean_kl), "decode" (decode mode) on each
+    window's second half after an unskipped first half (decode_windows)."""
+
+    def __init__(self, engine: TorchEngine, windows: list[list[int]], phase: str = "all"):
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
+        self.engine, self.windows = engine, windows
+        self.decode = ProbeScorer(engine, decode_windows(windows)) if phase == "decode" else None
+        self.reference = reference_logits(engine, windows) if self.decode is None else []
+
+    def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
+        if self.decode is not None:
+            return self.decode.kl(skip, scales, compensation)
+        return mean_kl(self.engine.w, self.engine.spec, self.windows, self.reference, skip, scales, compensation)
 
 
 def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candidates: list[int],
                     scales: list[float], compensation: Compensation | None, progress: bool = True,
-                    probes: list[Probe] | None = None) -> list[int]:
+                    probes: list[Probe] | None = None, phase: str = "all") -> list[int]:
     """Greedy selection: repeatedly add the candidate whose skip (with its stand-in) gives the lowest mean KL from
     the full model on `windows`, given the sublayers already chosen. Returns the first k choices in order.
 
     With `probes` (retrieval-aware): the score is the windows' mean KL plus the probes' mean KL at their answer
-    positions, so a skip that plain text tolerates but that breaks long-range retrieval ranks late."""
-    ref = reference_logits(engine, windows)
-    probe_ref = probe_reference(engine, probes) if probes else []
+    positions, so a skip that plain text tolerates but that breaks long-range retrieval ranks late.
+    `phase` is where the windows are scored (WindowScorer); the probes are scored as given (tasks.answer_probes
+    builds them for either phase)."""
+    text = WindowScorer(engine, windows, phase)
+    retrieval = ProbeScorer(engine, probes) if probes else None
     chosen: list[int] = []
     total = sum(len(candidates) - i for i in range(min(k, len(candidates))))
     bar = tqdm(total=total, desc="kl-greedy selection", unit="forward", disable=not progress, file=sys.stderr)
@@ -202,9 +287,9 @@ def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candi
             for j in candidates:
                 if j in chosen:
                     continue
-                kl = mean_kl(engine.w, engine.spec, windows, ref, chosen + [j], scales, compensation)
-                if probes:
-                    kl += probe_kl(engine.w, engine.spec, probes, probe_ref, chosen + [j], scales, compensation)
+                kl = text.kl(chosen + [j], scales, compensation)
+                if retrieval is not None:
+                    kl += retrieval.kl(chosen + [j], scales, compensation)
                 bar.update(1)
                 if kl < best_kl:
                     best, best_kl = j, kl

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         s = plan.selection
         print(f"max-kl: K={plan.k} is the largest set whose held-out next-token KL stays <= {s['max_kl']} "
               f"(KL {s['heldout_kl']:.4f} nats on {s['heldout']['windows']} x {s['heldout']['tokens']} held-out "
-              f"tokens{'; K+1: ' + format(s['kl_by_k'][plan.k], '.4f') if len(s['kl_by_k']) > plan.k else ''})"
+              f"tokens{', the second halves in decode steps' if plan.mode == 'decode' else ''}"
+              f"{'; K+1: ' + format(s['kl_by_k'][plan.k], '.4f') if len(s['kl_by_k']) > plan.k else ''})"
               + ("; online skipping in decode is not covered by the bound" if plan.online_enabled else ""))
     if plan.compensation is not None:
         print(f"stand-in: {plan.compensation.rule} (fitted on the calibration pass; the paper's is norm-ratio)")

@@ -53,7 +53,7 @@ from adaskip.runtime.torch_engine import KVCache, TorchEngine
 BASELINES = ("early-exit", "skipdecode", "unified")
 RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
                 "channel-affine": "channel-affine"}
-MODIFIERS = ("kl", "ret", "retN", "attn", "ffn", "no-online", "task-calib")
+MODIFIERS = ("kl", "ret", "retN", "served", "attn", "ffn", "no-online", "task-calib")
 
 
 # -- methods -------------------------------------------------------------------------------------------------------
@@ -68,6 +68,12 @@ class Method:
     online: bool = True
     calibration: str = "builtin"  # or "task"
     probe_tokens: int | None = None  # kl-ret: the retrieval probes' length (None: --kl-tokens, like the KL windows)
+    served: bool = False  # kl / kl-ret: score skips where the plan's mode applies them (decode mode: after the prefill)
+
+    def selection_phase(self, mode: str) -> str:
+        """Where the KL selection scores a skip for a plan of `mode` (compensation.PHASES): a decode-mode plan's
+        skips never touch the prompt, so `served` scores them on decode steps after a full-model prefill."""
+        return comp.phase_of(mode) if self.served else "all"
 
     @property
     def is_reference(self) -> bool:
@@ -103,6 +109,8 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
                 if kw["probe_tokens"] < tasks.MIN_CONTEXT:
                     raise InputError(f"{name}: {mod} asks for {kw['probe_tokens']}-token probes; retrieval prompts "
                                      f"need at least {tasks.MIN_CONTEXT} tokens")
+        elif mod == "served":
+            kw["served"] = True
         elif mod in ("attn", "ffn"):
             kw["kind"] = mod
         elif mod == "no-online":
@@ -114,6 +122,8 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
                              f"{', '.join(list(RULE_ALIASES) + list(MODIFIERS))}")
     if kw.get("selection") in ("kl", "kl-ret") and "kind" in kw:
         raise InputError(f"{name}: kl selection already ranks attention and FFN together; drop attn/ffn")
+    if kw.get("served") and kw.get("selection") not in ("kl", "kl-ret"):
+        raise InputError(f"{name}: served changes where the KL selection scores a skip; add kl or ret")
     return Method(name, "adaskip", **kw)
 
 
@@ -446,13 +456,15 @@ class Evaluator:
         return self.study
 
     def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False,
-                 probe_tokens: int | None = None) -> list[int]:
+                 probe_tokens: int | None = None, phase: str = "all") -> list[int]:
         """The greedy KL ranking (`retrieval`: the retrieval-aware one, which also scores the KL at the answers of
-        synthetic retrieval prompts from held-out seeds, of `probe_tokens` tokens or --kl-tokens), cached in the out
-        dir."""
+        synthetic retrieval prompts from held-out seeds, of `probe_tokens` tokens or --kl-tokens; `phase`: where a
+        skip is scored, compensation.PHASES), cached in the out dir."""
         tag = f"{rule}-ret{self.opts.ret_probes}" if retrieval else rule
         if retrieval and probe_tokens is not None:
             tag += f"x{probe_tokens}"
+        if phase != "all":
+            tag += f"-{phase}"
         key = f"{tag}/{source}"
         if key in self._orders:
             return self._orders[key]
@@ -466,11 +478,12 @@ class Evaluator:
             scales, c = comp.fit(rule, stats, calib)
             candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
             probes = tasks.answer_probes(self.tok, probe_tokens or o.kl_tokens, o.ret_probes, o.seed,
-                                         chat=self.chat) if retrieval else None
-            self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}) over "
-                     f"{len(candidates)} candidates, K up to {k_max}")
+                                         chat=self.chat, phase=phase) if retrieval else None
+            self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}"
+                     f"{', decode phase' if phase == 'decode' else ''}) over {len(candidates)} candidates, "
+                     f"K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
-                                        scales, c, progress=o.progress, probes=probes)
+                                        scales, c, progress=o.progress, probes=probes, phase=phase)
 
         # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
         for path in self.out.glob(f"kl-order-{tag}-{source}-K*-{self.digest}.json"):
@@ -498,7 +511,7 @@ class Evaluator:
         scales, c = comp.fit(method.rule, stats, calib)
         if method.selection in ("kl", "kl-ret"):
             order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret",
-                                  probe_tokens=method.probe_tokens)
+                                  probe_tokens=method.probe_tokens, phase=method.selection_phase(mode))
         elif method.kind != "all":
             parity = 0 if method.kind == "attn" else 1
             order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
@@ -509,7 +522,8 @@ class Evaluator:
         return adaskip_plan(calib, k, mode, fp, name, window=self.opts.window, online=method.online,
                             order=order, scales=scales, compensation=c,
                             selection={"rule": method.selection, "kind": method.kind, "k": k,
-                                       "compensation": method.rule, "calibration": method.calibration})
+                                       "compensation": method.rule, "calibration": method.calibration,
+                                       "phase": method.selection_phase(mode)})
 
     def rows(self) -> list[Row]:
         o = self.opts

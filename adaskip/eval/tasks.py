@@ -277,10 +277,14 @@ def heldout_windows(tokenizer: Any, count: int, tokens: int, seed: int = 0) -> l
 PROBE_SEED_OFFSET = 2_000_003
 
 
-def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: bool | None = None) -> list[Probe]:
+def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: bool | None = None,
+                  phase: str = "all") -> list[Probe]:
     """`count` synthetic retrieval prompts of `context` tokens (passkey, multikey, kv in turn, one question each)
     from seed `seed + PROBE_SEED_OFFSET`, each with its answer appended: the positions that predict the answer's
-    tokens are where a skip's effect on retrieval shows (adaskip.calibrate.compensation.kl_greedy_order)."""
+    tokens are where a skip's effect on retrieval shows (adaskip.calibrate.compensation.kl_greedy_order).
+
+    `phase` "decode": as a decode-mode plan answers, the prompt is the full model's prefix and only the answer tokens
+    after the first are scored (the first comes from the unskipped prefill)."""
     probes = []
     for i in range(count):
         task = RETRIEVAL[i % len(RETRIEVAL)]
@@ -288,6 +292,7 @@ def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: boo
         q = s.queries[(i // len(RETRIEVAL)) % len(s.queries)]
         prompt = s.prefix + q.suffix
         answer = tokenizer.encode(" " + q.answer, add_special_tokens=False)
-        probes.append(Probe(ids=prompt + answer[:-1], positions=list(range(len(prompt) - 1,
-                                                                           len(prompt) + len(answer) - 1))))
+        first = len(prompt) if phase == "decode" else len(prompt) - 1
+        probes.append(Probe(ids=prompt + answer[:-1], positions=list(range(first, len(prompt) + len(answer) - 1)),
+                            prefix=len(prompt) if phase == "decode" else 0))
     return probes
