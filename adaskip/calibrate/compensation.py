@@ -207,7 +207,8 @@ class ProbeScorer:
             raise ValueError("a probe scores a position inside its full-model prefix (unskipped: nothing to score)")
         self.reference = probe_reference(engine, self.probes)
         n = engine.spec.num_sublayers
-        self.prefixes = []  # (cache after the prefix, position of the first logit the suffix forward returns)
+        # per probe, the full model's K/V of its prefix, every layer (None: no prefix); held while the scorer lives
+        self.prefixes: list[Any] = []
         for p in self.probes:
             if p.prefix == 0:
                 self.prefixes.append(None)
