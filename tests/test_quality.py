@@ -511,6 +511,7 @@ def test_decode_phase_scoring_is_what_decode_mode_serves(tiny_chat_model, smollm
     plain = tasks.answer_probes(smollm2_tokenizer, 256, 3, seed=7)
     for d, a in zip(probes, plain):
         assert d.ids == a.ids and d.prefix == a.positions[0] + 1 and d.positions == a.positions[1:]
+        assert d.targets == a.targets[1:] and len(a.targets) == len(a.positions)  # the answer's tokens
     windows = [[(5 * i) % 300 + 3 for i in range(64)]]
     orders = [comp.kl_greedy_order(engine, windows, 3, list(range(8)), scales, None, progress=False,
                                    probes=probes, phase="decode") for _ in range(2)]
@@ -524,6 +525,46 @@ def test_decode_phase_scoring_is_what_decode_mode_serves(tiny_chat_model, smollm
     assert parse_method("adaskip+kl").selection_phase("decode") == "all"
     with pytest.raises(InputError):  # served changes a KL objective: the similarity ranking has none
         parse_method("adaskip+channel-affine+served")
+
+
+def test_answers_first_ranks_by_probe_answers_then_kl(tiny_chat_model):
+    """`em`: a probe's answer is wrong when the teacher-forced argmax misses a target token; the greedy takes the
+    candidate with the fewest wrong answers, the KL sum only breaking ties (checked by brute force at K = 1)."""
+    from adaskip.model import load_model
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    model = load_model(str(tiny_chat_model))
+    engine = TorchEngine.from_loaded(model)
+    n = model.spec.num_sublayers
+    scales = [0.9] * n
+    probes = []
+    for seed in range(4):
+        ids = [(11 * i + 17 * seed) % 300 + 3 for i in range(40)]
+        full = comp.probe_reference(engine, [comp.Probe(ids, list(range(30, 40)), prefix=30)])[0]
+        probes.append(comp.Probe(ids, list(range(30, 40)), prefix=30, targets=full.argmax(-1).tolist()))
+    scorer = comp.ProbeScorer(engine, probes)
+    assert scorer.score([], scales, None) == (0, pytest.approx(0.0, abs=1e-6))  # the full model's own answers
+    flipped = [comp.Probe(p.ids, p.positions, p.prefix, [(t + 1) % 300 for t in p.targets]) for p in probes[:2]]
+    assert comp.ProbeScorer(engine, flipped + probes[2:]).score([], scales, None)[0] == 2
+    assert comp.ProbeScorer(engine, [comp.Probe(p.ids, p.positions, p.prefix) for p in probes]).score(
+        list(range(n)), scales, None)[0] == 0  # no targets: nothing to get wrong
+
+    windows = [[(5 * i) % 300 + 3 for i in range(64)]]
+    text = comp.WindowScorer(engine, windows, "decode")
+    by_candidate = {}
+    for j in range(n):
+        wrong, kl = scorer.score([j], scales, None)
+        by_candidate[j] = (wrong, kl + text.kl([j], scales, None))
+    first = comp.kl_greedy_order(engine, windows, 1, list(range(n)), scales, None, progress=False, probes=probes,
+                                 phase="decode", answers_first=True)
+    assert first == [min(by_candidate, key=by_candidate.get)]
+    assert comp.kl_greedy_order(engine, windows, 1, list(range(n)), scales, None, progress=False, probes=probes,
+                                phase="decode") == [min(by_candidate, key=lambda j: by_candidate[j][1])]
+    with pytest.raises(ValueError):
+        comp.kl_greedy_order(engine, windows, 1, [0], scales, None, progress=False, answers_first=True)
+    assert parse_method("adaskip+channel-affine+ret1024+served+em").answers_first
+    with pytest.raises(InputError):
+        parse_method("adaskip+channel-affine+kl+em")
 
 
 def test_eval_records_of_another_probe_count_start_their_own_file():

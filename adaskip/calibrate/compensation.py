@@ -181,6 +181,7 @@ class Probe:
     ids: list[int]
     positions: list[int]
     prefix: int = 0
+    targets: list[int] | None = None  # the token each position should predict (a retrieval answer's), if known
 
 
 def decode_windows(windows: list[list[int]]) -> list[Probe]:
@@ -221,15 +222,23 @@ class ProbeScorer:
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         """Mean over probes of the mean next-token KL(full || skipped) at each probe's positions."""
+        return self.score(skip, scales, compensation)[1]
+
+    def score(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> tuple[int, float]:
+        """(probes whose answer the skipped model gets wrong, mean KL as `kl`). An answer is right when the argmax at
+        every position is its target token: teacher-forced, so exactly the greedy answer's tokens while they are
+        right. Probes without targets count as right."""
         engine = _skipping_engine(self.engine.spec, self.engine.w, skip, compensation)
-        kls = []
+        kls, wrong = [], 0
         for p, ref, cache in zip(self.probes, self.reference, self.prefixes):
             if cache is None:
                 logits = _logits(engine, p.ids, skip, scales)[p.positions]
             else:
                 logits = _suffix_logits(engine, cache, p, skip, scales)
             kls.append(float(kl_divergence(ref, logits).mean()))
-        return sum(kls) / len(kls)
+            if p.targets is not None and logits.argmax(-1).tolist() != p.targets:
+                wrong += 1
+        return wrong, sum(kls) / len(kls)
 
 
 def _suffix_logits(engine: TorchEngine, cache: Any, p: Probe, skip: list[int], scales: list[float]) -> torch.Tensor:
@@ -269,14 +278,18 @@ class WindowScorer:
 
 def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candidates: list[int],
                     scales: list[float], compensation: Compensation | None, progress: bool = True,
-                    probes: list[Probe] | None = None, phase: str = "all") -> list[int]:
+                    probes: list[Probe] | None = None, phase: str = "all", answers_first: bool = False) -> list[int]:
     """Greedy selection: repeatedly add the candidate whose skip (with its stand-in) gives the lowest mean KL from
     the full model on `windows`, given the sublayers already chosen. Returns the first k choices in order.
 
     With `probes` (retrieval-aware): the score is the windows' mean KL plus the probes' mean KL at their answer
     positions, so a skip that plain text tolerates but that breaks long-range retrieval ranks late.
     `phase` is where the windows are scored (WindowScorer); the probes are scored as given (tasks.answer_probes
-    builds them for either phase)."""
+    builds them for either phase). `answers_first`: candidates are compared first by how many probe answers they
+    get wrong (exact match, what the retrieval tasks score; the KL at a confident answer token barely moves when the
+    token flips), then by the KL sum."""
+    if answers_first and not probes:
+        raise ValueError("answers_first ranks by the probes' answers: give probes")
     text = WindowScorer(engine, windows, phase)
     retrieval = ProbeScorer(engine, probes) if probes else None
     chosen: list[int] = []
@@ -284,16 +297,18 @@ def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candi
     bar = tqdm(total=total, desc="kl-greedy selection", unit="forward", disable=not progress, file=sys.stderr)
     try:
         while len(chosen) < min(k, len(candidates)):
-            best, best_kl = None, float("inf")
+            best, best_score = None, (float("inf"), float("inf"))
             for j in candidates:
                 if j in chosen:
                     continue
-                kl = text.kl(chosen + [j], scales, compensation)
+                wrong, kl = 0, text.kl(chosen + [j], scales, compensation)
                 if retrieval is not None:
-                    kl += retrieval.kl(chosen + [j], scales, compensation)
+                    missed, probe_kl = retrieval.score(chosen + [j], scales, compensation)
+                    kl += probe_kl
+                    wrong = missed if answers_first else 0
                 bar.update(1)
-                if kl < best_kl:
-                    best, best_kl = j, kl
+                if (wrong, kl) < best_score:
+                    best, best_score = j, (wrong, kl)
             chosen.append(best)
     finally:
         bar.close()

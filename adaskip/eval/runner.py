@@ -53,7 +53,7 @@ from adaskip.runtime.torch_engine import KVCache, TorchEngine
 BASELINES = ("early-exit", "skipdecode", "unified")
 RULE_ALIASES = {"norm-ratio": "norm-ratio", "token-ratio": "token-ratio", "channel-scale": "channel-scale",
                 "channel-affine": "channel-affine"}
-MODIFIERS = ("kl", "ret", "retN", "served", "attn", "ffn", "no-online", "task-calib")
+MODIFIERS = ("kl", "ret", "retN", "served", "em", "attn", "ffn", "no-online", "task-calib")
 
 
 # -- methods -------------------------------------------------------------------------------------------------------
@@ -69,6 +69,7 @@ class Method:
     calibration: str = "builtin"  # or "task"
     probe_tokens: int | None = None  # kl-ret: the retrieval probes' length (None: --kl-tokens, like the KL windows)
     served: bool = False  # kl / kl-ret: score skips where the plan's mode applies them (decode mode: after the prefill)
+    answers_first: bool = False  # kl-ret: rank by the probes' exact-match answers first, then by KL
 
     def selection_phase(self, mode: str) -> str:
         """Where the KL selection scores a skip for a plan of `mode` (compensation.PHASES): a decode-mode plan's
@@ -111,6 +112,8 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
                                      f"need at least {tasks.MIN_CONTEXT} tokens")
         elif mod == "served":
             kw["served"] = True
+        elif mod == "em":
+            kw["answers_first"] = True
         elif mod in ("attn", "ffn"):
             kw["kind"] = mod
         elif mod == "no-online":
@@ -124,6 +127,8 @@ def parse_method(name: str, best: tuple[str, str] | None = None) -> Method:
         raise InputError(f"{name}: kl selection already ranks attention and FFN together; drop attn/ffn")
     if kw.get("served") and kw.get("selection") not in ("kl", "kl-ret"):
         raise InputError(f"{name}: served changes where the KL selection scores a skip; add kl or ret")
+    if kw.get("answers_first") and kw.get("selection") != "kl-ret":
+        raise InputError(f"{name}: em ranks by the retrieval probes' answers; add ret or retN")
     return Method(name, "adaskip", **kw)
 
 
@@ -456,15 +461,18 @@ class Evaluator:
         return self.study
 
     def kl_order(self, rule: str, source: str = "builtin", retrieval: bool = False,
-                 probe_tokens: int | None = None, phase: str = "all") -> list[int]:
+                 probe_tokens: int | None = None, phase: str = "all", answers_first: bool = False) -> list[int]:
         """The greedy KL ranking (`retrieval`: the retrieval-aware one, which also scores the KL at the answers of
         synthetic retrieval prompts from held-out seeds, of `probe_tokens` tokens or --kl-tokens; `phase`: where a
-        skip is scored, compensation.PHASES), cached in the out dir."""
+        skip is scored, compensation.PHASES; `answers_first`: the probes' exact-match answers rank before the KL),
+        cached in the out dir."""
         tag = f"{rule}-ret{self.opts.ret_probes}" if retrieval else rule
         if retrieval and probe_tokens is not None:
             tag += f"x{probe_tokens}"
         if phase != "all":
             tag += f"-{phase}"
+        if answers_first:
+            tag += "-em"
         key = f"{tag}/{source}"
         if key in self._orders:
             return self._orders[key]
@@ -480,10 +488,12 @@ class Evaluator:
             probes = tasks.answer_probes(self.tok, probe_tokens or o.kl_tokens, o.ret_probes, o.seed,
                                          chat=self.chat, phase=phase) if retrieval else None
             self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}"
-                     f"{', decode phase' if phase == 'decode' else ''}) over {len(candidates)} candidates, "
+                     f"{', decode phase' if phase == 'decode' else ''}{', answers first' if answers_first else ''}) "
+                     f"over {len(candidates)} candidates, "
                      f"K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
-                                        scales, c, progress=o.progress, probes=probes, phase=phase)
+                                        scales, c, progress=o.progress, probes=probes, phase=phase,
+                                        answers_first=answers_first)
 
         # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
         for path in self.out.glob(f"kl-order-{tag}-{source}-K*-{self.digest}.json"):
@@ -511,7 +521,8 @@ class Evaluator:
         scales, c = comp.fit(method.rule, stats, calib)
         if method.selection in ("kl", "kl-ret"):
             order = self.kl_order(method.rule, method.calibration, retrieval=method.selection == "kl-ret",
-                                  probe_tokens=method.probe_tokens, phase=method.selection_phase(mode))
+                                  probe_tokens=method.probe_tokens, phase=method.selection_phase(mode),
+                                  answers_first=method.answers_first)
         elif method.kind != "all":
             parity = 0 if method.kind == "attn" else 1
             order = [j for j in rank_by_similarity(calib.similarity) if j % 2 == parity]
@@ -523,7 +534,7 @@ class Evaluator:
                             order=order, scales=scales, compensation=c,
                             selection={"rule": method.selection, "kind": method.kind, "k": k,
                                        "compensation": method.rule, "calibration": method.calibration,
-                                       "phase": method.selection_phase(mode)})
+                                       "phase": method.selection_phase(mode), "answers_first": method.answers_first})
 
     def rows(self) -> list[Row]:
         o = self.opts

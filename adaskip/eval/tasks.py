@@ -294,5 +294,6 @@ def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: boo
         answer = tokenizer.encode(" " + q.answer, add_special_tokens=False)
         first = len(prompt) if phase == "decode" else len(prompt) - 1
         probes.append(Probe(ids=prompt + answer[:-1], positions=list(range(first, len(prompt) + len(answer) - 1)),
-                            prefix=len(prompt) if phase == "decode" else 0))
+                            prefix=len(prompt) if phase == "decode" else 0,
+                            targets=answer[1:] if phase == "decode" else answer))
     return probes
