@@ -4,10 +4,10 @@ bound (adaskip-build --max-kl).
 KL(full || skipped) per position, in nats, measured where the plan's mode skips (compensation.WindowScorer): for
 prefill and e2e mode at every position of the held-out windows with the offline set skipped in every forward, for
 decode mode on each window's second half teacher-forced through skipped decode steps after an unskipped first half
-(its prompt is never skipped); each skipped sublayer replaced by the plan's stand-in. K grows along the selection's ranking; the answer is the largest K such that
-every K' <= K stays under the bound (the scan stops at the first K over it, so a later dip below the bound is not
-taken: a user raising the bound never gets a smaller set). Online FFN skipping during decode is decided per
-request and is not covered by the bound.
+(its prompt is never skipped); each skipped sublayer replaced by the plan's stand-in. K grows along the selection's
+ranking; the answer is the largest K such that every K' <= K stays under the bound (the scan stops at the first K
+over it, so a later dip below the bound is not taken: a user raising the bound never gets a smaller set). Online FFN
+skipping during decode is decided per request and is not covered by the bound.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=joined(d.methods),
                    help="comma-separated: adaskip[+MOD...], adaskip-best, early-exit, skipdecode, unified; MODs: "
                         "token-ratio, channel-scale, channel-affine, kl, ret (KL plus KL at retrieval answers; "
-                        "retN: answers of N-token probes, default --kl-tokens), served (kl/ret score a decode-mode plan's "
-                        "skips on decode steps after a full prefill), em (ret ranks by the probes' exact-match answers first, "
-                        "then KL), attn, ffn, no-online, task-calib")
+                        "retN: answers of N-token probes, default --kl-tokens), served (kl/ret score a decode-mode "
+                        "plan's skips on decode steps after a full prefill), em (ret ranks by the probes' exact-match "
+                        "answers first, then KL), attn, ffn, no-online, task-calib")
     p.add_argument("--budgets", default=joined(d.budgets), help="K sublayers (baselines: K/2 layers, even K only)")
     p.add_argument("--modes", default=joined(d.modes))
     p.add_argument("--contexts", default=joined(d.contexts), help="prompt lengths in tokens")
