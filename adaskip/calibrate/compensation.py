@@ -206,19 +206,22 @@ class ProbeScorer:
             raise ValueError("no probe has a position to score")
         if any(p.prefix and min(p.positions) < p.prefix for p in self.probes):
             raise ValueError("a probe scores a position inside its full-model prefix (unskipped: nothing to score)")
-        self.reference = probe_reference(engine, self.probes)
         n = engine.spec.num_sublayers
         # per probe, the full model's K/V of its prefix, every layer (None: no prefix); held while the scorer lives
         self.prefixes: list[Any] = []
+        self.reference: list[torch.Tensor] = []  # the full model's logits at each probe's positions
         for p in self.probes:
             if p.prefix == 0:
                 self.prefixes.append(None)
+                self.reference.append(probe_reference(engine, [p])[0])
                 continue
             cache = engine.new_cache(1, len(p.ids), cached_layers=list(range(engine.spec.num_layers)))
             x = torch.tensor([p.ids[:p.prefix]])
             engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
                            torch.ones(1, n), want_stats=False)
             self.prefixes.append(cache)
+            # the reference through the same prefix and suffix forward the skip sets take (one prefill, not two)
+            self.reference.append(_suffix_logits(engine, cache, p, [], [1.0] * n))
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         """Mean over probes of the mean next-token KL(full || skipped) at each probe's positions."""
