@@ -489,8 +489,7 @@ class Evaluator:
                                          chat=self.chat, phase=phase) if retrieval else None
             self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}"
                      f"{', decode phase' if phase == 'decode' else ''}{', answers first' if answers_first else ''}) "
-                     f"over {len(candidates)} candidates, "
-                     f"K up to {k_max}")
+                     f"over {len(candidates)} candidates, K up to {k_max}")
             return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
                                         scales, c, progress=o.progress, probes=probes, phase=phase,
                                         answers_first=answers_first)
