@@ -160,7 +160,8 @@ class Widths:
         return cls(packed, packed, kv, width)
 
 
-_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
+# int8 is a KV cache type only; its scales are per channel, not per token, so nothing is added per element
+_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0}
 
 
 def sublayer_costs(spec: ModelSpec, context_len: int, phase: str, skipped: Iterable[int] = (), tail: bool = True,

@@ -49,6 +49,7 @@ def test_int4_and_half_widths_by_hand():
     assert q4 == cost.Widths(weights=0.625, head=0.625, kv=4.0, activations=4.0)  # 4 bits + an fp32 scale per 32
     assert cost.Widths.for_engine("float32", 8, "float16") == cost.Widths(1.125, 1.125, 2.0, 4.0)
     assert cost.Widths.for_engine("float16") == cost.Widths(2.0, 2.0, 2.0, 2.0)
+    assert cost.Widths.for_engine("float32", 4, "int8") == cost.Widths(0.625, 0.625, 1.0, 4.0)  # an int8 KV cache
     attn, ffn = 12288 * 0.625 + KV + HIDDEN, 3 * 64 * 256 * 0.625 + HIDDEN
     costs = cost.sublayer_costs(SPEC, 1024, "decode", widths=q4)
     head = 64 * 100 * 0.625 + 64 * 4 + 64 * 4  # the head at 4 bits; the embedding row and final norm in fp32

@@ -11,11 +11,14 @@ from typing import Any
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
 from adaskip.calibrate import budget
+from adaskip.calibrate.kv_scales import MAX_PROMPTS as KV_SCALE_PROMPTS
+from adaskip.calibrate.kv_scales import fit_on_calibration
 from adaskip.calibrate.corpus import CalibrationOptions, load_calibration, load_heldout
 from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
+from adaskip.export.onnx.ort import QUANTIZED_KV
 from adaskip.export.onnx.quantize import BITS, quantize
 from adaskip.export.onnx.save import save_onnx
 from adaskip.export.onnx.variants import choose_variant
@@ -119,6 +122,13 @@ def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> t
     return calib, None, None
 
 
+def _fit_kv_scales(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    cal = opts.calibration
+    _log(f"{opts.engine.kv_dtype} KV cache: per-channel scales from the first {min(cal.prompts, KV_SCALE_PROMPTS)} "
+         f"calibration prompts", opts)
+    return fit_on_calibration(TorchEngine.from_loaded(model), tokenizer, cal)
+
+
 def build(opts: BuildOptions) -> BuildReport:
     """Build an engine directory. Fails before any heavy work on bad options; never leaves a partial output."""
     t0 = time.perf_counter()
@@ -168,7 +178,11 @@ def build(opts: BuildOptions) -> BuildReport:
         else:
             layout = SkipLayout.from_plan(plan)
             variant = choose_variant(spec, layout, backend, opts.engine.graph_variant)
-            graph = build_onnx(spec, model.weights, layout, variant=variant, kv_dtype=opts.engine.kv_dtype)
+            kv_scales = None
+            if opts.engine.kv_dtype in QUANTIZED_KV:
+                kv_scales, build_info["kv_scales"] = _fit_kv_scales(opts, model, tokenizer)
+            graph = build_onnx(spec, model.weights, layout, variant=variant, kv_dtype=opts.engine.kv_dtype,
+                               kv_scales=kv_scales)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants
             if opts.engine.quantize:
                 _log(f"quantizing linear layers and the LM head to {opts.engine.quantize} (MatMulNBits)", opts)

@@ -98,7 +98,8 @@ class EngineOptions:
     dtype: str = "float32"  # weights dtype
     quantize: str | None = None  # "int4" / "int8": weight-only MatMuls and LM head (ort backend)
     graph_variant: str = "auto"  # ort backend: see GRAPH_VARIANTS
-    kv_dtype: str = "float32"  # ort graph variant: the KV cache's dtype (float16: half the memory, slower on CPU)
+    kv_dtype: str = "float32"  # ort graph variant: the KV cache's dtype (float16: half the memory, slower on CPU;
+    # int8: a quarter, per-channel scales fitted on the calibration prompts)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # --backend tensorrt only
     trtllm: TrtllmOptions = field(default_factory=TrtllmOptions)  # --backend trtllm-checkpoint only
 

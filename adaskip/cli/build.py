@@ -63,9 +63,10 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--quantize", choices=QUANTIZATIONS,
                      help="ort backend: weight-only int4 or int8 linear layers and LM head (MatMulNBits, blocks of 32)")
     out.add_argument("--kv-dtype", choices=KV_DTYPES, default=de.kv_dtype,
-                     help="ort graph variant: the KV cache's dtype; float16 halves the cache's memory (attention still "
-                          "computes in float32), but ONNX Runtime 1.32's CPU provider decodes ~2x slower with it "
-                          "(docs/benchmarks.md)")
+                     help="ort graph variant: the KV cache's dtype (attention still computes in float32). int8 "
+                          "quarters the cache's memory and the bytes a decode step reads, with per-channel scales "
+                          "fitted on the first calibration prompts; float16 halves it, but ONNX Runtime 1.32's CPU "
+                          "provider decodes ~2x slower with it (docs/benchmarks.md)")
     out.add_argument("--graph-variant", choices=GRAPH_VARIANTS, default=de.graph_variant,
                      help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
                           "standard ops (what TensorRT parses); auto picks ort when the plan allows it")

@@ -178,6 +178,9 @@ class GqaKVCache(_BufferCache):
 
 # ONNX Runtime's names of the element types our graphs' outputs carry
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# a KV buffer's ONNX Runtime type -> numpy, and numpy -> torch (the Generator charges KV bytes by the torch dtype)
+_KV_TYPES = {**_NUMPY_TYPES, "tensor(int8)": np.int8}
+_TORCH_TYPES = {np.float32: torch.float32, np.float16: torch.float16, np.int8: torch.int8}
 
 
 class OrtGqaEngine(OrtGraphEngine):
@@ -195,10 +198,10 @@ class OrtGqaEngine(OrtGraphEngine):
         # cache's own arrays)
         self.step_outputs = {o.name: (_NUMPY_TYPES[o.type], o.shape[1]) for o in self.session.get_outputs()
                              if not o.name.startswith("present_")}
-        # the graph's KV buffer type (float32, or float16 from adaskip-build --kv-dtype float16)
+        # the graph's KV buffer type (float32, or float16 / int8 from adaskip-build --kv-dtype)
         types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
-        self.kv_dtype = np.float16 if types == {"tensor(float16)"} else np.float32
-        self.dtype = torch.float16 if self.kv_dtype == np.float16 else torch.float32  # KV bytes (generate.dtype_bytes)
+        self.kv_dtype = _KV_TYPES[types.pop()] if len(types) == 1 else np.float32
+        self.dtype = _TORCH_TYPES[self.kv_dtype]  # bytes per KV element (generate.dtype_bytes)
 
     def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:
         return GqaKVCache(self.spec, batch, capacity, self.kv_layers, self.kv_dtype)

@@ -32,7 +32,7 @@ from adaskip.errors import InputError, check_choice
 from adaskip.export.onnx import similarity_op as similarity_onnx
 from adaskip.export.onnx.nodes import BOOL, FLOAT, INT32, INT64, IR_VERSION, OPSET, Graph
 from adaskip.export.onnx.ops import ACTIVATIONS, Dims, Ops
-from adaskip.export.onnx.ort import KV_DTYPES, OrtLowering
+from adaskip.export.onnx.ort import KV_DTYPES, QUANTIZED_KV, OrtLowering
 from adaskip.export.onnx.portable import PortableLowering
 from adaskip.export.onnx.variants import VARIANT_KEY, check_variant
 from adaskip.layout import SkipLayout
@@ -79,11 +79,18 @@ LOWERINGS: dict[str, Callable[[Ops, SkipLayout, Dims], Lowering]] = {"portable":
 
 class GraphBuilder:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], layout: SkipLayout, variant: str,
-                 all_logits: bool = False, kv_dtype: str = "float32"):
+                 all_logits: bool = False, kv_dtype: str = "float32",
+                 kv_scales: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
         check_variant(spec, layout, variant, all_logits)
         check_choice(kv_dtype, KV_DTYPES, "the KV cache dtype")
         if kv_dtype != "float32" and variant != "ort":
             raise InputError(f"a {kv_dtype} KV cache needs the ort graph variant (GroupQueryAttention keeps it)")
+        missing = [i for i in layout.cached_layers if i not in (kv_scales or {})]
+        if kv_dtype in QUANTIZED_KV and missing:
+            raise InputError(f"a {kv_dtype} KV cache needs fitted scales for every cached layer; none for layers "
+                             f"{missing}")
+        if kv_dtype not in QUANTIZED_KV and kv_scales is not None:
+            raise InputError(f"KV scales are for a quantized cache ({', '.join(sorted(QUANTIZED_KV))}), not {kv_dtype}")
         self.spec, self.layout, self.all_logits = spec, layout, all_logits
         self.roles = layout.roles
         self.cached = set(layout.cached_layers)
@@ -95,7 +102,7 @@ class GraphBuilder:
             self.dims = Dims(batch=g.op("Slice", shape_ids, g.const([0]), g.const([1]), g.const([0])),
                              tokens=g.op("Slice", shape_ids, g.const([1]), g.const([2]), g.const([0])))
             self.valid_f = g.op("Cast", "token_valid", to=FLOAT)  # the rows IOSimilarity averages over
-        kv = {"kv_type": KV_DTYPES[kv_dtype]} if variant == "ort" else {}
+        kv = {"kv_type": KV_DTYPES[kv_dtype], "kv_scales": kv_scales} if variant == "ort" else {}
         self.lowering = LOWERINGS[variant](self.ops, layout, self.dims, **kv)
         self._stats: list[str] = []  # [B, 2m] pieces in sublayer order: (similarity, norm ratio) per sublayer
         self._pending_stats: list[tuple[int, str, str]] = []  # (j, input, output) of "always" sublayers not measured
@@ -263,7 +270,9 @@ class GraphBuilder:
 
 
 def build_onnx(spec: ModelSpec, weights: dict[str, torch.Tensor], layout: SkipLayout, *, variant: str,
-               all_logits: bool = False, kv_dtype: str = "float32") -> onnx.ModelProto:
+               all_logits: bool = False, kv_dtype: str = "float32",
+               kv_scales: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
     """The graph of `variant` (adaskip.export.onnx.variants.choose_variant picks one) for this model and layout;
-    `kv_dtype` float16 keeps the ort variant's KV cache in half precision (attention still computes in float32)."""
-    return GraphBuilder(spec, weights, layout, variant, all_logits, kv_dtype).build()
+    `kv_dtype` float16 / int8 keeps the ort variant's KV cache in half precision / int8 with `kv_scales` per cached
+    layer (adaskip.calibrate.kv_scales); attention still computes in float32."""
+    return GraphBuilder(spec, weights, layout, variant, all_logits, kv_dtype, kv_scales).build()

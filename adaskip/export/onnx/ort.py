@@ -6,10 +6,11 @@ KV cache: GroupQueryAttention (rotary inside) reads and writes a caller-owned bu
 `past_key_i` / `past_value_i` [B, kv_heads, capacity, head_dim] (BNSH), bound as `present_key_i` / `present_value_i`
 too. Extra inputs: `seqlens_k` [B] int32 (each row's valid tokens after this forward, minus one),
 `total_sequence_length` [] int32 and `last_index` [B] int64 (each row's last new token; rows are right-padded).
-Sliding-window layers use the kernel's local_window_size. The buffers may be float16 (`kv_type`): the kernel's cache
-type is its own (T_CACHE), queries and the attention math stay float32; half the memory, but ONNX Runtime 1.32's
-CPU provider has no kernel for that pair and casts the whole cache to float32 and back each step (~2x slower decode;
-docs/benchmarks.md).
+Sliding-window layers use the kernel's local_window_size. The buffers may be float16 or int8 (`kv_type`): the kernel's
+cache type is its own (T_CACHE), queries and the attention math stay float32. float16 halves the memory, but ONNX
+Runtime 1.32's CPU provider has no kernel for that pair and casts the whole cache to float32 and back each step (~2x
+slower decode; docs/benchmarks.md). int8 quarters it and the kernel reads it natively: each layer's K and V carry
+fitted per-channel scales (`kv_scale_{k,v}_i` [kv_heads, 1, head_dim]; adaskip/calibrate/kv_scales.py).
 
 Residual adds: SkipSimplifiedLayerNormalization computes h + delta together with the next sublayer's input norm.
 FFN: gate and up as two MatMuls. Prefill tail (adaskip.layout.last_token_tail): after the last attention that can
@@ -18,6 +19,7 @@ run, only each row's last token goes on (every token when stats are wanted). LM 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -27,7 +29,8 @@ from adaskip.layout import SkipLayout
 
 # KV cache dtypes of the ort variant -> ONNX element type (GroupQueryAttention's cache type T_CACHE may differ from
 # its queries'; checked against the reference in tests/test_quantize.py)
-KV_DTYPES = {"float32": FLOAT, "float16": onnx.TensorProto.FLOAT16}
+KV_DTYPES = {"float32": FLOAT, "float16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}
+QUANTIZED_KV = {"int8"}  # cache types stored with per-channel scales (GroupQueryAttention's kv_cache_bit_width 8)
 
 
 class OrtLowering:
@@ -35,9 +38,11 @@ class OrtLowering:
     opsets = (helper.make_opsetid("com.microsoft", 1),)
     nested_ifs = True
 
-    def __init__(self, ops: Ops, layout: SkipLayout, dims: Dims, kv_type: int = FLOAT):
+    def __init__(self, ops: Ops, layout: SkipLayout, dims: Dims, kv_type: int = FLOAT,
+                 kv_scales: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
         self.ops, self.spec, self.dims = ops, ops.spec, dims
         self.kv_type = kv_type  # the KV buffers' element type (KV_DTYPES)
+        self.kv_scales = kv_scales  # per cached layer (k_scale, v_scale) of a quantized cache, else None
         self.cached = set(layout.cached_layers)
         self.tail_start: int | None = layout.prefill_tail_start
         # (residual, norm weight) -> the norm computed together with the residual sum
@@ -88,10 +93,15 @@ class OrtLowering:
         # ORT's CPU kernel with local_window_size = W lets a query see W keys, itself included: Hugging Face's window
         # (key > query - W), measured against the reference in tests/test_gemma3.py (W - 1 and W + 1 both differ)
         local = {"local_window_size": window} if window is not None else {}
+        quant: list[str] = []
+        if cached and self.kv_scales is not None:  # after attention_bias and head_sink (unused): k_scale, v_scale
+            k_scale, v_scale = self.kv_scales[i]
+            quant = ["", "", g.weight(f"kv_scale_k_{i}", k_scale), g.weight(f"kv_scale_v_{i}", v_scale)]
+            local.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         out, present_k, present_v = g.op(
             "GroupQueryAttention", *qkv, *past, "seqlens_k", "total_sequence_length", f"rope_cos_half{rope}",
-            f"rope_sin_half{rope}", "position_ids", domain="com.microsoft", n_out=3, num_heads=spec.num_heads,
-            kv_num_heads=spec.num_kv_heads, do_rotary=1, scale=ops.attn_scale, **local)
+            f"rope_sin_half{rope}", "position_ids", *quant, domain="com.microsoft", n_out=3,
+            num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, scale=ops.attn_scale, **local)
         out = ops.post_norm(g, ops.linear(g, out, i, "o"), i, "attn_post_norm")
         return out, ([present_k, present_v] if cached else [])
 
