@@ -541,7 +541,8 @@ def test_a_bench_worker_that_dies_at_start_says_why(tmp_path):
 
 
 def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_model, tmp_path):
-    """adaskip-bench --cpp-runtime: the `ort` engine dir also driven by adaskip_generate --jsonl (column ort-cpp)."""
+    """adaskip-bench --cpp-runtime: the `ort` engine dir also driven by adaskip_generate --jsonl (column ort-cpp), and
+    with --int8-kv the int8-cache engine too (ort-kv8-cpp)."""
     from adaskip.cli import bench
 
     model = tmp_path / "model"  # 2 heads of 16: the ort graph variant (GroupQueryAttention), which the C++ runtime runs
@@ -553,36 +554,49 @@ def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_mod
     out = tmp_path / "docs"
     assert bench.main(["--model", str(model), "--contexts", "16,32", "--budgets", "", "--repeats", "2",
                        "--decode-tokens", "3", "--no-hf", "--no-genai", "--no-llamacpp", "--no-spinning-pair",
-                       "--cpp-runtime", str(cli), "--out", str(out)]) == 0
+                       "--int8-kv", "--calib-prompts", "2", "--calib-tokens", "32", "--cpp-runtime", str(cli),
+                       "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
-    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-cpp"]
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-cpp", "ort-kv8", "ort-kv8-cpp"]
     cpp = data["results"]["ort-cpp"]["32"]
     assert len(cpp["raw"]["decode"]) == 2 and cpp["ttft"] > 0 and cpp["decode"] > 0
     step = {c["name"]: c["decode_bytes"]["32"] for c in data["columns"] if c["decode_bytes"]}
-    assert step["ort-cpp"] == step["ort"] > 0  # the same engine: the same floor
+    assert step["ort-cpp"] == step["ort"] > step["ort-kv8-cpp"] == step["ort-kv8"] > 0  # the same engine: the same floor
+    assert data["results"]["ort-kv8-cpp"]["32"]["decode"] > 0
     assert "| ort-cpp |" in (out / "benchmarks.md").read_text()
     assert bench.main(["--model", str(model), "--cpp-runtime", str(tmp_path / "nope")]) == 2  # checked up front
 
 
-def test_a_float16_kv_engine_is_refused_with_one_line(build, tiny_chat_model, tmp_path):
-    """adaskip-build --kv-dtype float16 engines run in Python only: the C++ runtime says so instead of failing in ORT."""
+@pytest.mark.parametrize("kv", ["float16", "int8"])
+def test_a_narrow_kv_cache_runs_in_cpp_like_python(kv, build, tiny_chat_model, tmp_path):
+    """adaskip-build --kv-dtype float16 / int8 engines: the C++ runtime allocates the cache in the graph's type and
+    decodes the Python runtime's greedy tokens; its KV figure counts the cache's own bytes."""
     from adaskip.cli import build as build_cli
+    from adaskip.runtime.generate import SamplingParams
+    from adaskip.runtime.loader import load_runtime
 
-    # the tiny chat model with 2 heads of 16 (same weight shapes): GroupQueryAttention, which keeps the float16 cache,
+    # the tiny chat model with 2 heads of 16 (same weight shapes): GroupQueryAttention, which keeps a narrow cache,
     # needs a head size that is a multiple of 16
     model = tmp_path / "model"
     shutil.copytree(tiny_chat_model, model)
     config = json.loads((model / "config.json").read_text())
     config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     (model / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "kv16"
-    assert build_cli.main(["--model", str(model), "--skip", "2", "--kv-dtype", "float16", "-q",
+    out = tmp_path / f"kv-{kv}"
+    assert build_cli.main(["--model", str(model), "--method", "early-exit", "--skip", "0", "--kv-dtype", kv, "-q",
                            "--calib-prompts", "2", "--calib-tokens", "64", "--output", str(out)]) == 0
+    ids = list(range(5, 37))
+    expected = load_runtime(out).generator.generate([ids], SamplingParams(max_new_tokens=12, stop_token_ids=()))[0]
     cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
-    run = subprocess.run([str(cli), "--engine", str(out), "--ids", "1,2"], capture_output=True, text=True, env=ENV,
-                         timeout=120)
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 2 and len(lines) == 1 and "runs float32 KV caches only" in lines[0], run.stderr
+    run = subprocess.run([str(cli), "--engine", str(out), "--ids", ",".join(map(str, ids)), "--max-new-tokens", "12",
+                          "--stop-ids", "", "--json"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["tokens"] == expected.tokens and len(got["tokens"]) == 12
+    width = {"float16": 2, "int8": 1}[kv]
+    per_token = 2 * config["num_hidden_layers"] * 1 * 16 * width  # K and V, every layer, one KV head of 16
+    assert got["kv_bytes"] == expected.kv_bytes == per_token * (len(ids) + 12)
+    assert got["kv_bytes_saved"] == 0  # nothing skipped: charged against a full cache of the same type
 
 
 def test_detokenizer_decodes_like_python(build, data):

@@ -42,8 +42,8 @@ const std::vector<std::string> kOutputs = {"logits", "similarity", "norm_ratio"}
 
 int64_t KVCache::nbytes() const {
   int64_t total = 0;
-  for (const auto& [i, buf] : k) total += static_cast<int64_t>(buf.size() * sizeof(float));
-  for (const auto& [i, buf] : v) total += static_cast<int64_t>(buf.size() * sizeof(float));
+  for (const auto& [i, buf] : k) total += static_cast<int64_t>(buf.size());
+  for (const auto& [i, buf] : v) total += static_cast<int64_t>(buf.size());
   return total;
 }
 
@@ -138,14 +138,26 @@ OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& mod
     auto kv = dims(("past_key_" + std::to_string(i)).c_str(), true);
     shapes_ok = shapes_ok && kv.size() == 4 && kv[1] == model_.num_kv_heads && kv[3] == model_.head_dim;
   }
-  for (size_t i = 0; i < inputs.size(); ++i) {  // float32 KV buffers only (adaskip-build --kv-dtype float16 is not)
+  // the cache type: one for every buffer, one the kernel keeps (float32, or --kv-dtype float16 / int8)
+  const std::map<ONNXTensorElementDataType, size_t> kv_types = {{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 4},
+                                                                {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2},
+                                                                {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1}};
+  std::set<ONNXTensorElementDataType> seen;
+  for (size_t i = 0; i < inputs.size(); ++i) {
     auto name = session_->session.GetInputNameAllocated(i, alloc);
-    if (std::string(name.get()).rfind("past_", 0) == 0 &&
-        session_->session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType() !=
-            ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      throw EngineDirError(model_file.string() + ": its KV cache is not float32 (built with --kv-dtype float16?); "
-                           "the C++ runtime runs float32 KV caches only: rebuild without --kv-dtype");
+    if (std::string(name.get()).rfind("past_", 0) == 0) {
+      seen.insert(session_->session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType());
     }
+  }
+  if (seen.size() > 1 || (seen.size() == 1 && !kv_types.count(*seen.begin()))) {
+    throw EngineDirError(model_file.string() + ": its KV cache buffers are not all float32, float16 or int8 of one "
+                         "type; the engine dir is inconsistent: rebuild it");
+  }
+  if (seen.size() == 1) {
+    kv_type_ = *seen.begin();
+    kv_element_size_ = kv_types.at(*seen.begin());
+  } else {
+    kv_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // no cached layer: nothing is allocated
   }
   if (!shapes_ok) {
     throw EngineDirError(model_file.string() + ": graph shapes do not match the manifest's model (" +
@@ -171,9 +183,12 @@ KVCache OrtGraph::new_cache(int capacity) const {
   c.capacity = capacity;
   const auto size = static_cast<size_t>(checked_mul<InputError>(
       checked_mul<InputError>(model_.num_kv_heads, capacity, "KV cache size"), model_.head_dim, "KV cache size"));
+  const auto bytes = static_cast<size_t>(
+      checked_mul<InputError>(static_cast<int64_t>(size), static_cast<int64_t>(kv_element_size_), "KV cache size"));
+  c.element_type = kv_type_;
   for (int i : kv_layers_) {
-    c.k[i].assign(size, 0.0f);
-    c.v[i].assign(size, 0.0f);
+    c.k[i].assign(bytes, 0);
+    c.v[i].assign(bytes, 0);
   }
   return c;
 }
@@ -237,8 +252,9 @@ StepOutput OrtGraph::run(const std::vector<int64_t>& ids_in, KVCache& cache, con
   const int64_t bnsh[] = {1, model_.num_kv_heads, cache.capacity, model_.head_dim};
   for (int i : kv_layers_) {
     for (auto* buf : {&cache.k.at(i), &cache.v.at(i)}) {
-      in.push_back(Ort::Value::CreateTensor<float>(cpu, buf->data(), buf->size(), bnsh, 4));
-      out.push_back(Ort::Value::CreateTensor<float>(cpu, buf->data(), buf->size(), bnsh, 4));
+      const auto type = static_cast<ONNXTensorElementDataType>(cache.element_type);
+      in.push_back(Ort::Value::CreateTensor(cpu, buf->data(), buf->size(), bnsh, 4, type));
+      out.push_back(Ort::Value::CreateTensor(cpu, buf->data(), buf->size(), bnsh, 4, type));
     }
   }
   std::vector<const char*> in_names, out_names;

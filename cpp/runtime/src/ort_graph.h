@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <cstdint>
 #include <vector>
 
 #include "adaskip/policy.h"
@@ -17,7 +18,10 @@ namespace adaskip::detail {
 struct KVCache {
   int capacity = 0;
   int length = 0;  // tokens written so far
-  std::map<int, std::vector<float>> k, v;  // layer -> [1, kv_heads, capacity, head_dim]
+  // layer -> [1, kv_heads, capacity, head_dim] in the graph's cache type (float32, or float16 / int8 from
+  // adaskip-build --kv-dtype), as raw bytes: only the kernel reads them
+  std::map<int, std::vector<uint8_t>> k, v;
+  int element_type = 0;  // ONNXTensorElementDataType of the buffers
   int64_t nbytes() const;
 };
 
@@ -34,6 +38,7 @@ class OrtGraph {
   ~OrtGraph();
 
   const std::vector<int>& kv_layers() const { return kv_layers_; }
+  size_t kv_element_size() const { return kv_element_size_; }  // bytes per cached K/V element
   KVCache new_cache(int capacity) const;
   StepOutput prefill(const std::vector<int64_t>& ids, KVCache& cache, const Mask& mask, bool want_stats) const;
   StepOutput decode(int64_t token, KVCache& cache, const Mask& mask, bool want_stats) const;
@@ -46,6 +51,8 @@ class OrtGraph {
   ModelInfo model_;
   int n_;
   std::vector<int> kv_layers_;
+  int kv_type_ = 0;           // ONNXTensorElementDataType of the past_/present_ buffers
+  size_t kv_element_size_ = 4;  // its bytes per element
 };
 
 // The intra-op thread count: `threads` if > 0, else $ADASKIP_THREADS, else 0 (ONNX Runtime: all cores).

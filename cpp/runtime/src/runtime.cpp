@@ -113,7 +113,7 @@ GenerationResult Runtime::generate(const std::vector<int64_t>& prompt, const Sam
   detail::KVCache cache = graph.new_cache(capacity);
   r.skips.kv_bytes = cache.nbytes();
   r.skips.kv_bytes_full = int64_t{2} * model.num_layers * model.num_kv_heads * model.head_dim * capacity *
-                          static_cast<int64_t>(sizeof(float));
+                          static_cast<int64_t>(graph.kv_element_size());
 
   const auto t0 = clock::now();
   auto seconds = [&](clock::time_point t) { return std::chrono::duration<double>(t - t0).count(); };
