@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-prompts", type=int, default=d.calib_prompts)
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
+    p.add_argument("--int8-kv", action="store_true", help="add our engines with an int8 KV cache: ort-kv8, and with "
+                   "--int4 ort-int4-kv8 (scales fitted as adaskip-build --kv-dtype int8 fits them)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-genai", action="store_true")
     p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
@@ -38,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp-convert", help="llama.cpp's convert_hf_to_gguf.py (default: the one in the sdist of "
                    "the installed llama-cpp-python, fetched once with pip)")
     p.add_argument("--cpp-runtime", metavar="PATH", help="cpp/runtime's adaskip_generate (docs/cpp-runtime.md): adds "
-                   "ort-cpp (and with --int4 ort-int4-cpp), the same engines driven by the C++ runtime's loop")
+                   "ort-cpp (and with --int4 / --int8-kv ort-int4-cpp, ort-kv8-cpp, ...): the same engines driven by "
+                   "the C++ runtime's loop")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 
@@ -47,7 +50,7 @@ def options(a: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=a.model, contexts=int_list(a.contexts, "--contexts"),
                         budgets=int_list(a.budgets, "--budgets"), repeats=a.repeats, decode_tokens=a.decode_tokens,
                         threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
-                        calib_tokens=a.calib_tokens, int4=a.int4, hf=not a.no_hf, genai=not a.no_genai,
+                        calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, hf=not a.no_hf, genai=not a.no_genai,
                         spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
                         llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert,
                         cpp_runtime=a.cpp_runtime)

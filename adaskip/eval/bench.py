@@ -32,6 +32,7 @@ import torch
 from adaskip import cost
 from adaskip.calibrate.corpus import CalibrationOptions, builtin_text, load_calibration
 from adaskip.calibrate.importance import cached_calibration
+from adaskip.calibrate.kv_scales import fit_on_calibration
 from adaskip.engine_dir import PLAN, TOKENIZER, save_tokenizer, write_manifest
 from adaskip.errors import InputError, check_choice
 from adaskip.eval import cpp_runtime, llamacpp
@@ -66,13 +67,14 @@ class BenchOptions:
     calib_prompts: int = CalibrationOptions.prompts  # as adaskip-build calibrates by default
     calib_tokens: int = CalibrationOptions.tokens
     int4: bool = False  # int4 columns (ours and onnxruntime-genai)
+    int8_kv: bool = False  # our engines again with an int8 KV cache (ort-kv8, and ort-int4-kv8 with int4)
     hf: bool = True  # the Hugging Face transformers column
     genai: bool = True  # the onnxruntime-genai columns
     spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)
     llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
     llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
-    cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: ort-cpp (and ort-int4-cpp) columns
+    cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: -cpp twins of ort, ort-int4, ort-kv8, ort-int4-kv8
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -254,23 +256,26 @@ class CppTwin:
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
-                spinning: bool = False, cpp: CppTwin | None = None) -> list[Column]:
+                spinning: bool = False, cpp: CppTwin | None = None, kv_scales: Any = None) -> list[Column]:
     """Our engine on `plan` in the Python Generator, and with `cpp` the same engine dir in the C++ runtime's loop
-    too (column `<name>-cpp`)."""
+    too (column `<name>-cpp`); with `kv_scales` its KV cache is int8."""
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
     variant = choose_variant(model.spec, policy.layout, "ort")  # what adaskip-build picks for --backend ort
-    graph_info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant), out, check=False)
-    widths = ROOFLINE_WIDTHS
+    kv_dtype = "float32" if kv_scales is None else "int8"
+    graph_info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant, kv_dtype=kv_dtype,
+                                      kv_scales=kv_scales), out, check=False)
+    widths = cost.Widths.for_engine("float32", kv_dtype=kv_dtype)
     if quantize:
         q = quantize_int4(out)
         graph_info.update(q)
-        widths = cost.Widths.for_engine("float32", bits=q["bits"], block_size=q["block_size"])
+        widths = cost.Widths.for_engine("float32", bits=q["bits"], kv_dtype=kv_dtype, block_size=q["block_size"])
     engine_cls = engine_class("ort", variant)
     col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
                             policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
-                                                                if spinning else ""))
+                                                                if spinning else "")
+                            + ("" if kv_scales is None else "; int8 KV cache (adaskip-build --kv-dtype int8)"))
     skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
     col.decode_bytes = lambda c: cost.decode_step_bytes(model.spec, c, skipped, widths)
     if cpp is None:
@@ -451,6 +456,14 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False,
                                       spec=spec)
+    if opts.int8_kv and not gqa_supports(spec):
+        skipped["int8 KV cache"] = "the model's head size does not fit GroupQueryAttention, which keeps the cache"
+    elif opts.int8_kv:  # scales fitted as adaskip-build --kv-dtype int8 fits them
+        kv_scales, _ = fit_on_calibration(TorchEngine.from_loaded(model), tokenizer,
+                                          CalibrationOptions(prompts=opts.calib_prompts, tokens=opts.calib_tokens))
+        for name, quantized in (("ort-kv8", False),) + ((("ort-int4-kv8", True),) if opts.int4 else ()):
+            columns += _ort_column(name, model, nothing, work, opts.threads, quantize=quantized, cpp=cpp,
+                                   kv_scales=kv_scales)
     if opts.llamacpp and opts.llamacpp_types:
         reason = llamacpp.unavailable()
         if reason is None:
