@@ -152,10 +152,12 @@ def test_int8_kv_cache_stores_what_the_scales_say_and_matches_the_reference(kind
     scales = fit_kv_scales(reference, prompts)
     heads, dim = model.spec.num_kv_heads, model.spec.head_dim
     assert set(scales) == set(range(model.spec.num_layers))
-    assert all(s.shape == (heads, 1, dim) and s.dtype == np.float32 and (s > 0).all() for kv in scales.values() for s in kv)
+    assert all(s.shape == (heads, 1, dim) and s.dtype == np.float32 and (s > 0).all()
+               for kv in scales.values() for s in kv)
     out = _export(model, tmp_path / "kv8", kv_dtype="int8", kv_scales=scales)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    kv = [i for i in graph.input if i.name.startswith("past_")] + [o for o in graph.output if o.name.startswith("present_")]
+    kv = [i for i in graph.input if i.name.startswith("past_")]
+    kv += [o for o in graph.output if o.name.startswith("present_")]
     assert kv and {i.type.tensor_type.elem_type for i in kv} == {onnx.TensorProto.INT8}
     gqa = [n for n in all_nodes(graph) if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == model.spec.num_layers
@@ -172,7 +174,8 @@ def test_int8_kv_cache_stores_what_the_scales_say_and_matches_the_reference(kind
     engine.prefill(ids, ones, cache, no_skip, unit, want_stats=False)
     assert cache.k[0].dtype == np.int8
     for i in range(model.spec.num_layers):
-        for stored, ref, scale in ((cache.k[i], ref_cache.k[i], scales[i][0]), (cache.v[i], ref_cache.v[i], scales[i][1])):
+        for stored, ref, scale in ((cache.k[i], ref_cache.k[i], scales[i][0]),
+                                   (cache.v[i], ref_cache.v[i], scales[i][1])):
             exact = ref[0].numpy() / scale  # [heads, T, D] in units of the scale
             assert np.abs(exact).max() <= INT8_MAX + 1e-3  # fitted on this prompt: nothing saturates
             # layer 0 sees the reference's own input: its stored values are the rounding; deeper layers see inputs
@@ -219,7 +222,7 @@ def test_float16_kv_cache_needs_the_ort_variant(tiny_root):
         build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="portable", kv_dtype="float16")
     with pytest.raises(InputError, match="KV cache dtype must be one of"):
         build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="ort", kv_dtype="int4")
-    with pytest.raises(InputError, match=r"int8 KV cache needs fitted scales for every cached layer; none for layers"):
+    with pytest.raises(InputError, match=r"KV cache of type int8 needs fitted scales for every cached layer; none for"):
         build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="ort", kv_dtype="int8")
     scales = fit_kv_scales(TorchEngine.from_loaded(model), [list(range(1, 9))])
     with pytest.raises(InputError, match="KV scales are for a quantized cache"):

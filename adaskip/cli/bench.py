@@ -50,8 +50,8 @@ def options(a: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=a.model, contexts=int_list(a.contexts, "--contexts"),
                         budgets=int_list(a.budgets, "--budgets"), repeats=a.repeats, decode_tokens=a.decode_tokens,
                         threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
-                        calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, hf=not a.no_hf, genai=not a.no_genai,
-                        spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
+                        calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, hf=not a.no_hf,
+                        genai=not a.no_genai, spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
                         llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert,
                         cpp_runtime=a.cpp_runtime)
 

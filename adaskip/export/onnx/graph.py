@@ -84,11 +84,12 @@ class GraphBuilder:
         check_variant(spec, layout, variant, all_logits)
         check_choice(kv_dtype, KV_DTYPES, "the KV cache dtype")
         if kv_dtype != "float32" and variant != "ort":
-            raise InputError(f"a {kv_dtype} KV cache needs the ort graph variant (GroupQueryAttention keeps it)")
+            raise InputError(f"a KV cache of type {kv_dtype} needs the ort graph variant (GroupQueryAttention keeps "
+                             "it)")
         missing = [i for i in layout.cached_layers if i not in (kv_scales or {})]
         if kv_dtype in QUANTIZED_KV and missing:
-            raise InputError(f"a {kv_dtype} KV cache needs fitted scales for every cached layer; none for layers "
-                             f"{missing}")
+            raise InputError(f"a KV cache of type {kv_dtype} needs fitted scales for every cached layer; none for "
+                             f"layers {missing}")
         if kv_dtype not in QUANTIZED_KV and kv_scales is not None:
             raise InputError(f"KV scales are for a quantized cache ({', '.join(sorted(QUANTIZED_KV))}), not {kv_dtype}")
         self.spec, self.layout, self.all_logits = spec, layout, all_logits
