@@ -569,8 +569,8 @@ def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_mod
 
 @pytest.mark.parametrize("kv", ["float16", "int8"])
 def test_a_narrow_kv_cache_runs_in_cpp_like_python(kv, build, tiny_chat_model, tmp_path):
-    """adaskip-build --kv-dtype float16 / int8 engines: the C++ runtime allocates the cache in the graph's type and
-    decodes the Python runtime's greedy tokens; its KV figure counts the cache's own bytes."""
+    """adaskip-build --kv-dtype float16 / int8 engines (a K=2 plan): the C++ runtime allocates the cache in the
+    graph's type and decodes the Python runtime's greedy tokens; its KV figures count the cache's own bytes."""
     from adaskip.cli import build as build_cli
     from adaskip.runtime.generate import SamplingParams
     from adaskip.runtime.loader import load_runtime
@@ -583,7 +583,7 @@ def test_a_narrow_kv_cache_runs_in_cpp_like_python(kv, build, tiny_chat_model, t
     config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     (model / "config.json").write_text(json.dumps(config))
     out = tmp_path / f"kv-{kv}"
-    assert build_cli.main(["--model", str(model), "--method", "early-exit", "--skip", "0", "--kv-dtype", kv, "-q",
+    assert build_cli.main(["--model", str(model), "--skip", "2", "--kv-dtype", kv, "-q",
                            "--calib-prompts", "2", "--calib-tokens", "64", "--output", str(out)]) == 0
     ids = list(range(5, 37))
     expected = load_runtime(out).generator.generate([ids], SamplingParams(max_new_tokens=12, stop_token_ids=()))[0]
@@ -595,8 +595,9 @@ def test_a_narrow_kv_cache_runs_in_cpp_like_python(kv, build, tiny_chat_model, t
     assert got["tokens"] == expected.tokens and len(got["tokens"]) == 12
     width = {"float16": 2, "int8": 1}[kv]
     per_token = 2 * config["num_hidden_layers"] * 1 * 16 * width  # K and V, every layer, one KV head of 16
-    assert got["kv_bytes"] == expected.kv_bytes == per_token * (len(ids) + 12)
-    assert got["kv_bytes_saved"] == 0  # nothing skipped: charged against a full cache of the same type
+    assert got["kv_bytes"] == expected.kv_bytes and expected.kv_bytes_full == per_token * (len(ids) + 12)
+    # the K=2 plan's saving, charged at the cache's own width (a skipped attention keeps no cache)
+    assert got["kv_bytes_saved"] == expected.kv_bytes_full - expected.kv_bytes
 
 
 def test_detokenizer_decodes_like_python(build, data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,8 @@ def test_int8_kv_cache_stores_what_the_scales_say_and_matches_the_reference(kind
 
 
 def test_int8_kv_cache_serves_slots_like_its_solo_run(tiny_root, tmp_path):
-    """The scheduler's path (prefill_slot / decode_slots over a pool, buffers bound once) on an int8 cache gives the
-    tokens of the same engine's plain prefill and decode."""
+    """The scheduler's path (chunked prefill_slot / decode_slots over a pool, buffers bound once) on an int8 cache
+    gives the tokens of the same engine's plain prefill and decode."""
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
     scales = fit_kv_scales(TorchEngine.from_loaded(model), [list(range(3, 40))])
     engine = OrtGqaEngine(_export(model, tmp_path / "kv8", "int8", scales) / "model.onnx", model.spec, threads=2)
@@ -207,7 +208,8 @@ def test_int8_kv_cache_serves_slots_like_its_solo_run(tiny_root, tmp_path):
         expected.append(int(out.logits.argmax(-1)))
     pool = engine.new_cache(3, 32, engine.kv_layers)
     engine.prefill_slot(0, torch.arange(40, 60), pool, skip, unit)  # a neighbour in the pool
-    out = engine.prefill_slot(1, prompt, pool, skip, unit)
+    engine.prefill_slot(1, prompt[:5], pool, skip, unit)  # in two chunks: the second attends to an int8 past
+    out = engine.prefill_slot(1, prompt[5:], pool, skip, unit)
     seq = [int(out.logits.argmax(-1))]
     for _ in range(6):
         out = engine.decode_slots([1, 0], torch.tensor([seq[-1], 7]), pool, skip.expand(2, -1), unit.expand(2, -1),
@@ -216,9 +218,72 @@ def test_int8_kv_cache_serves_slots_like_its_solo_run(tiny_root, tmp_path):
     assert pool.k[0].dtype == np.int8 and seq == expected
 
 
+def test_kv_scales_cover_what_the_plan_runs(tiny_root):
+    """Skipping sublayers changes what later layers cache: the scales are the maxima over every skip set given, so
+    a prefill under the plan's set does not saturate, and they are not the unskipped model's alone."""
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    engine = TorchEngine.from_loaded(model)
+    prompts = [list(range(3, 40)), list(range(60, 90))]
+    skipped = frozenset({1, 2})  # layer 0's FFN and layer 1's attention (which then keeps no cache)
+    alone = fit_kv_scales(engine, prompts)
+    both = fit_kv_scales(engine, prompts, [frozenset(), skipped, frozenset()])  # repeated sets count once
+    n, layers = model.spec.num_sublayers, list(range(model.spec.num_layers))
+    skip = torch.zeros(1, n, dtype=torch.bool)
+    skip[0, sorted(skipped)] = True
+    for ids in prompts:
+        cache = engine.new_cache(1, len(ids), layers)
+        engine.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), cache, skip, torch.ones(1, n),
+                       want_stats=False)
+        for i in layers:
+            for kv, scale in ((cache.k[i], both[i][0]), (cache.v[i], both[i][1])):
+                assert np.abs(kv[0].numpy() / scale).max() <= INT8_MAX + 1e-3
+    for i in layers:  # the union's maxima: never below the unskipped model's, above it somewhere after the skip
+        assert all((b >= a - 1e-7).all() for a, b in zip(alone[i], both[i]))
+    assert any((b > a * 1.01).any() for i in (2, 3) for a, b in zip(alone[i], both[i]))
+    assert fit_kv_scales(engine, prompts, [frozenset(), frozenset()]).keys() == alone.keys()
+
+
+def test_kv_cache_type_is_refused_where_the_graph_cannot_keep_it(tiny_root):
+    """One rule (variants.check_kv_cache) for where a narrow cache can live: the model's head size, a plan the ort
+    variant cannot express, a variant that cannot keep it; scales of the wrong shape or not positive and finite are
+    refused by the graph."""
+    from adaskip.export.onnx.variants import check_kv_cache
+
+    model = load_model(str(make_tiny_hf("llama", tiny_root)))
+    odd = replace(model.spec, head_dim=8)
+    for kv in ("float16", "int8"):
+        with pytest.raises(InputError, match=f"--kv-dtype {kv} keeps the cache .* multiple of 16; this model's is 8"):
+            check_kv_cache(odd, kv)
+    check_kv_cache(odd, "float32")  # the default needs nothing
+    growing = SkipPolicy(baseline_plan("skipdecode", model.spec.num_layers, 4, "decode", model.fingerprint)).layout
+    with pytest.raises(InputError, match="which this plan cannot use: the ORT-optimized graph needs"):
+        check_kv_cache(model.spec, "int8", growing)
+    with pytest.raises(InputError, match="the portable variant cannot keep it"):
+        check_kv_cache(model.spec, "int8", _no_skip(model).layout, "portable")
+    scales = fit_kv_scales(TorchEngine.from_loaded(model), [list(range(1, 9))])
+    for bad in ({**scales, 0: (scales[0][0][:, :, :8], scales[0][1])}, {**scales, 1: (scales[1][0] * 0, scales[1][1])},
+                {**scales, 2: (scales[2][0], scales[2][1] * np.nan)}):
+        with pytest.raises(InputError, match="must be two .* arrays of positive, finite values"):
+            build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="ort", kv_dtype="int8",
+                       kv_scales=bad)
+
+
+def test_build_refuses_an_int8_kv_cache_before_calibrating(tiny_chat_model, tmp_path, capsys):
+    """adaskip-build on a model whose head size (8) GroupQueryAttention cannot take: one error line right after
+    loading (no calibration, no scale fitting), exit 2, nothing written."""
+    from adaskip.cli import build as build_cli
+
+    out = tmp_path / "kv8"
+    capsys.readouterr()
+    assert build_cli.main(["--model", str(tiny_chat_model), "--skip", "2", "--kv-dtype", "int8", "-o", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "multiple of 16; this model's is 8" in lines[-1] and "Traceback" not in "\n".join(lines)
+    assert not any("calibrat" in line or "scales" in line for line in lines[:-1]) and not out.exists()
+
+
 def test_float16_kv_cache_needs_the_ort_variant(tiny_root):
     model = load_model(str(make_tiny_hf("llama", tiny_root)))
-    with pytest.raises(InputError, match="needs the ort graph variant"):
+    with pytest.raises(InputError, match="the portable variant cannot keep it"):
         build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="portable", kv_dtype="float16")
     with pytest.raises(InputError, match="KV cache dtype must be one of"):
         build_onnx(model.spec, model.weights, _no_skip(model).layout, variant="ort", kv_dtype="int4")
@@ -269,8 +334,9 @@ def test_build_and_verify_quantized_weights_and_kv_cache(weights, kv, gqa_chat_m
     assert manifest["build"]["options"]["kv_dtype"] == kv
     fitted = manifest["build"].get("kv_scales")
     assert (fitted is not None) == (kv == "int8")
-    if fitted:  # the first calibration prompts, at most kv_scales.MAX_PROMPTS of them
-        assert fitted["prompts"] == 4 and fitted["tokens"] == 64 and fitted["source"].startswith("builtin")
+    if fitted:  # the last calibration prompts, at most kv_scales.MAX_PROMPTS of them; nothing skipped in this plan
+        assert fitted["prompts"] == 4 and fitted["of"] == 6 and fitted["tokens"] == 64
+        assert fitted["source"].startswith("builtin") and fitted["skip_sets"] == [[]]
     capsys.readouterr()
     assert verify.main(["--engine", str(out), "--prompts", "1", "--prompt-tokens", "24", "--decode-steps", "4",
                         "--json"]) == 0

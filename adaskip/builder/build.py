@@ -11,7 +11,6 @@ from typing import Any
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
 from adaskip.calibrate import budget
-from adaskip.calibrate.kv_scales import MAX_PROMPTS as KV_SCALE_PROMPTS
 from adaskip.calibrate.kv_scales import fit_on_calibration
 from adaskip.calibrate.corpus import CalibrationOptions, load_calibration, load_heldout
 from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
@@ -21,7 +20,7 @@ from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.ort import QUANTIZED_KV
 from adaskip.export.onnx.quantize import BITS, quantize
 from adaskip.export.onnx.save import save_onnx
-from adaskip.export.onnx.variants import choose_variant
+from adaskip.export.onnx.variants import check_kv_cache, choose_variant
 from adaskip.export.tensorrt.builder import TrtSettings, build_into, check_environment
 from adaskip.export.trtllm.checkpoint import check_supported, write_checkpoint
 from adaskip.engine_dir import (PLAN, TOKENIZER, WEIGHTS, atomic_dir, check_replaceable, save_tokenizer, save_weights,
@@ -122,11 +121,15 @@ def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> t
     return calib, None, None
 
 
-def _fit_kv_scales(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
-    cal = opts.calibration
-    _log(f"{opts.engine.kv_dtype} KV cache: per-channel scales from the first {min(cal.prompts, KV_SCALE_PROMPTS)} "
-         f"calibration prompts", opts)
-    return fit_on_calibration(TorchEngine.from_loaded(model), tokenizer, cal)
+def _fit_kv_scales(opts: BuildOptions, model: LoadedModel, tokenizer: Any, layout: SkipLayout
+                   ) -> tuple[Any, dict[str, Any]]:
+    if not layout.cached_layers:  # every attention skipped: no cache to quantize
+        return {}, {"prompts": 0, "rule": "no layer keeps a KV cache"}
+    scales, record = fit_on_calibration(TorchEngine.from_loaded(model, layout.compensation), tokenizer,
+                                        opts.calibration, layout)
+    _log(f"{opts.engine.kv_dtype} KV cache: per-channel scales from the last {record['prompts']} calibration prompts "
+         f"under {len(record['skip_sets'])} skip set(s)", opts)
+    return scales, record
 
 
 def build(opts: BuildOptions) -> BuildReport:
@@ -142,6 +145,7 @@ def build(opts: BuildOptions) -> BuildReport:
     model = load_model(opts.model, dtype=opts.engine.dtype)
     tokenizer = load_tokenizer(model)
     spec = model.spec
+    check_kv_cache(spec, opts.engine.kv_dtype)  # the model alone can refuse --kv-dtype: before calibrating
     if opts.selection.context_len is None:  # resolved here, and recorded so in the manifest
         opts = replace(opts, selection=replace(opts.selection, context_len=min(COST_CONTEXT, spec.max_position_embeddings)))
     context_len = opts.selection.context_len
@@ -157,6 +161,7 @@ def build(opts: BuildOptions) -> BuildReport:
     plan = make_plan(opts, model, tokenizer)
     # decode: over SkipDecode's horizon (where its growing set is fully grown; any other plan's is step-independent)
     layout = SkipLayout.from_plan(plan)
+    check_kv_cache(spec, opts.engine.kv_dtype, layout)  # and the plan: before fitting KV scales and exporting
     expected = cost.speedups(spec, layout, context_len, SKIPDECODE_HORIZON)
     # next to it the bytes-and-FLOPs ideal at the engine's widths (decode is memory-bound)
     widths = cost.Widths.for_engine(opts.engine.dtype, BITS.get(opts.engine.quantize), opts.engine.kv_dtype)
@@ -180,7 +185,7 @@ def build(opts: BuildOptions) -> BuildReport:
             variant = choose_variant(spec, layout, backend, opts.engine.graph_variant)
             kv_scales = None
             if opts.engine.kv_dtype in QUANTIZED_KV:
-                kv_scales, build_info["kv_scales"] = _fit_kv_scales(opts, model, tokenizer)
+                kv_scales, build_info["kv_scales"] = _fit_kv_scales(opts, model, tokenizer, layout)
             graph = build_onnx(spec, model.weights, layout, variant=variant, kv_dtype=opts.engine.kv_dtype,
                                kv_scales=kv_scales)
             build_info["graph"] = save_onnx(graph, tmp)  # onnx.checker full check, both variants

@@ -64,9 +64,10 @@ def parser() -> argparse.ArgumentParser:
                      help="ort backend: weight-only int4 or int8 linear layers and LM head (MatMulNBits, blocks of 32)")
     out.add_argument("--kv-dtype", choices=KV_DTYPES, default=de.kv_dtype,
                      help="ort graph variant: the KV cache's dtype (attention still computes in float32). int8 "
-                          "quarters the cache's memory and the bytes a decode step reads, with per-channel scales "
-                          "fitted on the first calibration prompts; float16 halves it, but ONNX Runtime 1.32's CPU "
-                          "provider decodes ~2x slower with it (docs/benchmarks.md)")
+                          "quarters the cache's memory with per-channel scales fitted on the last calibration "
+                          "prompts: decode 2-20%% faster, but prefill 1.7-2.9x slower on ONNX Runtime 1.32's CPU "
+                          "kernel; float16 halves it, but that kernel decodes ~2x slower with it "
+                          "(docs/benchmarks.md)")
     out.add_argument("--graph-variant", choices=GRAPH_VARIANTS, default=de.graph_variant,
                      help="ort backend: 'ort' uses ONNX Runtime's fused GroupQueryAttention (fast), 'portable' only "
                           "standard ops (what TensorRT parses); auto picks ort when the plan allows it")

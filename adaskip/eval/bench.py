@@ -39,7 +39,7 @@ from adaskip.eval import cpp_runtime, llamacpp
 from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.quantize import element_bytes, initializer_bytes, quantize_int4
 from adaskip.export.onnx.save import save_onnx
-from adaskip.export.onnx.variants import choose_variant, gqa_supports
+from adaskip.export.onnx.variants import check_kv_cache, choose_variant, gqa_supports
 from adaskip.layout import SkipLayout
 from adaskip.model import load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
@@ -90,7 +90,8 @@ class BenchOptions:
                              "(llama.cpp's convert_hf_to_gguf.py)")
         if self.cpp_runtime is not None:
             cpp_runtime.check_program(self.cpp_runtime)
-        if self.budgets and self.calibration is None:  # AdaSkip columns calibrate as adaskip-build does
+        if (self.budgets and self.calibration is None) or self.int8_kv:  # calibration prompts are read: AdaSkip
+            # columns calibrate as adaskip-build does, the int8 KV columns fit their scales on them
             CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
 
 
@@ -292,6 +293,26 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
     return [col, twin]
 
 
+def _int8_kv_columns(opts: BenchOptions, model: Any, tokenizer: Any, nothing: Any, work: Path, cpp: CppTwin | None,
+                     skipped: dict[str, str]) -> list[Column]:
+    """ort-kv8 (and with --int4 ort-int4-kv8, and their C++ twins): our engines with an int8 KV cache, its scales
+    fitted as adaskip-build --kv-dtype int8 fits them; none, with the reason in `skipped`, where the model cannot."""
+    try:
+        check_kv_cache(model.spec, "int8", SkipPolicy(nothing).layout)
+    except InputError as e:
+        skipped["int8 KV cache"] = str(e)
+        return []
+    kv_scales, fitted = fit_on_calibration(TorchEngine.from_loaded(model), tokenizer,
+                                           CalibrationOptions(prompts=opts.calib_prompts, tokens=opts.calib_tokens))
+    columns: list[Column] = []
+    for name, quantized in (("ort-kv8", False),) + ((("ort-int4-kv8", True),) if opts.int4 else ()):
+        columns += _ort_column(name, model, nothing, work, opts.threads, quantize=quantized, cpp=cpp,
+                               kv_scales=kv_scales)
+    for col in columns:
+        col.info["kv_scales"] = fitted
+    return columns
+
+
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
     """This machine's fp32 GEMM throughput as ONNX Runtime gets it (one MatMul of the model's FFN shape, best of
     `repeats`): the roofline a compute-bound prefill can approach."""
@@ -406,6 +427,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if max(contexts) + opts.decode_tokens + 1 > spec.max_position_embeddings:
         raise InputError(f"contexts must leave room for {opts.decode_tokens} decode tokens within "
                          f"{spec.max_position_embeddings}")
+    budgets_calibrate = bool(opts.budgets) and opts.calibration is None  # AdaSkip columns without --calibration
+    if (budgets_calibrate or opts.int8_kv) and opts.calib_tokens > spec.max_position_embeddings:
+        raise InputError(f"--calib-tokens {opts.calib_tokens} exceeds the model's context of "
+                         f"{spec.max_position_embeddings} tokens")
     tokenizer = load_tokenizer(model)
     corpus = tokenizer.encode(builtin_text(), add_special_tokens=False)
     budgets = opts.budgets
@@ -414,7 +439,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         source_plan = SkipPlan.load(opts.calibration)
         source_plan.check_model(model.fingerprint, spec.num_layers)
         calib = source_plan.calibration
-    elif budgets:  # the same pass and cache as adaskip-build's
+    elif budgets_calibrate:  # the same pass and cache as adaskip-build's
         data = load_calibration(tokenizer, opts.calib_prompts, opts.calib_tokens)
         calib = cached_calibration(model, data, threads=opts.threads)[0]
     nothing = baseline_plan("early-exit", spec.num_layers, 0, "e2e", model.fingerprint)
@@ -456,14 +481,8 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False,
                                       spec=spec)
-    if opts.int8_kv and not gqa_supports(spec):
-        skipped["int8 KV cache"] = "the model's head size does not fit GroupQueryAttention, which keeps the cache"
-    elif opts.int8_kv:  # scales fitted as adaskip-build --kv-dtype int8 fits them
-        kv_scales, _ = fit_on_calibration(TorchEngine.from_loaded(model), tokenizer,
-                                          CalibrationOptions(prompts=opts.calib_prompts, tokens=opts.calib_tokens))
-        for name, quantized in (("ort-kv8", False),) + ((("ort-int4-kv8", True),) if opts.int4 else ()):
-            columns += _ort_column(name, model, nothing, work, opts.threads, quantize=quantized, cpp=cpp,
-                                   kv_scales=kv_scales)
+    if opts.int8_kv:
+        columns += _int8_kv_columns(opts, model, tokenizer, nothing, work, cpp, skipped)
     if opts.llamacpp and opts.llamacpp_types:
         reason = llamacpp.unavailable()
         if reason is None:

@@ -193,7 +193,7 @@ def verify_engine(opts: VerifyOptions) -> Verification:
         raise InputError(f"--decode-steps must leave room for a prompt in the model's context of "
                          f"{ed.spec.max_position_embeddings} tokens")
     options = ed.manifest["build"].get("options", {})
-    kv = options.get("kv_dtype", "float32")  # a float16 KV cache is judged like quantized weights: reported
+    kv = options.get("kv_dtype", "float32")  # a float16 / int8 KV cache is judged like quantized weights: reported
     quantized = "+".join(q for q in (options.get("quantize"), None if kv == "float32" else f"kv-{kv}") if q) or None
     atol = opts.atol if opts.atol is not None else (None if quantized else DEFAULT_ATOL)
     source = opts.model or ed.manifest["build"].get("source")

@@ -198,9 +198,12 @@ class OrtGqaEngine(OrtGraphEngine):
         # cache's own arrays)
         self.step_outputs = {o.name: (_NUMPY_TYPES[o.type], o.shape[1]) for o in self.session.get_outputs()
                              if not o.name.startswith("present_")}
-        # the graph's KV buffer type (float32, or float16 / int8 from adaskip-build --kv-dtype)
-        types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_")}
-        self.kv_dtype = _KV_TYPES[types.pop()] if len(types) == 1 else np.float32
+        # the graph's KV buffer type (float32, or float16 / int8 from adaskip-build --kv-dtype): one for every buffer
+        types = {i.type for i in self.session.get_inputs() if i.name.startswith("past_")}
+        if len(types) > 1 or not types <= set(_KV_TYPES):
+            raise EngineDirError(f"{model_path}: its KV cache buffers are not all float32, float16 or int8 of one "
+                                 f"type ({', '.join(sorted(types))}); the engine dir is inconsistent: rebuild it")
+        self.kv_dtype = _KV_TYPES[types.pop()] if types else np.float32  # no cached layer: nothing is allocated
         self.dtype = _TORCH_TYPES[self.kv_dtype]  # bytes per KV element (generate.dtype_bytes)
 
     def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:

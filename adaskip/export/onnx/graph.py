@@ -34,7 +34,7 @@ from adaskip.export.onnx.nodes import BOOL, FLOAT, INT32, INT64, IR_VERSION, OPS
 from adaskip.export.onnx.ops import ACTIVATIONS, Dims, Ops
 from adaskip.export.onnx.ort import KV_DTYPES, QUANTIZED_KV, OrtLowering
 from adaskip.export.onnx.portable import PortableLowering
-from adaskip.export.onnx.variants import VARIANT_KEY, check_variant
+from adaskip.export.onnx.variants import VARIANT_KEY, check_kv_cache, check_variant
 from adaskip.layout import SkipLayout
 from adaskip.model.spec import ModelSpec
 
@@ -83,15 +83,18 @@ class GraphBuilder:
                  kv_scales: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
         check_variant(spec, layout, variant, all_logits)
         check_choice(kv_dtype, KV_DTYPES, "the KV cache dtype")
-        if kv_dtype != "float32" and variant != "ort":
-            raise InputError(f"a KV cache of type {kv_dtype} needs the ort graph variant (GroupQueryAttention keeps "
-                             "it)")
+        check_kv_cache(spec, kv_dtype, layout, variant)
         missing = [i for i in layout.cached_layers if i not in (kv_scales or {})]
         if kv_dtype in QUANTIZED_KV and missing:
             raise InputError(f"a KV cache of type {kv_dtype} needs fitted scales for every cached layer; none for "
                              f"layers {missing}")
         if kv_dtype not in QUANTIZED_KV and kv_scales is not None:
             raise InputError(f"KV scales are for a quantized cache ({', '.join(sorted(QUANTIZED_KV))}), not {kv_dtype}")
+        shape = (spec.num_kv_heads, 1, spec.head_dim)
+        for i, pair in (kv_scales or {}).items():  # what the kernel divides by: one positive, finite scale a channel
+            if any(np.shape(a) != shape or not np.all(np.isfinite(a)) or not np.all(np.asarray(a) > 0) for a in pair):
+                raise InputError(f"the KV scales of layer {i} must be two {list(shape)} arrays of positive, finite "
+                                 "values")
         self.spec, self.layout, self.all_logits = spec, layout, all_logits
         self.roles = layout.roles
         self.cached = set(layout.cached_layers)

@@ -33,6 +33,24 @@ def ort_refusal(spec: ModelSpec, layout: SkipLayout, all_logits: bool = False) -
     return None
 
 
+def check_kv_cache(spec: ModelSpec, kv_dtype: str, layout: SkipLayout | None = None,
+                   variant: str | None = None) -> None:
+    """Refuse a KV cache type other than float32 (adaskip-build --kv-dtype) where the graph cannot keep it: only the
+    ort variant's GroupQueryAttention can. With the model alone (before a plan exists: adaskip-build checks this
+    before calibrating) the head size decides; with the plan's layout, everything ort_refusal weighs; with the
+    variant chosen, that variant."""
+    if kv_dtype == "float32":
+        return
+    what = f"--kv-dtype {kv_dtype} keeps the cache in the ort graph variant's GroupQueryAttention"
+    if not gqa_supports(spec):
+        raise InputError(f"{what}, which needs a head size that is a multiple of 16; this model's is {spec.head_dim}")
+    reason = None if layout is None else ort_refusal(spec, layout)
+    if reason is not None:
+        raise InputError(f"{what}, which this plan cannot use: {reason}")
+    if variant is not None and variant != "ort":
+        raise InputError(f"{what}; the {variant} variant cannot keep it")
+
+
 def check_request(backend: str, requested: str) -> None:
     """What a backend accepts whatever the model and plan, so adaskip-build refuses it before loading a model."""
     check_choice(requested, REQUESTS, "--graph-variant")
