@@ -144,12 +144,14 @@ def test_concurrent_builds_into_one_output_the_second_is_refused(tiny_chat_model
     def another_build_publishes_first(*a, **k):
         if not done:
             done["started"] = True
-            done["rc"] = build_cli.main(args)
+            # told apart by an option its manifest records (both may finish within the manifest's one-second clock)
+            done["rc"] = build_cli.main(args + ["--context-len", "512"])
         return real_make_plan(*a, **k)
 
     monkeypatch.setattr(build_mod, "make_plan", another_build_publishes_first)
     _fails(build_cli.main, args, capsys, "while this build ran")
     assert done["rc"] == 0 and _manifest_digest(out) != first  # the other build's engine, intact
+    assert json.loads((out / MANIFEST).read_text())["build"]["options"]["context_len"] == 512
     assert _no_leftovers(tmp_path) == []
 
 
