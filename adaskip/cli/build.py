@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
           f"decode {e['decode']:.3f}x over {e['decode_steps']} decode steps (before online skipping)")
     r = e["roofline"]
     print(f"ideal speedup at {e['context_len']} tokens (bytes+FLOPs roofline at "
-          f"{r['machine']['bandwidth_gbs']:g} GB/s, {r['machine']['peak_gflops']:g} GFLOP/s, {r['widths']['weights']:g} bytes per weight): prefill "
+          f"{r['machine']['bandwidth_gbs']:g} GB/s, {r['machine']['peak_gflops']:g} GFLOP/s, "
+          f"{r['widths']['weights']:g} bytes per weight, {r['widths']['kv']:g} per KV element): prefill "
           f"{r['prefill']:.3f}x, decode {r['decode']:.3f}x")
     if a.backend == "trtllm-checkpoint":
         command = trtllm_build_command(report.output, world_size=a.tp_size * a.pp_size)
