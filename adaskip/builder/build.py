@@ -11,9 +11,9 @@ from typing import Any
 from adaskip import cost
 from adaskip.calibrate import compensation as comp
 from adaskip.calibrate import budget
-from adaskip.calibrate.kv_scales import fit_on_calibration
 from adaskip.calibrate.corpus import CalibrationOptions, load_calibration, load_heldout
 from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
+from adaskip.calibrate.kv_scales import fit_on_calibration
 from adaskip.builder.options import COST_CONTEXT, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
@@ -181,7 +181,6 @@ def build(opts: BuildOptions) -> BuildReport:
             _log(f"TensorRT-LLM checkpoint: {build_info['trtllm']['conditionals']} conditional sublayers, no_op "
                  f"attention in layers {build_info['trtllm']['no_op']['attention'] or 'none'}", opts)
         else:
-            layout = SkipLayout.from_plan(plan)
             variant = choose_variant(spec, layout, backend, opts.engine.graph_variant)
             kv_scales = None
             if opts.engine.kv_dtype in QUANTIZED_KV:

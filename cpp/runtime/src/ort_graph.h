@@ -4,10 +4,10 @@
 // step copies the cache.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <cstdint>
 #include <vector>
 
 #include "adaskip/policy.h"
@@ -51,7 +51,7 @@ class OrtGraph {
   ModelInfo model_;
   int n_;
   std::vector<int> kv_layers_;
-  int kv_type_ = 0;           // ONNXTensorElementDataType of the past_/present_ buffers
+  int kv_type_ = 0;             // ONNXTensorElementDataType of the past_/present_ buffers
   size_t kv_element_size_ = 4;  // its bytes per element
 };
 
