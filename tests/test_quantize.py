@@ -371,16 +371,17 @@ def test_initializer_bytes_follow_each_element_type():
 
 def test_bench_adds_int8_kv_columns_that_read_a_quarter_of_the_cache(gqa_chat_model, tmp_path):
     """adaskip-bench --int8-kv: ort-kv8 (and with --int4 ort-int4-kv8) timed beside the float32-cache engines; their
-    memory floor counts a quarter of the cache's bytes and nothing else changes."""
+    memory floor counts a quarter of the cache's bytes and nothing else changes. With --int4 the spinning pair has an
+    int4 twin too (ort-int4-spin: the engines it is compared with spin by default)."""
     from adaskip.cli import bench
 
     out = tmp_path / "docs"
     assert bench.main(["--model", str(gqa_chat_model), "--contexts", "32", "--budgets", "", "--repeats", "1",
-                       "--decode-tokens", "2", "--no-hf", "--no-genai", "--no-llamacpp", "--no-spinning-pair",
-                       "--int4", "--int8-kv", "--calib-prompts", "2", "--calib-tokens", "32", "--out", str(out)]) == 0
+                       "--decode-tokens", "2", "--no-hf", "--no-genai", "--no-llamacpp", "--int4", "--int8-kv",
+                       "--calib-prompts", "2", "--calib-tokens", "32", "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
     names = [c["name"] for c in data["columns"]]
-    assert names == ["torch-reference", "ort", "ort-int4", "ort-kv8", "ort-int4-kv8"]
+    assert names == ["torch-reference", "ort", "ort-spin", "ort-int4", "ort-int4-spin", "ort-kv8", "ort-int4-kv8"]
     assert all(data["results"][n]["32"]["decode"] > 0 for n in names)
     step = {c["name"]: c["decode_bytes"]["32"] for c in data["columns"] if c["decode_bytes"]}
     model = load_model(str(gqa_chat_model))
@@ -389,3 +390,5 @@ def test_bench_adds_int8_kv_columns_that_read_a_quarter_of_the_cache(gqa_chat_mo
         positions = (step[fp32] - step[kv8]) / (per_token * 3 / 4)  # the 32-token context and the new token(s)
         assert positions == int(positions) and 33 <= positions <= 34
     assert "int8 KV cache" in next(c for c in data["columns"] if c["name"] == "ort-int4-kv8")["note"]
+    assert step["ort-int4-spin"] == step["ort-int4"] and step["ort-spin"] == step["ort"]
+    assert "spinning on" in next(c for c in data["columns"] if c["name"] == "ort-int4-spin")["note"]

@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-genai", action="store_true")
     p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
-                   help="leave out ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)")
+                   help="leave out the -spin columns (ours and onnxruntime-genai's engines with intra-op spinning "
+                   "on; the int4 ones too with --int4)")
     p.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp columns (they run when "
                    "llama-cpp-python is installed)")
     p.add_argument("--llamacpp-types", default=joined(d.llamacpp_types), help="GGUF types of the llama.cpp columns, "

@@ -8,7 +8,8 @@ shared machine hit all columns alike; we report medians and ratios against our u
 speedups beside each AdaSkip column: the FLOPs the plan removes, and the bytes-and-FLOPs (roofline) ideal of
 adaskip/cost.py, which is what a memory-bound decode step can gain.
 Run with OMP_WAIT_POLICY=PASSIVE; every ONNX Runtime session has intra-op spinning off except the `-spin`
-pair (ours and onnxruntime-genai's with spinning on, as onnxruntime-genai runs by default); llama.cpp runs in worker
+columns (ours and onnxruntime-genai's, fp32 and with --int4 int4, with spinning on, as onnxruntime-genai runs by
+default); llama.cpp runs in worker
 processes without that variable, with OpenMP's default wait policy, as its users run it (adaskip/eval/llamacpp.py).
 """
 
@@ -70,7 +71,8 @@ class BenchOptions:
     int8_kv: bool = False  # our engines again with an int8 KV cache (ort-kv8, and ort-int4-kv8 with int4)
     hf: bool = True  # the Hugging Face transformers column
     genai: bool = True  # the onnxruntime-genai columns
-    spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin (both engines with intra-op spinning on)
+    spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin, with int4 also ort-int4-spin and
+    # ort-genai-int4-spin (each engine with intra-op spinning on, as onnxruntime-genai and llama.cpp run by default)
     llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
     llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
@@ -274,8 +276,8 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
         widths = cost.Widths.for_engine("float32", bits=q["bits"], kv_dtype=kv_dtype, block_size=q["block_size"])
     engine_cls = engine_class("ort", variant)
     col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
-                            policy, note=f"{variant} graph" + ("; intra-op spinning on, like ort-genai-fp32-spin"
-                                                                if spinning else "")
+                            policy, note=f"{variant} graph" + ("; intra-op spinning on, like the ort-genai-*-spin "
+                                                                "columns" if spinning else "")
                             + ("" if kv_scales is None else "; int8 KV cache (adaskip-build --kv-dtype int8)"))
     skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
     col.decode_bytes = lambda c: cost.decode_step_bytes(model.spec, c, skipped, widths)
@@ -478,9 +480,10 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         columns += _genai_columns(model.source, "fp32", work, opts.threads, opts.spinning_pair, spec)
     if opts.int4:
         columns += _ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True, cpp=cpp)
+        if opts.spinning_pair:
+            columns += _ort_column("ort-int4-spin", model, nothing, work, opts.threads, quantize=True, spinning=True)
         if opts.genai:
-            columns += _genai_columns(model.source, "int4", work, opts.threads, with_spinning=False,
-                                      spec=spec)
+            columns += _genai_columns(model.source, "int4", work, opts.threads, opts.spinning_pair, spec)
     if opts.int8_kv:
         columns += _int8_kv_columns(opts, model, tokenizer, nothing, work, cpp, skipped)
     if opts.llamacpp and opts.llamacpp_types:
