@@ -284,6 +284,30 @@ def test_ort_and_torch_engines_generate_the_same_text(engine, torch_engine, caps
     assert outs[0]["text"] == outs[1]["text"] and outs[0]["kv_bytes"] == outs[1]["kv_bytes"]
 
 
+def test_spinning_is_an_option_of_the_onnx_runtime_engines(engine, torch_engine, capsys, monkeypatch):
+    """--spinning / ADASKIP_SPINNING=1 turn ONNX Runtime's intra-op spinning on (the setting llama.cpp and
+    onnxruntime-genai decode with by default); the text does not change; a bad value or another backend is refused."""
+    from adaskip.runtime.loader import load_runtime
+
+    def spins(**kw) -> str:
+        session = load_runtime(engine, threads=1, **kw).engine.session
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    texts = []
+    for extra in ([], ["--spinning"]):
+        assert run_cli.main(["--engine", str(engine), "--prompt", "The meaning of life is", "--max-new-tokens", "8",
+                             "--json", *extra]) == 0
+        texts.append(json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1]
+    assert spins() == "0" and spins(spinning=True) == "1"
+    monkeypatch.setenv("ADASKIP_SPINNING", "1")
+    assert spins() == "1" and spins(spinning=False) == "0"  # an explicit setting wins over the environment
+    monkeypatch.setenv("ADASKIP_SPINNING", "yes")
+    _fails(run_cli.main, ["--engine", str(engine), "--prompt", "x"], capsys, "ADASKIP_SPINNING must be 0")
+    monkeypatch.delenv("ADASKIP_SPINNING")
+    _fails(run_cli.main, ["--engine", str(torch_engine), "--prompt", "x", "--spinning"], capsys, "is a torch engine")
+
+
 def test_verify_passes_a_good_engine_and_fails_a_tampered_one(engine, tiny_chat_model, tmp_path, capsys):
     from adaskip.cli import verify
 

@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print results as JSON (one object per prompt)")
     p.add_argument("--threads", type=int, help="intra-op threads for the ONNX Runtime backend (default: all cores)")
+    p.add_argument("--spinning", action="store_true", default=None,
+                   help="ONNX Runtime backend: intra-op threads spin between kernels instead of sleeping (faster "
+                   "decode when this process has the cores to itself; default: ADASKIP_SPINNING, else off)")
     return p
 
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--stream prints one prompt's tokens; give a single prompt")
     params = sampling(a)
     params.validate()
-    rt = load_runtime(a.engine, threads=a.threads)
+    rt = load_runtime(a.engine, threads=a.threads, spinning=a.spinning)
     ids = [rt.generator.encode(t, chat=a.chat) for t in texts]
     results: list[GenerationResult] = []
     if a.stream:

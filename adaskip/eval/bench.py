@@ -315,12 +315,19 @@ def _int8_kv_columns(opts: BenchOptions, model: Any, tokenizer: Any, nothing: An
     return columns
 
 
+def _probe_session(model: Any, threads: int) -> Any:
+    """An ONNX Runtime session for one of the machine probes below: spinning off whatever ADASKIP_SPINNING says,
+    as every column's session is unless it says otherwise."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads, spinning=False),
+                                providers=["CPUExecutionProvider"])
+
+
 def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) -> float:
     """This machine's fp32 GEMM throughput as ONNX Runtime gets it (one MatMul of the model's FFN shape, best of
     `repeats`): the roofline a compute-bound prefill can approach."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-
 
     d, f = spec.hidden_size, spec.intermediate_size
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((d, f)).astype(np.float32), "w")
@@ -328,7 +335,7 @@ def _gemm_gflops(spec: Any, threads: int, rows: int = 2048, repeats: int = 7) ->
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, d])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, f])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    sess = _probe_session(model, threads)
     x = np.random.default_rng(1).standard_normal((rows, d)).astype(np.float32)
     best = float("inf")
     for _ in range(repeats):
@@ -342,7 +349,6 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> 
     """This machine's memory read bandwidth (GB/s), the best of two streaming reads of a matrix far larger than any
     cache: ONNX Runtime's matrix-vector product (the kernel a decode step spends its time in) and torch's sum, both
     at `threads` threads, best of `repeats`. The memory floor of a decode step is its bytes over this."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     cols = megabytes * 2**20 // 4 // 1024
@@ -352,8 +358,7 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> 
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024]),
                                helper.make_tensor_value_info("w", TensorProto.FLOAT, [1024, cols])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])])
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                .SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    sess = _probe_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
     feeds = {"x": np.ones((1, 1024), np.float32), "w": w}
     flat = torch.from_numpy(w)
     best = float("inf")
@@ -374,9 +379,7 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
     """ONNX Runtime's GroupQueryAttention alone over a causal prompt of `context` tokens with the model's head shape,
     in the engine's prefill chunks (best of `repeats`): the attention kernel's throughput, the other half of the
     prefill roofline. None where the model's graph cannot use the kernel."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
-
 
     if not gqa_supports(spec):
         return None
@@ -395,7 +398,7 @@ def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -
                             domain="com.microsoft", num_heads=heads, kv_num_heads=kvh, do_rotary=1)
     model = helper.make_model(helper.make_graph([node], "attention", ins, outs),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    sess = _probe_session(model, threads)
     rng = np.random.default_rng(0)
     qkv = rng.standard_normal((1, context, (heads + 2 * kvh) * hd)).astype(np.float32)
     angles = np.arange(context)[:, None] * np.geomspace(1.0, 1e-4, hd // 2)[None]

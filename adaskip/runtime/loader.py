@@ -24,9 +24,9 @@ class Runtime:
     generator: Generator
 
 
-def load_runtime(path: str | Path, threads: int | None = None) -> Runtime:
+def load_runtime(path: str | Path, threads: int | None = None, spinning: bool | None = None) -> Runtime:
     ed = open_engine_dir(path)
-    engine = open_engine(ed, threads=threads)
+    engine = open_engine(ed, threads=threads, spinning=spinning)
     tokenizer = open_tokenizer(ed.root / TOKENIZER)
     policy = SkipPolicy(ed.plan)
     check_plan_matches_graph(ed, policy, engine)

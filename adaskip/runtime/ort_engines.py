@@ -45,12 +45,19 @@ class OrtKVCache(_BufferCache):
         self.length = 0
 
 
-def session_options(threads: int | None = None, spinning: bool = False):
+def session_options(threads: int | None = None, spinning: bool | None = None):
     """Spinning stays off by default: with several sessions in one process (or a busy machine) spinning threads
-    doubled decode time here. A process that runs one engine alone may turn it on (`spinning=True`): every
-    parallel kernel then skips waking its worker threads."""
+    doubled decode time here. A process that runs one engine alone may turn it on (`spinning=True`, or
+    ADASKIP_SPINNING=1 where `spinning` is None): every parallel kernel then skips waking its worker threads, which
+    took 5-25% off decode here (docs/benchmarks.md), as llama.cpp's and onnxruntime-genai's defaults do."""
     import onnxruntime as ort
 
+    if spinning is None:
+        env_spin = os.environ.get("ADASKIP_SPINNING", "0") or "0"
+        if env_spin not in ("0", "1"):
+            raise InputError(f"ADASKIP_SPINNING must be 0 (intra-op threads sleep when idle) or 1 (they spin); "
+                             f"got {env_spin!r}")
+        spinning = env_spin == "1"
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -69,25 +76,27 @@ def session_options(threads: int | None = None, spinning: bool = False):
 class OrtGraphEngine(GraphEngine):
     """An exported graph in an ONNX Runtime session (CPU)."""
 
-    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None, spinning: bool = False):
+    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None,
+                 spinning: bool | None = None):
         import onnxruntime as ort
 
         self.spec = spec
+        options = session_options(threads, spinning)  # a bad setting is the caller's error, not the engine's
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(threads, spinning),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineDirError(f"ONNX Runtime cannot load {model_path}: {e}") from None
         self.kv_layers = kv_layers_of([i.name for i in self.session.get_inputs()])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     @classmethod
-    def from_engine_dir(cls, ed: EngineDir, threads: int | None = None) -> "OrtGraphEngine":
+    def from_engine_dir(cls, ed: EngineDir, threads: int | None = None,
+                        spinning: bool | None = None) -> "OrtGraphEngine":
         graph = ed.manifest["build"].get("graph", {})
         if graph.get("interface") != GRAPH_INTERFACE:
             raise EngineDirError(f"{ed.root}: graph interface {graph.get('interface')!r} is not the one this adaskip "
                                  f"runs ({GRAPH_INTERFACE}); rebuild the engine with adaskip-build")
-        return cls(ed.root / graph["file"], ed.spec, threads=threads)
+        return cls(ed.root / graph["file"], ed.spec, threads=threads, spinning=spinning)
 
 
 class OrtPortableEngine(OrtGraphEngine):
@@ -188,8 +197,8 @@ class OrtGqaEngine(OrtGraphEngine):
     cache at any step, no T x S score matrix in prefill). Left-padded batches from the Generator are laid out
     right-padded for the kernel; every row keeps its own length."""
 
-    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None, spinning: bool = False,
-                 prefill_chunk: int | None = PREFILL_CHUNK):
+    def __init__(self, model_path: str | Path, spec: ModelSpec, threads: int | None = None,
+                 spinning: bool | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
         super().__init__(model_path, spec, threads, spinning)
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaskip.engine_dir import EngineDir
-from adaskip.errors import EngineDirError
+from adaskip.errors import EngineDirError, InputError
 from adaskip.runtime.ort_engines import OrtGqaEngine, OrtPortableEngine
 from adaskip.runtime.torch_engine import TorchEngine
 from adaskip.runtime.trt.engine import TrtEngine
@@ -42,8 +42,9 @@ def supports_slots(ed: EngineDir) -> bool:
     return bool(getattr(ENGINES.get((ed.backend, graph_variant(ed))), "supports_slots", False))
 
 
-def open_engine(ed: EngineDir, threads: int | None = None) -> Any:
-    """The engine for an opened engine directory (its manifest names the backend and the graph variant)."""
+def open_engine(ed: EngineDir, threads: int | None = None, spinning: bool | None = None) -> Any:
+    """The engine for an opened engine directory (its manifest names the backend and the graph variant).
+    `spinning`: ONNX Runtime's intra-op spinning (None: ADASKIP_SPINNING, else off); other backends refuse it."""
     if ed.backend == "trtllm-checkpoint":
         raise EngineDirError(f"{ed.root} is a TensorRT-LLM checkpoint, not an engine adaskip runs: build it with "
                              f"trtllm-build (see {ed.root / 'manifest.json'} and docs/trtllm-checkpoint.md)")
@@ -51,4 +52,8 @@ def open_engine(ed: EngineDir, threads: int | None = None) -> Any:
     if (ed.backend, variant) not in ENGINES:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} (graph variant {variant!r}) is not available in this "
                              f"build of adaskip")
-    return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads)
+    if spinning is None:
+        return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads)
+    if ed.backend != "ort":
+        raise InputError(f"--spinning sets ONNX Runtime's intra-op threads; {ed.root} is a {ed.backend} engine")
+    return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads, spinning=spinning)
