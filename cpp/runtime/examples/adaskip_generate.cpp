@@ -30,13 +30,15 @@ namespace {
 const char* kUsage =
     "usage: adaskip_generate --engine DIR (--ids 1,2,3 | --ids-file FILE) [--max-new-tokens N] [--temperature T]\n"
     "                        [--top-k K] [--top-p P] [--seed S] [--stop-ids LIST] [--truncate error|middle]\n"
-    "                        [--threads N] [--stream] [--json] [--text]\n"
-    "       adaskip_generate --engine DIR --jsonl [sampling flags] [--threads N] [--text]\n"
+    "                        [--threads N] [--spinning] [--stream] [--json] [--text]\n"
+    "       adaskip_generate --engine DIR --jsonl [sampling flags] [--threads N] [--spinning] [--text]\n"
     "  --ids LIST        prompt token ids, comma separated\n"
     "  --ids-file FILE   prompt token ids, separated by commas or whitespace\n"
     "  --max-new-tokens  default 128\n"
     "  --temperature     0 = greedy (default)\n"
     "  --stop-ids LIST   stop token ids (default: the engine's end-of-sequence tokens; \"\" = none)\n"
+    "  --spinning        ONNX Runtime's intra-op threads spin between kernels instead of sleeping (faster decode\n"
+    "                    on cores of its own; default: $ADASKIP_SPINNING, else off)\n"
     "  --stream          print each token as it is generated\n"
     "  --json            print the result and skip statistics as one JSON object\n"
     "  --text            print the generated text (the engine dir's tokenizer.json) instead of token ids;\n"
@@ -241,6 +243,10 @@ int run(int argc, char** argv) {
     }
     if (flag == "--stream") {
       stream = true;
+      continue;
+    }
+    if (flag == "--spinning") {
+      rt_opts.spinning = 1;
       continue;
     }
     if (i + 1 >= argc) throw UsageError(flag + (flag.rfind("--", 0) == 0 ? " needs a value" : ": unknown argument"));

@@ -58,20 +58,31 @@ int thread_count(int threads) {
   return std::stoi(s);
 }
 
+bool spinning_enabled(int spinning) {
+  if (spinning == 0 || spinning == 1) return spinning == 1;
+  const char* env_spinning = std::getenv("ADASKIP_SPINNING");
+  const std::string s = env_spinning ? env_spinning : "";
+  if (s.empty() || s == "0") return false;
+  if (s == "1") return true;
+  throw InputError("ADASKIP_SPINNING must be 0 (intra-op threads sleep when idle) or 1 (they spin); got '" + s + "'");
+}
+
 struct OrtGraph::Session {
   Ort::Session session{nullptr};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::vector<std::string> input_names, output_names;  // in the order run() fills them
 };
 
-OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads)
+OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads,
+                   int spinning)
     : model_(model), n_(num_sublayers) {
   init_ort_api();  // before any other ONNX Runtime call
   session_ = std::make_unique<Session>();
   Ort::SessionOptions so;
   so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-  // the Python runtime's settings: spinning threads double decode time when sessions share the cores
-  so.AddConfigEntry("session.intra_op.allow_spinning", "0");
+  // the Python runtime's settings: off unless asked, since spinning threads double decode time when sessions share
+  // the cores
+  so.AddConfigEntry("session.intra_op.allow_spinning", spinning_enabled(spinning) ? "1" : "0");
   so.AddConfigEntry("session.inter_op.allow_spinning", "0");
   so.SetIntraOpNumThreads(thread_count(threads));
   so.SetLogSeverityLevel(3);

@@ -34,7 +34,8 @@ struct StepOutput {
 class OrtGraph {
  public:
   // Loads the graph and checks that its inputs/outputs are the "ort" interface for this model.
-  OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads);
+  OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads,
+           int spinning);
   ~OrtGraph();
 
   const std::vector<int>& kv_layers() const { return kv_layers_; }
@@ -57,5 +58,7 @@ class OrtGraph {
 
 // The intra-op thread count: `threads` if > 0, else $ADASKIP_THREADS, else 0 (ONNX Runtime: all cores).
 int thread_count(int threads);
+// Whether intra-op threads spin: `spinning` if 0 or 1, else $ADASKIP_SPINNING (0 or 1), else no.
+bool spinning_enabled(int spinning);
 
 }  // namespace adaskip::detail

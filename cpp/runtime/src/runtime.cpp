@@ -67,10 +67,10 @@ struct Runtime::Impl {
   SkipPolicy policy;
   detail::OrtGraph graph;
 
-  Impl(detail::EngineDir d, int threads)
+  Impl(detail::EngineDir d, const RuntimeOptions& options)
       : dir(std::move(d)),
         policy(dir.plan),
-        graph(dir.graph_file, dir.model, dir.plan.num_sublayers(), threads) {
+        graph(dir.graph_file, dir.model, dir.plan.num_sublayers(), options.threads, options.spinning) {
     dir.model.kv_layers = graph.kv_layers();
     if (graph.kv_layers() != policy.cached_layers() ||
         (!dir.manifest_kv_layers.empty() && dir.manifest_kv_layers != graph.kv_layers())) {
@@ -82,7 +82,7 @@ struct Runtime::Impl {
 
 Runtime::Runtime(const std::filesystem::path& engine_dir, const RuntimeOptions& options) {
   auto dir = detail::open_engine_dir(engine_dir, options.verify_large_files);
-  impl_ = std::make_unique<Impl>(std::move(dir), options.threads);
+  impl_ = std::make_unique<Impl>(std::move(dir), options);
 }
 
 Runtime::~Runtime() = default;

@@ -83,6 +83,8 @@ struct ModelInfo {
 
 struct RuntimeOptions {
   int threads = 0;                  // ONNX Runtime intra-op threads; 0: $ADASKIP_THREADS, else all cores
+  int spinning = -1;                // intra-op threads spin between kernels: 1 yes, 0 no, -1: $ADASKIP_SPINNING
+                                    // (0 or 1), else no (spinning speeds decode up only on cores of its own)
   bool verify_large_files = false;  // also hash files over 64 MB (as adaskip-verify does); sizes are always checked
 };
 
