@@ -552,8 +552,8 @@ def test_a_bench_worker_that_dies_at_start_says_why(tmp_path):
 
 
 def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_model, tmp_path):
-    """adaskip-bench --cpp-runtime: the `ort` engine dir also driven by adaskip_generate --jsonl (column ort-cpp), and
-    with --int8-kv the int8-cache engine too (ort-kv8-cpp)."""
+    """adaskip-bench --cpp-runtime: the `ort` engine dir also driven by adaskip_generate --jsonl (column ort-cpp), the
+    spinning pair's too (ort-spin-cpp), and with --int8-kv the int8-cache engine (ort-kv8-cpp)."""
     from adaskip.cli import bench
 
     model = tmp_path / "model"  # 2 heads of 16: the ort graph variant (GroupQueryAttention), which the C++ runtime runs
@@ -564,11 +564,13 @@ def test_bench_times_the_cpp_runtime_beside_the_python_loop(build, tiny_chat_mod
     cli = build.wait() / "cpp" / "runtime" / "adaskip_generate"
     out = tmp_path / "docs"
     assert bench.main(["--model", str(model), "--contexts", "16,32", "--budgets", "", "--repeats", "2",
-                       "--decode-tokens", "3", "--no-hf", "--no-genai", "--no-llamacpp", "--no-spinning-pair",
-                       "--int8-kv", "--calib-prompts", "2", "--calib-tokens", "32", "--cpp-runtime", str(cli),
+                       "--decode-tokens", "3", "--no-hf", "--no-genai", "--no-llamacpp", "--int8-kv",
+                       "--calib-prompts", "2", "--calib-tokens", "32", "--cpp-runtime", str(cli),
                        "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
-    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-cpp", "ort-kv8", "ort-kv8-cpp"]
+    assert [c["name"] for c in data["columns"]] == ["torch-reference", "ort", "ort-cpp", "ort-spin", "ort-spin-cpp",
+                                                    "ort-kv8", "ort-kv8-cpp"]
+    assert "spinning on" in next(c for c in data["columns"] if c["name"] == "ort-spin-cpp")["note"]
     cpp = data["results"]["ort-cpp"]["32"]
     assert len(cpp["raw"]["decode"]) == 2 and cpp["ttft"] > 0 and cpp["decode"] > 0
     step = {c["name"]: c["decode_bytes"]["32"] for c in data["columns"] if c["decode_bytes"]}

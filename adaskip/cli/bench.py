@@ -41,8 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp-convert", help="llama.cpp's convert_hf_to_gguf.py (default: the one in the sdist of "
                    "the installed llama-cpp-python, fetched once with pip)")
     p.add_argument("--cpp-runtime", metavar="PATH", help="cpp/runtime's adaskip_generate (docs/cpp-runtime.md): adds "
-                   "ort-cpp (and with --int4 / --int8-kv ort-int4-cpp, ort-kv8-cpp, ...): the same engines driven by "
-                   "the C++ runtime's loop")
+                   "ort-cpp, ort-spin-cpp (and with --int4 / --int8-kv ort-int4-cpp, ort-kv8-cpp, ...): the same "
+                   "engines driven by the C++ runtime's loop")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 

@@ -76,7 +76,7 @@ class BenchOptions:
     llamacpp: bool = True  # the llama.cpp columns (when llama-cpp-python is installed)
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
     llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
-    cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: -cpp twins of ort, ort-int4, ort-kv8, ort-int4-kv8
+    cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: -cpp twins of our non-AdaSkip engine columns
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -288,7 +288,7 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
     save_tokenizer(cpp.tokenizer, out / TOKENIZER)
     write_manifest(out, "ort", model.spec, model.fingerprint, plan, {"graph": graph_info, "source": model.source},
                    {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, cpp.tokenizer)})
-    worker = cpp_runtime.Worker(cpp.program, out, threads)
+    worker = cpp_runtime.Worker(cpp.program, out, threads, spinning)
     twin = Column(f"{name}-cpp", worker.run, close=worker.close, decode_bytes=col.decode_bytes,
                   info={"program": str(cpp.program.resolve())},
                   note=f"{col.note}; the same engine dir in the C++ runtime's loop (adaskip_generate --jsonl)")
@@ -470,7 +470,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     cpp = None if opts.cpp_runtime is None else CppTwin(cpp_runtime.check_program(opts.cpp_runtime), tokenizer)
     columns += _ort_column("ort", model, nothing, work, opts.threads, cpp=cpp)
     if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
-        columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True)
+        columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True, cpp=cpp)
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
@@ -484,7 +484,8 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     if opts.int4:
         columns += _ort_column("ort-int4", model, nothing, work, opts.threads, quantize=True, cpp=cpp)
         if opts.spinning_pair:
-            columns += _ort_column("ort-int4-spin", model, nothing, work, opts.threads, quantize=True, spinning=True)
+            columns += _ort_column("ort-int4-spin", model, nothing, work, opts.threads, quantize=True, spinning=True,
+                                   cpp=cpp)
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, opts.spinning_pair, spec)
     if opts.int8_kv:
