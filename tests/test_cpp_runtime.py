@@ -471,11 +471,12 @@ def test_cli_json_matches_python_and_bad_input_exits_2(build, data, engine):
                               "--max-new-tokens", "48", "--json", *extra], capture_output=True, text=True, env=env,
                              timeout=300)
         assert run.returncode == 0 and json.loads(run.stdout)["tokens"] == got["tokens"], (extra, run.stderr)
-    run = subprocess.run([str(cli), "--engine", str(engine), "--ids", "1"], capture_output=True, text=True,
-                         env={**ENV, "ADASKIP_SPINNING": "yes"}, timeout=60)
-    assert run.returncode == 2 and run.stderr.strip() == ("adaskip_generate: error: ADASKIP_SPINNING must be 0 "
-                                                          "(intra-op threads sleep when idle) or 1 (they spin); got "
-                                                          "'yes'"), run.stderr
+    for value, shown in (("yes", "yes"), ("1\n\x1b[2J" + "x" * 100, "1??[2J" + "x" * 26 + "...")):
+        run = subprocess.run([str(cli), "--engine", str(engine), "--ids", "1"], capture_output=True, text=True,
+                             env={**ENV, "ADASKIP_SPINNING": value}, timeout=60)
+        assert run.returncode == 2 and run.stderr.strip() == (
+            "adaskip_generate: error: ADASKIP_SPINNING must be 0 (intra-op threads sleep when idle) or 1 (they "
+            f"spin); got '{shown}'"), run.stderr
 
     bad = [
         (["--engine", str(engine.parent / "nope"), "--ids", "1,2"], "nope does not exist"),

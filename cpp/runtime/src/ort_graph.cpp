@@ -47,13 +47,22 @@ int64_t KVCache::nbytes() const {
   return total;
 }
 
+namespace {
+// An environment variable's value as an error message shows it: one line, at most 32 characters.
+std::string shown(const std::string& value) {
+  std::string out;
+  for (unsigned char c : value.substr(0, 32)) out += std::isprint(c) ? static_cast<char>(c) : '?';
+  return value.size() > 32 ? out + "..." : out;
+}
+}  // namespace
+
 int thread_count(int threads) {
   if (threads > 0) return threads;
   const char* env_threads = std::getenv("ADASKIP_THREADS");
   std::string s = env_threads ? env_threads : "";
   if (s.empty()) return 0;
   if (!std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c); }) || s.size() > 6) {
-    throw InputError("ADASKIP_THREADS must be a number of threads; got '" + s + "'");
+    throw InputError("ADASKIP_THREADS must be a number of threads; got '" + shown(s) + "'");
   }
   return std::stoi(s);
 }
@@ -64,7 +73,8 @@ bool spinning_enabled(int spinning) {
   const std::string s = env_spinning ? env_spinning : "";
   if (s.empty() || s == "0") return false;
   if (s == "1") return true;
-  throw InputError("ADASKIP_SPINNING must be 0 (intra-op threads sleep when idle) or 1 (they spin); got '" + s + "'");
+  throw InputError("ADASKIP_SPINNING must be 0 (intra-op threads sleep when idle) or 1 (they spin); got '" + shown(s) +
+                   "'");
 }
 
 struct OrtGraph::Session {
