@@ -52,8 +52,7 @@ def open_engine(ed: EngineDir, threads: int | None = None, spinning: bool | None
     if (ed.backend, variant) not in ENGINES:
         raise EngineDirError(f"{ed.root}: backend {ed.backend!r} (graph variant {variant!r}) is not available in this "
                              f"build of adaskip")
-    if spinning is None:
-        return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads)
-    if ed.backend != "ort":
+    if spinning is not None and ed.backend != "ort":
         raise InputError(f"--spinning sets ONNX Runtime's intra-op threads; {ed.root} is a {ed.backend} engine")
-    return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads, spinning=spinning)
+    ort_only = {} if spinning is None else {"spinning": spinning}  # only the ONNX Runtime engines take it
+    return ENGINES[(ed.backend, variant)].from_engine_dir(ed, threads=threads, **ort_only)
