@@ -458,3 +458,20 @@ def test_build_with_a_fitted_stand_in_and_its_engine_matches_the_reference(tiny_
     _fails(build_cli.main, m + ["--plan", str(out / "plan.json"), "--stand-in", "channel-scale"], capsys,
            "drop --stand-in")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["bench", "build", "deploy", "eval", "run", "serve", "serve_openai", "verify"])
+def test_help_shows_defaults_only_where_they_mean_something(name):
+    """`--no-x` stores False, so "(default: True)" beside it read as the flag being on; None says nothing the help
+    text does not. Every command (and subcommand) keeps real defaults, e.g. a number's."""
+    import argparse
+    import importlib
+
+    top = importlib.import_module(f"adaskip.cli.{name}").parser()
+    parsers = [top] + [sub for a in top._actions if isinstance(a, argparse._SubParsersAction)
+                       for sub in a.choices.values()]
+    for p in parsers:
+        text = p.format_help()
+        for word in ("True", "False", "None"):
+            assert f"(default: {word})" not in text, (p.prog, word)
+    assert any("(default: " in p.format_help() for p in parsers), name

@@ -7,13 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import ArgumentParser, defaults, int_list, joined, main_wrapper, word_list
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, int_list, joined, main_wrapper, word_list
 from adaskip.eval.bench import BenchOptions, run_bench, write_outputs
 from adaskip.eval.bench import __doc__ as bench_doc
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="adaskip-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-bench", formatter_class=HelpFormatter,
                                 description=bench_doc.split("\n\n")[0])
     d = defaults(BenchOptions)
     p.add_argument("--model", default=d.model)

@@ -9,7 +9,7 @@ from adaskip.builder.build import build
 from adaskip.calibrate.corpus import CALIBRATION_ENGINES
 from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, KV_DTYPES, QUANTIZATIONS, STAND_INS,
                                      BuildOptions, CalibrationOptions, EngineOptions, SelectionOptions)
-from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
 from adaskip.export.trtllm.checkpoint import trtllm_build_command
@@ -21,7 +21,7 @@ from adaskip.plan import METHODS, MODES
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="adaskip-build", description="Calibrate AdaSkip sublayer skipping for a model and build an engine dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help=f"HF model dir, .gguf file, hub id in the local cache, or built-in: {', '.join(BUILTIN_MODELS)}")
     p.add_argument("--output", "-o", required=True, help="engine directory to write (atomically)")

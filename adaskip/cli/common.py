@@ -26,6 +26,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the description as written and each option's default, except where it says nothing: an on/off flag (`--no-x` stores False, so
+    "(default: True)" would read as the flag being on) or no value (None: the help text says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def defaults(options: type) -> Any:
     """An options dataclass's field defaults by name (`defaults(BenchOptions).repeats`): the only source of a flag's
     default, so the CLI cannot drift from the library. Fields without a default are left out."""

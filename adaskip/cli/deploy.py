@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, main_wrapper
 from adaskip.deploy.triton_repo import ENGINE_MODES, TritonModelOptions, batching, write_model_repository
 
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="adaskip-deploy", description="Deploy an adaskip engine dir to a serving system.")
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
-    t = sub.add_parser("triton", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    t = sub.add_parser("triton", formatter_class=HelpFormatter,
                        help="write a Triton Inference Server model repository (Python backend)",
                        description="Add a Python-backend model that serves ENGINE to the Triton model repository "
                                    "REPO (created if missing). Serve it with `adaskip-serve --repo REPO`.")

@@ -19,15 +19,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import ArgumentParser, defaults, int_list, joined, main_wrapper, word_list
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, int_list, joined, main_wrapper, word_list
 from adaskip.errors import InputError
 from adaskip.eval import report
 from adaskip.eval.runner import PROMPT_FORMATS, EvalOptions, Evaluator
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="adaskip-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="adaskip-eval", description=__doc__, formatter_class=HelpFormatter)
     d = defaults(EvalOptions)
     p.add_argument("--model", required=True, help="model source (built-in name, HF dir, .gguf, cached hub id)")
     p.add_argument("--engine", help="also evaluate this built engine directory (its own plan) as one more row")

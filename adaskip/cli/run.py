@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, main_wrapper
 from adaskip.errors import InputError
 from adaskip.runtime.generate import TRUNCATE_MODES, GenerationResult, SamplingParams
 from adaskip.runtime.loader import load_runtime
@@ -15,7 +15,7 @@ from adaskip.runtime.loader import load_runtime
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="adaskip-run", description="Generate text with an adaskip engine directory.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--engine", required=True, help="engine directory written by adaskip-build")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action="append", default=[], help="read a prompt from a file; repeatable")

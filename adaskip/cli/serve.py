@@ -8,13 +8,13 @@ import argparse
 import sys
 
 from adaskip.cli import serve_openai
-from adaskip.cli.common import ArgumentParser, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, main_wrapper
 from adaskip.deploy.serve import ADMIN_HEADER, ALL_APIS, RESTRICTED_APIS, ServeOptions, serve
 
 
 def parser() -> argparse.ArgumentParser:
     d = ServeOptions(repo="")
-    p = ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-serve", formatter_class=HelpFormatter,
                                 description="Serve a model repository written by `adaskip-deploy triton` with the "
                                             "Triton Inference Server bundled in nvidia-pytriton, restarting it if it "
                                             "crashes. `adaskip-serve --engine DIR` serves an engine directory over "

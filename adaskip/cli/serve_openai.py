@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adaskip.cli.common import ArgumentParser, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, main_wrapper
 from adaskip.deploy.openai_server import OpenAIServer, ServerOptions
 from adaskip.runtime.scheduler import SchedulerOptions
 
 
 def parser() -> argparse.ArgumentParser:
     d, s = ServerOptions(), SchedulerOptions()
-    p = ArgumentParser(prog="adaskip-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-serve", formatter_class=HelpFormatter,
                                 description="Serve an adaskip engine directory over the OpenAI API "
                                             "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) "
                                             "with in-flight batching and per-request adaptive skipping.")

@@ -7,12 +7,12 @@ import json
 import sys
 from dataclasses import asdict
 
-from adaskip.cli.common import ArgumentParser, defaults, main_wrapper
+from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, main_wrapper
 from adaskip.eval.verify import DEFAULT_ATOL, VerifyOptions, verify_engine
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="adaskip-verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="adaskip-verify", formatter_class=HelpFormatter,
                                 description="Compare an engine with the reference torch engine on real text.")
     d = defaults(VerifyOptions)
     p.add_argument("--engine", required=True, help="engine directory to verify")

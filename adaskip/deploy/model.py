@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -125,17 +124,17 @@ class TritonPythonModel:
         engine = Path(params.get("engine_dir", "engine"))
         if not engine.is_absolute():
             engine = Path(args["model_repository"]) / args["model_version"] / engine
-        env_threads = os.environ.get("ADASKIP_THREADS", "")
-        threads = int(params.get("threads") or 0) or (int(env_threads) if env_threads.isdigit() else 0)
+        from adaskip.runtime import generate
+        from adaskip.runtime.generate import SamplingParams
+        from adaskip.runtime.loader import load_runtime
+        from adaskip.runtime.ort_engines import thread_count
+
+        threads = thread_count(int(params.get("threads") or 0) or None)  # the config's count, else ADASKIP_THREADS
         if threads:
             torch.set_num_threads(threads)  # sampling ops; ONNX Runtime gets the same count below
         if params.get("adaskip_version", __version__) != __version__:
             pb_utils.Logger.log_warn(f"model deployed with adaskip {params['adaskip_version']}, serving with "
                                      f"{__version__}: redeploy if requests fail")
-        from adaskip.runtime import generate
-        from adaskip.runtime.generate import SamplingParams
-        from adaskip.runtime.loader import load_runtime
-
         self.max_stops, self.max_stop_chars = generate.MAX_STOP_STRINGS, generate.MAX_STOP_CHARS
 
         self.SamplingParams = SamplingParams

@@ -62,15 +62,21 @@ def session_options(threads: int | None = None, spinning: bool | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.intra_op_num_threads = thread_count(threads)
+    so.log_severity_level = 3
+    return so
+
+
+def thread_count(threads: int | None = None) -> int:
+    """The intra-op threads of a session: `threads` where given, else ADASKIP_THREADS (0 or unset: all cores). Both
+    are checked, whichever wins: a bad value is the caller's InputError, not a silent default."""
     cores = os.cpu_count() or 1  # more threads than cores only adds contention (10000 took minutes to start)
     env = os.environ.get("ADASKIP_THREADS", "0") or "0"
     if not env.isdigit() or int(env) > cores:
         raise InputError(f"ADASKIP_THREADS must be 0 (all cores) or a number of threads up to {cores}; got {env!r}")
     if threads is not None and not 1 <= threads <= cores:
         raise InputError(f"--threads must be between 1 and {cores} (this machine's cores); got {threads}")
-    so.intra_op_num_threads = threads or int(env)
-    so.log_severity_level = 3
-    return so
+    return threads or int(env)
 
 
 class OrtGraphEngine(GraphEngine):
