@@ -391,6 +391,9 @@ def test_verify_and_bench_refuse_bad_options_and_bench_writes_its_docs(engine, t
     md = (out / "benchmarks.md").read_text()
     assert "| ort-adaskip-k1 |" in md and (out / "benchmarks.png").exists() and "decode over the same 2 steps" in md
     assert "bytes+FLOPs" in md and f"bandwidth {data['bandwidth_gbs']:.1f} GB/s" in md and "| of floor |" in md
+    # ONNX Runtime's own matrix-vector rate at the model's shape beside it, and the floor it allows
+    assert data["gemv_gbs"] > 0 and f"hidden size (a 256 MB matrix stored in the graph, as an engine's weights are) " \
+        f"read {data['gemv_gbs']:.1f} GB/s" in md
     assert (f"Not measured: llama.cpp: {missing}." in md) if missing else ("| llama.cpp-q4_0 |" in md
                                                                            and "llama.cpp build (ggml system info)" in md)
     assert "Kernels alone: fp32 MatMul" in md and ("GroupQueryAttention, causal over 32 tokens" in md) == head_ok

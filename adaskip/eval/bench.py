@@ -375,6 +375,31 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> 
     return w.nbytes / best / 1e9
 
 
+def _gemv_gbs(spec: Any, threads: int, megabytes: int = 256, repeats: int = 3) -> float:
+    """ONNX Runtime's fp32 matrix-vector rate (GB/s) at this model's hidden size: one row times a [hidden, N] matrix
+    of `megabytes`, stored in the graph as an engine's weights are (prepacked at load), best of `repeats`. Most of an
+    fp32 decode step's bytes go through this kernel at this shape, so decode time / (bytes / this rate) says how much
+    of a step's gap to the memory floor is the kernel's and how much the rest of the graph's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = spec.hidden_size
+    n = megabytes * 2**20 // 4 // d
+    w = np.random.default_rng(0).standard_normal((d, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(w, "w")])
+    sess = _probe_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
+    feeds = {"x": np.ones((1, d), np.float32)}
+    sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best / 1e9
+
+
 def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -> float | None:
     """ONNX Runtime's GroupQueryAttention alone over a causal prompt of `context` tokens with the model's head shape,
     in the engine's prefill chunks (best of `repeats`): the attention kernel's throughput, the other half of the
@@ -503,12 +528,13 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     # busy moments slow a measurement, never speed it up
     gemm: dict[int, float] = {}
     attention: dict[int, float | None] = {}
-    bandwidth = 0.0
+    bandwidth = gemv = 0.0
     for ctx in contexts:
         prompt = corpus[:ctx]
         for rep in range(opts.repeats):
             gemm[ctx] = max(gemm.get(ctx, 0.0), _gemm_gflops(spec, opts.threads))
             bandwidth = max(bandwidth, read_bandwidth_gbs(opts.threads))
+            gemv = max(gemv, _gemv_gbs(spec, opts.threads))
             rate = _attention_gflops(spec, opts.threads, ctx)
             attention[ctx] = None if rate is None else max(attention.get(ctx) or 0.0, rate)
             order = columns[rep % len(columns):] + columns[:rep % len(columns)]
@@ -533,6 +559,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "roofline": {"machine": asdict(machine), "widths": asdict(ROOFLINE_WIDTHS)},
             "bandwidth_gbs": bandwidth,
+            "gemv_gbs": gemv,
             "skipped": skipped,
             "gemm_gflops": {str(ctx): g for ctx, g in gemm.items()},
             "attention_gflops": {str(ctx): g for ctx, g in attention.items()},
@@ -590,7 +617,13 @@ def render_markdown(data: dict[str, Any]) -> str:
                   f"{data['bandwidth_gbs']:.1f} GB/s (a matrix-vector product over a 256 MB fp32 matrix in ONNX "
                   f"Runtime, and torch's sum over it, at {data['threads']} threads); the roofline's rates are these "
                   f"and the best MatMul rate below ({machine['bandwidth_gbs']:g} GB/s, {machine['peak_gflops']:g} "
-                  f"GFLOP/s).", ""]
+                  f"GFLOP/s)."]
+        if data.get("gemv_gbs"):  # records from before it was measured lack it
+            lines[-1] += (f" ONNX Runtime's fp32 matrix-vector product at this model's hidden size (a 256 MB matrix "
+                          f"stored in the graph, as an engine's weights are) read {data['gemv_gbs']:.1f} GB/s: an "
+                          f"fp32 decode step whose weights go through that kernel runs at "
+                          f"{data['bandwidth_gbs'] / data['gemv_gbs']:.2f}x its floor or more.")
+        lines.append("")
     builds = {c["info"].get("system_info") for c in cols if c.get("info", {}).get("system_info")}
     for info in sorted(builds):
         lines += [f"llama.cpp build (ggml system info): `{info}`", ""]
