@@ -27,8 +27,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the description as written and each option's default, except where it says nothing: an on/off flag (`--no-x` stores False, so
-    "(default: True)" would read as the flag being on) or no value (None: the help text says what happens then)."""
+    """--help with the description as written and each option's default, except where it says nothing: an on/off
+    flag (`--no-x` stores False, so "(default: True)" would read as the flag being on) or no value (None: the help
+    text says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.nargs == 0 or action.default is None:

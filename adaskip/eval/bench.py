@@ -622,7 +622,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             lines[-1] += (f" ONNX Runtime's fp32 matrix-vector product at this model's hidden size (a 256 MB matrix "
                           f"stored in the graph, as an engine's weights are) read {data['gemv_gbs']:.1f} GB/s: an "
                           f"fp32 decode step whose weights go through that kernel runs at "
-                          f"{data['bandwidth_gbs'] / data['gemv_gbs']:.2f}x its floor or more.")
+                          f"{max(1.0, data['bandwidth_gbs'] / data['gemv_gbs']):.2f}x its floor or more.")
         lines.append("")
     builds = {c["info"].get("system_info") for c in cols if c.get("info", {}).get("system_info")}
     for info in sorted(builds):
