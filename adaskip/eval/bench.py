@@ -15,6 +15,7 @@ processes without that variable, with OpenMP's default wait policy, as its users
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -375,29 +376,35 @@ def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> 
     return w.nbytes / best / 1e9
 
 
-def _gemv_gbs(spec: Any, threads: int, megabytes: int = 256, repeats: int = 3) -> float:
+def _gemv_gbs(spec: Any, threads: int, repeats: int = 3) -> float:
     """ONNX Runtime's fp32 matrix-vector rate (GB/s) at this model's hidden size: one row times a [hidden, N] matrix
-    of `megabytes`, stored in the graph as an engine's weights are (prepacked at load), best of `repeats`. Most of an
-    fp32 decode step's bytes go through this kernel at this shape, so decode time / (bytes / this rate) says how much
-    of a step's gap to the memory floor is the kernel's and how much the rest of the graph's."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    d = spec.hidden_size
-    n = megabytes * 2**20 // 4 // d
-    w = np.random.default_rng(0).standard_normal((d, n), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                              [numpy_helper.from_array(w, "w")])
-    sess = _probe_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
-    feeds = {"x": np.ones((1, d), np.float32)}
-    sess.run(None, feeds)
+    of 256 MB, stored in the graph as an engine's weights are (prepacked at load), best of `repeats`. Most of an fp32
+    decode step's bytes go through this kernel at this shape, so decode time / (bytes / this rate) says how much of a
+    step's gap to the memory floor is the kernel's and how much the rest of the graph's."""
+    sess, feeds, nbytes = _gemv_session(spec.hidden_size, threads)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         sess.run(None, feeds)
         best = min(best, time.perf_counter() - t0)
-    return w.nbytes / best / 1e9
+    return nbytes / best / 1e9
+
+
+@functools.lru_cache(maxsize=1)
+def _gemv_session(hidden: int, threads: int, megabytes: int = 256) -> tuple[Any, dict[str, np.ndarray], int]:
+    """The product _gemv_gbs times, built and prepacked once per run (a few seconds each time otherwise)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = megabytes * 2**20 // 4 // hidden
+    w = np.random.default_rng(0).standard_normal((hidden, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(w, "w")])
+    sess = _probe_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads)
+    feeds = {"x": np.ones((1, hidden), np.float32)}
+    sess.run(None, feeds)  # the first run allocates
+    return sess, feeds, w.nbytes
 
 
 def _attention_gflops(spec: Any, threads: int, context: int, repeats: int = 3) -> float | None:
