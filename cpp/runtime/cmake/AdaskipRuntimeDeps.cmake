@@ -6,12 +6,14 @@
 #   nlohmann/json find_package(nlohmann_json), otherwise Debian's header-only nlohmann-json3-dev, fetched the same way.
 #   OpenSSL       libcrypto for the manifest's SHA-256 file digests.
 # Result: the targets adaskip::onnxruntime, nlohmann_json::nlohmann_json, OpenSSL::Crypto, and ADASKIP_ORT_RPATH_DIR.
+# Included by cpp/runtime and cpp/ortops: resolved once per build.
+include_guard(GLOBAL)
 
 set(ADASKIP_DEPS_DIR "${CMAKE_BINARY_DIR}/_deps/debian" CACHE PATH "where fetch_deps.sh caches and unpacks .debs")
 set(ADASKIP_ORT_LIBRARY "" CACHE FILEPATH "libonnxruntime to link (default: system package, else the PyPI wheel's)")
 
 function(_adaskip_fetch_debs)
-  execute_process(COMMAND bash "${CMAKE_CURRENT_SOURCE_DIR}/fetch_deps.sh" "${ADASKIP_DEPS_DIR}" ${ARGN}
+  execute_process(COMMAND bash "${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../fetch_deps.sh" "${ADASKIP_DEPS_DIR}" ${ARGN}
                   RESULT_VARIABLE rc)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "adaskip runtime: fetching ${ARGN} from Debian failed (see above); install them or pass "
@@ -49,7 +51,7 @@ if(NOT OpenSSL_FOUND)
 endif()
 
 # -- ONNX Runtime --------------------------------------------------------------------------------------------------
-add_library(adaskip::onnxruntime INTERFACE IMPORTED)
+add_library(adaskip::onnxruntime INTERFACE IMPORTED GLOBAL)  # GLOBAL: cpp/ortops uses its headers too
 set(ADASKIP_ORT_RPATH_DIR "")
 if(onnxruntime_FOUND AND NOT ADASKIP_ORT_LIBRARY)
   target_link_libraries(adaskip::onnxruntime INTERFACE onnxruntime::onnxruntime)

@@ -1,0 +1,30 @@
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+namespace adaskip::ortops {
+
+class DecodeGqaKernel {
+ public:
+  DecodeGqaKernel(const OrtApi& api, const OrtKernelInfo* info);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+ private:
+  void Compute(OrtKernelContext* context);
+  int64_t num_heads_, kv_heads_, window_;
+  bool do_rotary_;
+  float scale_;
+};
+
+struct DecodeGqaOp : Ort::CustomOpBase<DecodeGqaOp, DecodeGqaKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return "DecodeGroupQueryAttention"; }
+  size_t GetInputTypeCount() const { return 10; }  // GroupQueryAttention's query ... position_ids
+  ONNXTensorElementDataType GetInputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 3; }  // output, present_key, present_value
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
+};
+
+}  // namespace adaskip::ortops
