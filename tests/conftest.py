@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,51 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CppBuild:
+    """cmake configure + build of the C++ runtime's targets and the decode kernels (cpp/runtime, cpp/ortops; Ninja
+    when present: it overlaps the compiles), started in the background at once and awaited on first use."""
+
+    TARGETS = ("adaskip_generate", "adaskip_runtime_tests", "adaskip_ortops")
+
+    def __init__(self, build_dir: Path):
+        self.dir = build_dir
+        self.log_path = build_dir.parent / "cpp-build.log"
+        generator = "-G Ninja " if shutil.which("ninja") else ""
+        jobs = str(min(4, os.cpu_count() or 2))
+        q = shlex.quote
+        script = (f"cmake -S {q(str(ROOT))} -B {q(str(build_dir))} {generator}-DCMAKE_BUILD_TYPE=Release "
+                  f"-DADASKIP_BUILD_PLUGINS=OFF -DPython3_EXECUTABLE={q(sys.executable)} && "
+                  f"cmake --build {q(str(build_dir))} -j{jobs} --target {' '.join(self.TARGETS)}")
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(["bash", "-c", script], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                                     start_new_session=True)  # its own process group: stop() ends cmake's children
+
+    def wait(self) -> Path:
+        rc = self.proc.wait(timeout=900)
+        self.log.close()
+        if rc != 0:
+            pytest.fail(f"building the C++ targets failed:\n{self.log_path.read_text()[-6000:]}")
+        return self.dir
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # a failing test session must not leave the compiler running
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory):
+    """One build per test session, shared by tests/test_cpp_runtime.py and tests/test_decode_kernels.py."""
+    b = CppBuild(tmp_path_factory.mktemp("cpp") / "build")
+    yield b
+    b.stop()
 
 
 def tiny_configs() -> dict:
@@ -107,14 +156,12 @@ def gemma3_long_prompt(gemma3_tokenizer) -> list[int]:
     return gemma3_tokenizer.encode(long_text()[:4000])[:600]
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama that uses SmolLM2's real tokenizer and chat template: fast CLI/end-to-end tests."""
+def _tiny_chat(out: Path, smollm2_dir: Path, hidden: int) -> Path:
+    """A tiny random Llama that uses SmolLM2's real tokenizer and chat template (4 heads of hidden / 4)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    out = tmp_path_factory.mktemp("tiny-chat") / "model"
     torch.manual_seed(1)
-    cfg = LlamaConfig(**{**TINY, "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
+    cfg = LlamaConfig(**{**TINY, "vocab_size": 49152, "hidden_size": hidden, "intermediate_size": 2 * hidden,
                          "max_position_embeddings": 2048}, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(out)
@@ -122,6 +169,18 @@ def tiny_chat_model(tmp_path_factory, smollm2_dir) -> Path:
         if (smollm2_dir / f).exists():
             shutil.copy(smollm2_dir / f, out / f)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir) -> Path:
+    """Fast CLI/end-to-end tests (head size 8: the portable graph variant)."""
+    return _tiny_chat(tmp_path_factory.mktemp("tiny-chat") / "model", smollm2_dir, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_chat_model(tmp_path_factory, smollm2_dir) -> Path:
+    """The same with head size 16, which GroupQueryAttention takes: the `ort` graph variant."""
+    return _tiny_chat(tmp_path_factory.mktemp("tiny-gqa-chat") / "model", smollm2_dir, hidden=64)
 
 
 def long_text() -> str:

@@ -11,11 +11,8 @@ import math
 import os
 import random
 import re
-import shlex
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,42 +27,9 @@ LONG_NEW = 128
 
 # -- the build ---------------------------------------------------------------------------------------------------------
 
-class _Build:
-    """cmake configure + build of only the runtime's targets (Ninja when present: it overlaps the library's and the
-    programs' compiles), started at once and awaited on first use."""
-
-    def __init__(self, build_dir: Path):
-        self.dir = build_dir
-        self.log_path = build_dir.parent / "cpp-build.log"
-        generator = "-G Ninja " if shutil.which("ninja") else ""
-        jobs = str(min(4, os.cpu_count() or 2))
-        q = shlex.quote
-        script = (f"cmake -S {q(str(ROOT))} -B {q(str(build_dir))} {generator}-DCMAKE_BUILD_TYPE=Release "
-                  f"-DADASKIP_BUILD_PLUGINS=OFF -DPython3_EXECUTABLE={q(sys.executable)} && "
-                  f"cmake --build {q(str(build_dir))} -j{jobs} --target adaskip_generate adaskip_runtime_tests")
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(["bash", "-c", script], stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
-                                     start_new_session=True)  # its own process group: stop() ends cmake's children
-
-    def wait(self) -> Path:
-        rc = self.proc.wait(timeout=900)
-        self.log.close()
-        if rc != 0:
-            pytest.fail(f"building the C++ runtime failed:\n{self.log_path.read_text()[-6000:]}")
-        return self.dir
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:  # a failing test module must not leave the compiler running
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    b = _Build(tmp_path_factory.mktemp("cpp-runtime") / "build")
-    yield b
-    b.stop()
+def build(cpp_build):
+    return cpp_build
 
 
 @pytest.fixture(scope="module")

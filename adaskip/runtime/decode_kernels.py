@@ -1,0 +1,82 @@
+"""adaskip's own ONNX Runtime kernels for decode steps (cpp/ortops, built with CMake), used by the `ort` variant.
+
+ONNX Runtime 1.32's CPU GroupQueryAttention computes each query head on its own, so a decode step reads each KV
+head's cache once per query head of its group (3x for SmolLM2) and reaches 14-22 GB/s. cpp/ortops's
+DecodeGroupQueryAttention takes the same inputs and attributes for one new token per row and reads each KV head's
+cache once for its whole group. The engine keeps the exported graph for prefill (GroupQueryAttention's tiled prompt
+attention) and runs decode steps on a second session of the same graph with the attention nodes swapped: same
+weights file, same KV buffers.
+
+Turned on by naming the library: ADASKIP_DECODE_KERNELS=/path/to/libadaskip_ortops.so (or the engine's
+`decode_kernels` argument). Unset or empty: ONNX Runtime's own kernels only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from adaskip.errors import InputError
+
+ENV = "ADASKIP_DECODE_KERNELS"
+DOMAIN = "com.adaskip"
+DECODE_OP = "DecodeGroupQueryAttention"
+_DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the decode kernel takes
+_REFUSED_ATTRIBUTES = {"kv_cache_bit_width", "k_quant_type", "v_quant_type", "softcap", "smooth_softmax",
+                       "rotary_interleaved", "qk_output"}
+BUILD_HINT = ("build it with `cmake -S . -B build -DADASKIP_BUILD_PLUGINS=OFF && cmake --build build --target "
+              "adaskip_ortops` (build/lib/libadaskip_ortops.so)")
+
+
+def kernel_library(path: str | Path | None = None) -> Path | None:
+    """The custom-op library to load: `path` where given, else $ADASKIP_DECODE_KERNELS; None when neither names one."""
+    value = os.environ.get(ENV, "") if path is None else str(path)
+    if not value:
+        return None
+    library = Path(value)
+    if not library.is_file():
+        source = ENV if path is None else "decode_kernels"
+        raise InputError(f"{source} names {value!r}, which is not a file; {BUILD_HINT}")
+    return library
+
+
+def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an `ort` variant graph whose GroupQueryAttention nodes (If branches included) run the decode kernel.
+    The caller's model is not changed. InputError when a node uses something the kernel does not take (a quantized
+    KV cache, softcap, ...): its engine keeps ONNX Runtime's kernels."""
+    caches = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_")}
+    if any(t != onnx.TensorProto.FLOAT for t in caches.values()):
+        raise InputError(f"{ENV}: the decode kernel reads float32 KV caches; this engine's are "
+                         f"{onnx.helper.tensor_dtype_to_np_dtype(next(iter(caches.values())))} (--kv-dtype): unset "
+                         f"{ENV} for this engine")
+    decode = onnx.ModelProto()
+    decode.CopyFrom(model)
+    swapped = _swap(decode.graph)
+    if not swapped:
+        raise InputError(f"{ENV}: this graph has no GroupQueryAttention node to run on the decode kernel")
+    if not any(o.domain == DOMAIN for o in decode.opset_import):
+        decode.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return decode
+
+
+def _swap(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        for attr in node.attribute:  # If / Loop bodies
+            if attr.type == onnx.AttributeProto.GRAPH:
+                count += _swap(attr.g)
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        refused = sorted({a.name for a in node.attribute} & _REFUSED_ATTRIBUTES)
+        extra = [name for name in node.input[_DECODE_INPUTS:] if name]
+        if refused or extra:
+            what = ", ".join(refused + [f"input {name!r}" for name in extra])
+            raise InputError(f"{ENV}: the decode kernel does not take {node.name or 'a GroupQueryAttention node'}'s "
+                             f"{what} (e.g. an engine built with --kv-dtype int8); unset {ENV} for this engine")
+        del node.input[_DECODE_INPUTS:]
+        node.op_type, node.domain = DECODE_OP, DOMAIN
+        count += 1
+    return count

@@ -1,0 +1,258 @@
+"""cpp/ortops's DecodeGroupQueryAttention against ONNX Runtime's GroupQueryAttention, node for node (outputs and the
+in-place cache, many shapes), and the `ort` engine with the decode kernels against the same engine without them on
+the real SmolLM2 (greedy tokens and skip statistics, a slot pool with rows of different lengths), plus what it
+refuses. The library is built by the session's C++ build (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from conftest import long_text
+
+from adaskip.errors import InputError
+from adaskip.runtime import decode_kernels
+
+
+@pytest.fixture(scope="module")
+def library(cpp_build) -> Path:
+    return cpp_build.wait() / "lib" / "libadaskip_ortops.so"
+
+
+def _attention_session(library: Path | None, batch: int, heads: int, kv_heads: int, dim: int, capacity: int,
+                       packed: bool, window: int | None, rotary: bool = True, **attrs):
+    """One attention node: GroupQueryAttention (library None) or the decode kernel, over a shared BNSH cache."""
+    import onnxruntime as ort
+
+    f32 = TensorProto.FLOAT
+    if packed:
+        inputs = [helper.make_tensor_value_info("qkv", f32, [batch, "seq", (heads + 2 * kv_heads) * dim])]
+        qkv = ["qkv", "", ""]
+    else:
+        inputs = [helper.make_tensor_value_info(n, f32, [batch, "seq", h * dim])
+                  for n, h in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
+        qkv = ["q", "k", "v"]
+    inputs += [helper.make_tensor_value_info(n, f32, [batch, kv_heads, capacity, dim]) for n in ("pk", "pv")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
+               helper.make_tensor_value_info("total", TensorProto.INT32, []),
+               helper.make_tensor_value_info("pos", TensorProto.INT64, [batch, 1])]
+    rng = np.random.default_rng(7)
+    tables = [rng.uniform(-1, 1, (capacity + 4, dim // 2)).astype(np.float32) for _ in range(2)]
+    inits = [helper.make_tensor(n, f32, t.shape, t.ravel()) for n, t in zip(("cos", "sin"), tables)]
+    op, domain = ("GroupQueryAttention", "com.microsoft") if library is None else (decode_kernels.DECODE_OP,
+                                                                                  decode_kernels.DOMAIN)
+    if window is not None:
+        attrs["local_window_size"] = window
+    rope = ["cos", "sin", "pos"] if rotary else ["", "", "pos"]
+    node = helper.make_node(op, [*qkv, "pk", "pv", "seqlens_k", "total", *rope], ["out", "ck", "cv"], domain=domain,
+                            num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), scale=0.3, **attrs)
+    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("out", "ck", "cv")]
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run_shared(session, feeds: dict, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Runs with the caches bound as past and present (the engine's in-place layout); returns the attention."""
+    binding = session.io_binding()
+    for name, value in {**feeds, "pk": k, "pv": v}.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("out", "cpu")
+    for name, buf in (("ck", k), ("cv", v)):
+        binding.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
+def _feeds(rng, batch, heads, kv_heads, dim, lengths, packed) -> dict:
+    lengths = np.asarray(lengths)
+    feeds = {"seqlens_k": lengths.astype(np.int32), "total": np.array(lengths.max() + 1, np.int32),
+             "pos": lengths[:, None].astype(np.int64)}
+    if packed:
+        feeds["qkv"] = rng.standard_normal((batch, 1, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    else:
+        for name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            feeds[name] = rng.standard_normal((batch, 1, h * dim)).astype(np.float32)
+    return feeds
+
+
+def _compare(library, batch, heads, kv_heads, dim, capacity, lengths, packed, window, rotary=True):
+    rng = np.random.default_rng(batch * 1000 + capacity)
+    feeds = _feeds(rng, batch, heads, kv_heads, dim, lengths, packed)
+    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    ref_k, ref_v, our_k, our_v = k.copy(), v.copy(), k.copy(), v.copy()
+    shape = (batch, heads, kv_heads, dim, capacity, packed, window, rotary)
+    ref = _run_shared(_attention_session(None, *shape), feeds, ref_k, ref_v)
+    ours = _run_shared(_attention_session(library, *shape), feeds, our_k, our_v)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(our_k, ref_k, rtol=1e-6, atol=1e-6)  # the new key, rotated, appended in place
+    np.testing.assert_array_equal(our_v, ref_v)
+    for b, n in enumerate(lengths):  # nothing but the row's new position was written
+        np.testing.assert_array_equal(np.delete(our_k[b], n, axis=1), np.delete(k[b], n, axis=1))
+        np.testing.assert_array_equal(np.delete(our_v[b], n, axis=1), np.delete(v[b], n, axis=1))
+
+
+@pytest.mark.parametrize("case", [
+    # batch, heads, kv_heads, dim, capacity, lengths (each row's past), packed, window
+    (1, 9, 3, 64, 80, [10], True, None),                  # SmolLM2's heads, one short row
+    (3, 9, 3, 64, 700, [0, 300, 699], True, None),        # an empty past, a mid row, a full buffer (several chunks)
+    (2, 4, 1, 256, 600, [5, 590], False, 512),            # Gemma-3's heads, unpacked, sliding window
+    (2, 8, 2, 64, 300, [100, 299], True, 64),             # window shorter than the past
+    (2, 12, 1, 32, 90, [40, 89], True, None),             # generic path: 12 heads per KV head, head size 32
+    (4, 6, 2, 128, 520, [511, 512, 513, 3], False, None),  # chunk boundaries (256 keys per chunk)
+], ids=["smollm2", "rows-of-every-length", "gemma3-window", "short-window", "generic", "chunk-edges"])
+def test_decode_kernel_matches_group_query_attention(library, case):
+    _compare(library, *case)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_decode_kernel_matches_on_random_shapes(library, data):
+    kv_heads = data.draw(st.integers(1, 3))
+    heads = kv_heads * data.draw(st.integers(1, 9))
+    dim = data.draw(st.sampled_from([16, 32, 64, 128]))
+    batch = data.draw(st.integers(1, 4))
+    capacity = data.draw(st.integers(1, 600))
+    lengths = data.draw(st.lists(st.integers(0, capacity - 1), min_size=batch, max_size=batch))
+    window = data.draw(st.one_of(st.none(), st.integers(1, 700)))
+    _compare(library, batch, heads, kv_heads, dim, capacity, lengths, data.draw(st.booleans()), window,
+             rotary=data.draw(st.booleans()))
+
+
+def test_decode_kernel_refuses_what_it_cannot_run(library):
+    rng = np.random.default_rng(0)
+    session = _attention_session(library, 1, 4, 2, 16, 8, True, None)
+    k, v = np.zeros((1, 2, 8, 16), np.float32), np.zeros((1, 2, 8, 16), np.float32)
+    feeds = _feeds(rng, 1, 4, 2, 16, [8], True)  # past length 8 in an 8-position buffer: no room
+    with pytest.raises(Exception, match="outside the KV buffer of 8 positions"):
+        _run_shared(session, feeds, k, v)
+    feeds = _feeds(rng, 1, 4, 2, 16, [3], True)
+    feeds["qkv"] = np.zeros((1, 2, 8 * 16), np.float32)  # two new tokens: prefill is GroupQueryAttention's
+    with pytest.raises(Exception, match="one new token per row"):
+        _run_shared(session, feeds, k, v)
+    with pytest.raises(Exception, match="softcap is not supported"):
+        _attention_session(library, 1, 4, 2, 16, 8, True, None, softcap=30.0)
+
+
+def test_decode_graph_swaps_attention_and_refuses_quantized_caches(smollm2_k8_engine, tmp_path):
+    model = onnx.load(str(smollm2_k8_engine / "model.onnx"), load_external_data=False)
+    before = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    swapped = decode_kernels.decode_graph(model)
+    assert sum(n.op_type == decode_kernels.DECODE_OP for n in swapped.graph.node) == before > 0
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == before  # the input is untouched
+    for i in model.graph.input:
+        if i.name.startswith("past_"):
+            i.type.tensor_type.elem_type = TensorProto.INT8
+    with pytest.raises(InputError, match="float32 KV caches"):
+        decode_kernels.decode_graph(model)
+
+
+def test_a_missing_library_is_a_one_line_error(smollm2_k8_engine, tmp_path):
+    env = {**os.environ, decode_kernels.ENV: str(tmp_path / "nope.so")}
+    run = subprocess.run([sys.executable, "-m", "adaskip.cli.run", "--engine", str(smollm2_k8_engine),
+                          "--prompt", "hi", "--max-new-tokens", "2"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "nope.so" in run.stderr and "Traceback" not in run.stderr
+    not_a_library = tmp_path / "junk.so"
+    not_a_library.write_bytes(b"not an ELF file")
+    with pytest.raises(InputError, match="cannot load the decode kernels"):
+        from adaskip.runtime.loader import load_runtime
+
+        os.environ[decode_kernels.ENV] = str(not_a_library)
+        try:
+            load_runtime(smollm2_k8_engine, threads=2)
+        finally:
+            del os.environ[decode_kernels.ENV]
+
+
+def _runtime(engine: Path, library: Path | str):
+    from adaskip.runtime.loader import load_runtime
+
+    os.environ[decode_kernels.ENV] = str(library)
+    try:
+        return load_runtime(engine, threads=2)
+    finally:
+        del os.environ[decode_kernels.ENV]
+
+
+def test_engine_with_decode_kernels_generates_the_same_tokens(library, smollm2_k8_engine):
+    """The real SmolLM2 with the K=8 e2e plan (online FFN skipping fires on this prompt): same greedy tokens and skip
+    statistics with and without the decode kernels; the decode steps ran on the second session."""
+    from adaskip.runtime.generate import SamplingParams
+
+    plain, fast = _runtime(smollm2_k8_engine, ""), _runtime(smollm2_k8_engine, library)
+    assert fast.engine.decode_session is not fast.engine.session and plain.engine.decode_session is plain.engine.session
+    ids = plain.tokenizer.encode(long_text()[40000:43000])[:512]
+    params = SamplingParams(max_new_tokens=48, stop_token_ids=())
+    ref, ours = (rt.generator.generate([ids], params)[0] for rt in (plain, fast))
+    assert ref.online_skipped, "the online FFN skipping should fire on this prompt"
+    assert ours.tokens == ref.tokens
+    assert (ours.online_skipped, ours.decode_skipped_offline) == (ref.online_skipped, ref.decode_skipped_offline)
+
+
+def test_slot_pool_decodes_like_onnx_runtime_kernels(library, smollm2_k8_engine):
+    """The serving scheduler's path: a pool of slots holding prompts of different lengths, decode steps over subsets
+    of them (filler rows inside the range): logits agree with ONNX Runtime's kernels, the cache is the same."""
+    plain, fast = _runtime(smollm2_k8_engine, ""), _runtime(smollm2_k8_engine, library)
+    ids = plain.tokenizer.encode(long_text()[:6000])
+    n = plain.engine.spec.num_sublayers
+    logits = {}
+    for name, rt in (("plain", plain), ("fast", fast)):
+        engine = rt.engine
+        cache = engine.new_cache(4, 700, list(rt.policy.layout.cached_layers))
+        skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
+        for slot, length in ((0, 600), (1, 37), (3, 250)):
+            engine.prefill_slot(slot, torch.tensor(ids[:length]), cache, skip, scales)
+        steps = []
+        for slots in ([0, 3], [0, 1, 3], [1]):
+            tokens = torch.tensor([ids[700 + s] for s in slots])
+            b = len(slots)
+            out = engine.decode_slots(slots, tokens, cache, skip.expand(b, -1), scales.expand(b, -1))
+            steps.append(out.logits)
+        logits[name] = (steps, cache)
+    for ref, ours in zip(logits["plain"][0], logits["fast"][0]):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=2e-4)
+    ref_cache, our_cache = logits["plain"][1], logits["fast"][1]
+    np.testing.assert_array_equal(our_cache.lengths, ref_cache.lengths)
+    for i in ref_cache.k:
+        np.testing.assert_allclose(our_cache.k[i], ref_cache.k[i], atol=1e-5)
+        np.testing.assert_allclose(our_cache.v[i], ref_cache.v[i], atol=1e-5)
+
+
+def test_bench_times_the_decode_kernels_beside_onnx_runtime(library, tiny_gqa_chat_model, tmp_path, capsys):
+    """adaskip-bench --decode-kernels: ort-dk and ort-dk-spin beside ort and ort-spin, timed like them; a path that
+    is not a file is refused in one line."""
+    import json
+
+    from adaskip.cli import bench
+
+    common = ["--model", str(tiny_gqa_chat_model), "--contexts", "16,32", "--budgets", "", "--repeats", "1",
+              "--decode-tokens", "2", "--no-hf", "--no-genai", "--no-llamacpp"]
+    assert bench.main(common + ["--decode-kernels", str(tmp_path / "missing.so"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.so" in err and "\n" not in err
+    out = tmp_path / "docs"
+    assert bench.main(common + ["--decode-kernels", str(library), "--out", str(out)]) == 0
+    data = json.loads((out / "benchmarks.json").read_text())
+    names = [c["name"] for c in data["columns"]]
+    assert names == ["torch-reference", "ort", "ort-spin", "ort-dk", "ort-dk-spin"]
+    notes = {c["name"]: c["note"] for c in data["columns"]}
+    assert "DecodeGroupQueryAttention" in notes["ort-dk"] and "DecodeGroupQueryAttention" not in notes["ort"]
+    assert all(data["results"][n][c]["decode"] > 0 for n in names[1:] for c in ("16", "32"))
+    assert "| ort-dk |" in (out / "benchmarks.md").read_text()
