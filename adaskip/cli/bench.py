@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpp-runtime", metavar="PATH", help="cpp/runtime's adaskip_generate (docs/cpp-runtime.md): adds "
                    "ort-cpp, ort-spin-cpp (and with --int4 / --int8-kv ort-int4-cpp, ort-kv8-cpp, ...): the same "
                    "engines driven by the C++ runtime's loop")
+    p.add_argument("--decode-kernels", metavar="LIB", help="cpp/ortops's libadaskip_ortops.so (docs/benchmarks.md): "
+                   "adds ort-dk, ort-dk-spin (and with --int4 ort-int4-dk, ort-int4-dk-spin): the same engines with "
+                   "their decode attention on that library's kernel")
     p.add_argument("--out", default="docs", help="folder for benchmarks.md/.json/.png")
     return p
 
@@ -54,7 +57,7 @@ def options(a: argparse.Namespace) -> BenchOptions:
                         calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, hf=not a.no_hf,
                         genai=not a.no_genai, spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
                         llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert,
-                        cpp_runtime=a.cpp_runtime)
+                        cpp_runtime=a.cpp_runtime, decode_kernels=a.decode_kernels)
 
 
 @main_wrapper("adaskip-bench")

@@ -11,6 +11,8 @@ Run with OMP_WAIT_POLICY=PASSIVE; every ONNX Runtime session has intra-op spinni
 columns (ours and onnxruntime-genai's, fp32 and with --int4 int4, with spinning on, as onnxruntime-genai runs by
 default); llama.cpp runs in worker
 processes without that variable, with OpenMP's default wait policy, as its users run it (adaskip/eval/llamacpp.py).
+With --decode-kernels, `-dk` twins of our unskipped engines run their decode attention on cpp/ortops's kernel
+(adaskip/runtime/decode_kernels.py); every other column of ours runs ONNX Runtime's kernels only.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from adaskip.model import load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
+from adaskip.runtime.decode_kernels import kernel_library
 from adaskip.runtime.generate import Generator, SamplingParams
 from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 from adaskip.runtime.registry import engine_class
@@ -78,6 +81,7 @@ class BenchOptions:
     llamacpp_types: list[str] = field(default_factory=lambda: list(llamacpp.GGUF_TYPES))
     llamacpp_convert: str | None = None  # llama.cpp's convert_hf_to_gguf.py (default: the installed version's sdist's)
     cpp_runtime: str | None = None  # cpp/runtime's adaskip_generate: -cpp twins of our non-AdaSkip engine columns
+    decode_kernels: str | None = None  # cpp/ortops's library: -dk twins of ort (and ort-int4) with its decode kernels
 
     def validate(self) -> None:
         if self.repeats < 1 or self.decode_tokens < 1 or self.threads < 1:
@@ -93,6 +97,8 @@ class BenchOptions:
                              "(llama.cpp's convert_hf_to_gguf.py)")
         if self.cpp_runtime is not None:
             cpp_runtime.check_program(self.cpp_runtime)
+        if self.decode_kernels is not None:
+            kernel_library(self.decode_kernels)
         if (self.budgets and self.calibration is None) or self.int8_kv:  # calibration prompts are read: AdaSkip
             # columns calibrate as adaskip-build does, the int8 KV columns fit their scales on them
             CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
@@ -260,9 +266,12 @@ class CppTwin:
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
-                spinning: bool = False, cpp: CppTwin | None = None, kv_scales: Any = None) -> list[Column]:
+                spinning: bool = False, cpp: CppTwin | None = None, kv_scales: Any = None,
+                decode_kernels: str = "") -> list[Column]:
     """Our engine on `plan` in the Python Generator, and with `cpp` the same engine dir in the C++ runtime's loop
-    too (column `<name>-cpp`); with `kv_scales` its KV cache is int8."""
+    too (column `<name>-cpp`); with `kv_scales` its KV cache is int8; with `decode_kernels` (a cpp/ortops library)
+    its decode steps run that library's attention kernel. Without it ONNX Runtime's own kernels run, whatever
+    ADASKIP_DECODE_KERNELS says."""
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
@@ -276,10 +285,14 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
         graph_info.update(q)
         widths = cost.Widths.for_engine("float32", bits=q["bits"], kv_dtype=kv_dtype, block_size=q["block_size"])
     engine_cls = engine_class("ort", variant)
-    col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning),
+    kernels = {"decode_kernels": decode_kernels} if variant == "ort" else {}  # the portable graph has no such option
+    col = _generator_column(name, engine_cls(out / "model.onnx", model.spec, threads=threads, spinning=spinning,
+                                             **kernels),
                             policy, note=f"{variant} graph" + ("; intra-op spinning on, like the ort-genai-*-spin "
                                                                 "columns" if spinning else "")
-                            + ("" if kv_scales is None else "; int8 KV cache (adaskip-build --kv-dtype int8)"))
+                            + ("" if kv_scales is None else "; int8 KV cache (adaskip-build --kv-dtype int8)")
+                            + ("; decode attention on cpp/ortops's DecodeGroupQueryAttention" if decode_kernels
+                               else ""))
     skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
     col.decode_bytes = lambda c: cost.decode_step_bytes(model.spec, c, skipped, widths)
     if cpp is None:
@@ -294,6 +307,24 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                   info={"program": str(cpp.program.resolve())},
                   note=f"{col.note}; the same engine dir in the C++ runtime's loop (adaskip_generate --jsonl)")
     return [col, twin]
+
+
+def _decode_kernel_columns(opts: BenchOptions, model: Any, nothing: Any, work: Path, skipped: dict[str, str],
+                           quantize: bool) -> list[Column]:
+    """ort-dk (ort-int4-dk with `quantize`), and its -spin twin with the spinning pair: the same engine with
+    cpp/ortops's decode kernels (--decode-kernels)."""
+    if opts.decode_kernels is None:
+        return []
+    base = "ort-int4" if quantize else "ort"
+    if choose_variant(model.spec, SkipPolicy(nothing).layout, "ort") != "ort":
+        skipped[f"{base}-dk"] = "the decode kernels replace GroupQueryAttention, which this model's graph cannot use"
+        return []
+    columns = _ort_column(f"{base}-dk", model, nothing, work, opts.threads, quantize=quantize,
+                          decode_kernels=opts.decode_kernels)
+    if opts.spinning_pair:
+        columns += _ort_column(f"{base}-dk-spin", model, nothing, work, opts.threads, quantize=quantize,
+                               spinning=True, decode_kernels=opts.decode_kernels)
+    return columns
 
 
 def _int8_kv_columns(opts: BenchOptions, model: Any, tokenizer: Any, nothing: Any, work: Path, cpp: CppTwin | None,
@@ -503,6 +534,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     columns += _ort_column("ort", model, nothing, work, opts.threads, cpp=cpp)
     if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
         columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True, cpp=cpp)
+    columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=False)
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
@@ -518,6 +550,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         if opts.spinning_pair:
             columns += _ort_column("ort-int4-spin", model, nothing, work, opts.threads, quantize=True, spinning=True,
                                    cpp=cpp)
+        columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=True)
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, opts.spinning_pair, spec)
     if opts.int8_kv:
