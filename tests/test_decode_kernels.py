@@ -145,6 +145,13 @@ def test_decode_kernel_refuses_what_it_cannot_run(library):
     feeds["qkv"] = np.zeros((1, 2, 8 * 16), np.float32)  # two new tokens: prefill is GroupQueryAttention's
     with pytest.raises(Exception, match="one new token per row"):
         _run_shared(session, feeds, k, v)
+    two = _attention_session(library, 2, 4, 2, 16, 8, True, None)
+    k2, v2 = rng.standard_normal((2, 2, 8, 16)).astype(np.float32), rng.standard_normal((2, 2, 8, 16)).astype(np.float32)
+    before = k2.copy(), v2.copy()
+    with pytest.raises(Exception, match=r"seqlens_k\[1\] = 9"):  # row 0 is fine, row 1 is not: nothing is written
+        _run_shared(two, _feeds(rng, 2, 4, 2, 16, [2, 9], True), k2, v2)
+    np.testing.assert_array_equal(k2, before[0])
+    np.testing.assert_array_equal(v2, before[1])
     with pytest.raises(Exception, match="softcap is not supported"):
         _attention_session(library, 1, 4, 2, 16, 8, True, None, softcap=30.0)
 

@@ -54,20 +54,19 @@ def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
                          f"{ENV} for this engine")
     decode = onnx.ModelProto()
     decode.CopyFrom(model)
-    swapped = _swap(decode.graph)
-    if not swapped:
+    if not _swap_attention(decode.graph):
         raise InputError(f"{ENV}: this graph has no GroupQueryAttention node to run on the decode kernel")
     if not any(o.domain == DOMAIN for o in decode.opset_import):
         decode.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return decode
 
 
-def _swap(graph: onnx.GraphProto) -> int:
+def _swap_attention(graph: onnx.GraphProto) -> int:
     count = 0
     for node in graph.node:
         for attr in node.attribute:  # If / Loop bodies
             if attr.type == onnx.AttributeProto.GRAPH:
-                count += _swap(attr.g)
+                count += _swap_attention(attr.g)
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
         refused = sorted({a.name for a in node.attribute} & _REFUSED_ATTRIBUTES)

@@ -135,16 +135,24 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
     positions = position_ids.GetTensorData<int64_t>();
   }
 
+  // every row is checked before any is written: a refused step leaves the cache as it was
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t at = cached ? seqlens_k[b] : 0;  // GQA's seqlens_k: the row's length after this token, minus 1
+    if (at < 0 || at >= capacity)
+      fail("seqlens_k[" + std::to_string(b) + "] = " + std::to_string(seqlens_k[b]) +
+           " is outside the KV buffer of " + std::to_string(capacity) + " positions");
+    const int64_t pos = positions ? positions[b] : seqlens_k[b];
+    if (do_rotary_ && (pos < 0 || pos >= table_rows))
+      fail("position " + std::to_string(pos) + " is outside the rotary tables of " + std::to_string(table_rows));
+  }
+
   // per row: rotate q and the new k, append k and v at the row's length, attend over what the row then holds
   const float* qkv = query.GetTensorData<float>();
   std::vector<float> q(static_cast<size_t>(batch * num_heads_ * dim));
   std::vector<int64_t> lengths(static_cast<size_t>(batch));
   std::vector<float> k_new(static_cast<size_t>(kv_heads_ * dim));
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t at = cached ? seqlens_k[b] : 0;  // GQA's seqlens_k: the row's length after this token, minus 1
-    if (at < 0 || at >= capacity)
-      fail("seqlens_k[" + std::to_string(b) + "] = " + std::to_string(seqlens_k[b]) +
-           " is outside the KV buffer of " + std::to_string(capacity) + " positions");
+    const int64_t at = cached ? seqlens_k[b] : 0;
     const float* row = qkv + b * width;
     const float* k_src = packed ? row + num_heads_ * dim : key.GetTensorData<float>() + b * kv_heads_ * dim;
     const float* v_src = packed ? row + (num_heads_ + kv_heads_) * dim : value.GetTensorData<float>() + b * kv_heads_ * dim;
@@ -153,8 +161,6 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
     std::memcpy(k_new.data(), k_src, k_new.size() * sizeof(float));
     if (do_rotary_) {
       const int64_t pos = positions ? positions[b] : seqlens_k[b];
-      if (pos < 0 || pos >= table_rows)
-        fail("position " + std::to_string(pos) + " is outside the rotary tables of " + std::to_string(table_rows));
       rotate_half(qb, num_heads_, dim, cos + pos * half, sin + pos * half, half);
       rotate_half(k_new.data(), kv_heads_, dim, cos + pos * half, sin + pos * half, half);
     }
