@@ -4,6 +4,8 @@ Each target is a server this script starts (subprocess), waits for, warms up wit
 one `aiperf profile` run per (mix, concurrency) cell, and stops:
 
 * `--engine NAME=DIR`: `adaskip-serve --engine DIR` (our OpenAI server, in-flight batching), streamed completions;
+  with `--decode-kernels NAME=LIB` that server runs with ADASKIP_DECODE_KERNELS=LIB (cpp/ortops's decode attention),
+  every other one with it unset, so one engine dir can be served both ways side by side;
 * `--triton-static NAME=DIR`: an engine that takes Triton's static-batching path (portable graph), deployed with
   `adaskip-deploy triton` (request/response model) and served by `adaskip-serve --repo`; aiperf's `template`
   endpoint posts to Triton's `generate` extension. Not streamed (the static path answers once), so no TTFT / ITL,
@@ -91,6 +93,7 @@ class Target:
     log: Path | None = None
     command: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # the deploy step, for Triton
+    decode_kernels: str = ""  # ADASKIP_DECODE_KERNELS of an `engine` target's server ("": ONNX Runtime's kernels)
 
     @property
     def base(self) -> str:
@@ -105,6 +108,7 @@ class Target:
         # llama-server keeps OMP_WAIT_POLICY=PASSIVE here although adaskip-bench runs llama.cpp spinning (faster alone):
         # beside the load generator on 2 cores its spinning OpenMP threads made 1.0 output tok/s at c=1 (PASSIVE: 13.1)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["ADASKIP_DECODE_KERNELS"] = self.decode_kernels
         py = a.python
         if self.kind == "engine":
             self.command = [py, "-m", "adaskip.cli.serve_openai", "--engine", self.path, "--port", str(self.port),
@@ -212,7 +216,8 @@ def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, osl
     row = {"target": t.name, "kind": t.kind, "mix": mix, "isl": isl, "osl": osl, "osl_stddev": osl_sd, "concurrency": conc,
            "requests": n, "load_before": before, "load_after": after, "wall_s": round(time.time() - t0, 1),
            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
-           "server_setup": t.setup, "server_command": t.command, "aiperf_command": cmd}
+           "server_setup": t.setup, "server_command": t.command, "aiperf_command": cmd,
+           **({"server_env": {"ADASKIP_DECODE_KERNELS": t.decode_kernels}} if t.decode_kernels else {})}
     row.update(metrics(d))
     if row["completed"] is None or row["completed"] < n or (row["error_rate_pct"] or 0) > 0:
         print(json.dumps(d.get("error_summary"), indent=1), file=sys.stderr)
@@ -322,6 +327,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engine", action="append", default=[], metavar="NAME=DIR", help="adaskip-serve --engine")
+    p.add_argument("--decode-kernels", action="append", default=[], metavar="NAME=LIB",
+                   help="serve --engine NAME with cpp/ortops's decode kernels (ADASKIP_DECODE_KERNELS=LIB)")
     p.add_argument("--triton-static", action="append", default=[], metavar="NAME=DIR",
                    help="engine dir served by Triton on the static-batching path (portable graph)")
     p.add_argument("--llama-server", action="append", default=[], metavar="NAME=GGUF", help="llama.cpp server")
@@ -374,6 +381,11 @@ def main() -> None:
             if not name or not path or not Path(path).exists():
                 die(f"--{kind} {s!r}: want NAME=PATH with an existing path")
             targets[name] = Target(name, kind, path, port=a.port + 10 * len(targets))
+    for s in a.decode_kernels:
+        name, _, library = s.partition("=")
+        if targets.get(name) is None or targets[name].kind != "engine" or not Path(library).is_file():
+            die(f"--decode-kernels {s!r}: want NAME=LIB with NAME an --engine target and LIB a file")
+        targets[name].decode_kernels = str(Path(library).resolve())
     runs = [parse_run(s, targets, mixes) for s in a.run]
     if runs and not a.report_only:
         if not a.tokenizer or not Path(a.tokenizer).is_dir():
