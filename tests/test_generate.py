@@ -158,3 +158,22 @@ def test_incremental_detokenization_equals_decoding_everything(smollm2_tokenizer
                 assert out == full
                 compared += 1
         assert detok.text == decode(seq) and compared > len(seq) // 2
+
+
+def test_sampling_draws_each_token_at_its_probability_and_never_a_masked_one(monkeypatch):
+    """sample() by inverse CDF: the empirical frequencies match the softmax (20k draws, within 0.015), a token of
+    probability 0 (masked by top-k or -inf) is never drawn, and a uniform that rounds up to the total picks the last
+    token with any probability."""
+    from adaskip.runtime import generate
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([generate.sample(torch.log(probs), SamplingParams(temperature=1.0), g) for _ in range(20000)])
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert freq[1] == 0 and torch.allclose(freq, probs[0].double(), atol=0.015)
+    top2 = torch.cat([generate.sample(torch.log(probs), SamplingParams(temperature=1.0, top_k=2), g)
+                      for _ in range(2000)])
+    assert set(top2.tolist()) == {0, 2}
+    monkeypatch.setattr(generate.torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=torch.float64))
+    edge = torch.log(torch.tensor([[0.2, 0.8, 0.0, 0.0]]))
+    assert generate.sample(edge, SamplingParams(temperature=1.0), None).tolist() == [1]
