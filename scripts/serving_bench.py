@@ -202,6 +202,8 @@ def run_cell(a: argparse.Namespace, t: Target, mix: str, isl: int, osl: int, osl
            "--tokenizer", a.tokenizer, "--random-seed", str(a.seed), "--ui-type", "none", "--artifact-dir", str(art),
            # one worker and one record processor: the load generator shares this host's cores with the server
            "--workers-max", "1", "--record-processors", "1", "--no-server-metrics", "--no-gpu-telemetry"]
+    if a.aiperf_nice:  # the load generator yields the shared cores to the server (a deployment's would be elsewhere)
+        cmd = ["nice", "-n", str(a.aiperf_nice), *cmd]
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # offline mode refuses a local path
     before = load()
     t0 = time.time()
@@ -343,6 +345,8 @@ def main() -> None:
                    help=f"add or override a mix (built in: {MIXES})")
     p.add_argument("--tokenizer", help="tokenizer folder aiperf uses (the engine dir's tokenizer/)")
     p.add_argument("--aiperf", default="/work/tools/aiperf/bin/aiperf")
+    p.add_argument("--aiperf-nice", type=int, default=0, metavar="N",
+                   help="run aiperf under nice -n N (0: same priority as the server, as every earlier table)")
     p.add_argument("--python", default=sys.executable, help="Python that has adaskip installed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--slots", type=int, default=16, help="KV slots / Triton max batch / llama-server --parallel")
