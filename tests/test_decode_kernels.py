@@ -179,23 +179,17 @@ def test_a_missing_library_is_a_one_line_error(smollm2_k8_engine, tmp_path):
     not_a_library = tmp_path / "junk.so"
     not_a_library.write_bytes(b"not an ELF file")
     with pytest.raises(InputError, match="cannot load the decode kernels"):
-        from adaskip.runtime.loader import load_runtime
-
-        os.environ[decode_kernels.ENV] = str(not_a_library)
-        try:
-            load_runtime(smollm2_k8_engine, threads=2)
-        finally:
-            del os.environ[decode_kernels.ENV]
+        _runtime(smollm2_k8_engine, not_a_library)
 
 
 def _runtime(engine: Path, library: Path | str):
+    """The engine opened with ADASKIP_DECODE_KERNELS=library ("": ONNX Runtime's kernels), the caller's environment
+    left as it was."""
     from adaskip.runtime.loader import load_runtime
 
-    os.environ[decode_kernels.ENV] = str(library)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(decode_kernels.ENV, str(library))
         return load_runtime(engine, threads=2)
-    finally:
-        del os.environ[decode_kernels.ENV]
 
 
 def test_engine_with_decode_kernels_generates_the_same_tokens(library, smollm2_k8_engine):

@@ -24,9 +24,8 @@ from adaskip.errors import InputError
 ENV = "ADASKIP_DECODE_KERNELS"
 DOMAIN = "com.adaskip"
 DECODE_OP = "DecodeGroupQueryAttention"
-_DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the decode kernel takes
-_REFUSED_ATTRIBUTES = {"kv_cache_bit_width", "k_quant_type", "v_quant_type", "softcap", "smooth_softmax",
-                       "rotary_interleaved", "qk_output"}
+_DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the decode kernel takes (it refuses the
+# attributes it does not implement itself, when the session loads)
 BUILD_HINT = ("build it with `cmake -S . -B build -DADASKIP_BUILD_PLUGINS=OFF && cmake --build build --target "
               "adaskip_ortops` (build/lib/libadaskip_ortops.so)")
 
@@ -45,8 +44,8 @@ def kernel_library(path: str | Path | None = None) -> Path | None:
 
 def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of an `ort` variant graph whose GroupQueryAttention nodes (If branches included) run the decode kernel.
-    The caller's model is not changed. InputError when a node uses something the kernel does not take (a quantized
-    KV cache, softcap, ...): its engine keeps ONNX Runtime's kernels."""
+    The caller's model is not changed. InputError when the graph has what the kernel has no input for (a quantized
+    KV cache, its scales); attributes it does not implement (softcap, ...) the kernel refuses when the session loads."""
     caches = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_")}
     if any(t != onnx.TensorProto.FLOAT for t in caches.values()):
         raise InputError(f"{ENV}: the decode kernel reads float32 KV caches; this engine's are "
@@ -69,12 +68,11 @@ def _swap_attention(graph: onnx.GraphProto) -> int:
                 count += _swap_attention(attr.g)
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
-        refused = sorted({a.name for a in node.attribute} & _REFUSED_ATTRIBUTES)
         extra = [name for name in node.input[_DECODE_INPUTS:] if name]
-        if refused or extra:
-            what = ", ".join(refused + [f"input {name!r}" for name in extra])
+        if extra:
             raise InputError(f"{ENV}: the decode kernel does not take {node.name or 'a GroupQueryAttention node'}'s "
-                             f"{what} (e.g. an engine built with --kv-dtype int8); unset {ENV} for this engine")
+                             f"inputs {', '.join(extra)} (e.g. an engine built with --kv-dtype int8); unset {ENV} for "
+                             f"this engine")
         del node.input[_DECODE_INPUTS:]
         node.op_type, node.domain = DECODE_OP, DOMAIN
         count += 1
