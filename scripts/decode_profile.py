@@ -9,7 +9,13 @@ GroupQueryAttention, the K and V cache up to the current length. "GB/s" is bytes
 machine's read bandwidth, measured as adaskip-bench measures it (adaskip.eval.bench.read_bandwidth_gbs) or given with
 --bandwidth.
 
+--rows N profiles a serving step instead: one decode step of N rows over a pool of N KV slots (the scheduler's
+`decode_slots`), every row holding the same prompt (weights are read once a step, the KV cache N times).
+--decode-kernels LIB profiles the graph with cpp/ortops's attention op, as the engine runs it with
+ADASKIP_DECODE_KERNELS (adaskip/runtime/decode_kernels.py).
+
 Usage: python scripts/decode_profile.py ENGINE_DIR [--context 1024] [--steps 16] [--threads 2] [--bandwidth GB/s]
+       [--rows 16] [--decode-kernels build/lib/libadaskip_ortops.so]
 Run it with OMP_WAIT_POLICY=PASSIVE on a quiet machine; it says the load average it saw.
 """
 
@@ -29,6 +35,7 @@ import torch
 
 from adaskip.eval.bench import read_bandwidth_gbs
 from adaskip.export.onnx.quantize import all_nodes, initializer_bytes
+from adaskip.runtime import decode_kernels
 from adaskip.runtime.loader import load_runtime
 from adaskip.runtime.ort_engines import session_options
 
@@ -45,20 +52,23 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, st
                 continue
             size, dims = sizes[name]
             if dims and ((node.op_type in ("Gather", "GatherBlockQuantized") and k == 0)
-                         or (node.op_type == "GroupQueryAttention" and k in (7, 8))):
+                         or (node.op_type in ("GroupQueryAttention", decode_kernels.DECODE_OP) and k in (7, 8))):
                 size /= dims[0]  # one row of the table per token (embedding; the rotary cos/sin caches)
             total += size
         out[node.name], ops[node.name] = total, node.op_type
     return out, ops
 
 
-def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int) -> dict:
+def profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int, rows: int = 1,
+            kernels: str | None = None) -> dict:
     # The profile and the optimized graph (a copy of the weights) are read back here and then deleted.
     with tempfile.TemporaryDirectory(prefix="decode-profile-") as work:
-        return _profile(engine_dir, context, steps, warmup, threads, Path(work))
+        return _profile(engine_dir, context, steps, warmup, threads, rows, kernels, Path(work))
 
 
-def _profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int, work: Path) -> dict:
+def _profile(engine_dir: str, context: int, steps: int, warmup: int, threads: int, rows: int, kernels: str | None,
+             work: Path) -> dict:
+    os.environ[decode_kernels.ENV] = kernels or ""
     rt = load_runtime(engine_dir, threads=threads)
     engine, spec = rt.engine, rt.engine.spec
     if not hasattr(engine, "kv_dtype"):
@@ -73,18 +83,23 @@ def _profile(engine_dir: str, context: int, steps: int, warmup: int, threads: in
     import onnxruntime as ort
 
     graph_file = Path(engine_dir) / rt.engine_dir.manifest["build"]["graph"]["file"]
-    engine.session = ort.InferenceSession(str(graph_file), so, providers=["CPUExecutionProvider"])
+    # the engine's own graph (with the decode kernels' op where they are on), in a session that profiles
+    engine.session = ort.InferenceSession(engine.session_graph(graph_file, so), so, providers=["CPUExecutionProvider"])
     layout = rt.policy.layout
     n = spec.num_sublayers
-    cache = engine.new_cache(1, context + warmup + steps + 1, list(layout.cached_layers))
+    cache = engine.new_cache(rows, context + warmup + steps + 1, list(layout.cached_layers))
     skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
     ids = torch.randint(0, spec.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    out = engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool), cache, skip, scales, want_stats=False)
-    token = out.logits.argmax(-1)
+    out = engine.prefill_slot(0, ids[0], cache, skip, scales)
+    for buf in (*cache.k.values(), *cache.v.values()):
+        buf[1:] = buf[:1]  # every row holds the same prompt
+    cache.lengths[:] = context
+    token = out.logits.argmax(-1).expand(rows)
     walls = []
     for step in range(warmup + steps):
         t = time.perf_counter()
-        out = engine.decode(token, cache, skip, scales, want_stats=False)
+        out = engine.decode_slots(list(range(rows)), token, cache, skip.expand(rows, -1), scales.expand(rows, -1),
+                                  want_stats=False)
         walls.append(time.perf_counter() - t)
         token = out.logits.argmax(-1)
     events = json.load(open(engine.session.end_profiling()))
@@ -99,13 +114,14 @@ def _profile(engine_dir: str, context: int, steps: int, warmup: int, threads: in
     weights, op_of = weight_bytes(optimized)
     kv_item = np.dtype(engine.kv_dtype).itemsize
     length = context + warmup + (steps + 1) / 2  # mean cache length over the profiled steps
-    kv_per_layer = 2 * spec.num_kv_heads * length * spec.head_dim * kv_item
+    kv_per_layer = 2 * spec.num_kv_heads * length * spec.head_dim * kv_item * rows
     nodes = []
     for name, ms in per_node.items():
         op = op_of.get(name, "?")
-        read = weights.get(name, 0) + (kv_per_layer if op == "GroupQueryAttention" else 0)
+        read = weights.get(name, 0) + (kv_per_layer if op in ("GroupQueryAttention", decode_kernels.DECODE_OP) else 0)
         nodes.append({"node": name, "op": op, "ms": ms, "bytes": read})
-    return {"engine": engine_dir, "context": context, "steps": steps, "threads": threads,
+    return {"engine": engine_dir, "context": context, "steps": steps, "threads": threads, "rows": rows,
+            "decode_kernels": kernels,
             "kv_dtype": np.dtype(engine.kv_dtype).name,
             "quantize": rt.engine_dir.manifest["build"]["options"].get("quantize"),
             "step_ms_wall": float(np.median(walls[warmup:]) * 1000),
@@ -132,7 +148,8 @@ def table(result: dict, bandwidth: float, top: int) -> str:
     head = ("| op | nodes | ms/step | share | MB read/step | floor ms | GB/s |\n"
             "| --- | --- | --- | --- | --- | --- | --- |")
     lines = [f"engine {result['engine']} (quantize {result['quantize'] or 'none'}, KV {result['kv_dtype']}), "
-             f"context {result['context']}, {result['steps']} profiled decode steps, {result['threads']} threads; "
+             f"context {result['context']}, {result['steps']} profiled decode steps of {result['rows']} row(s), "
+             f"{result['threads']} threads, decode kernels {result['decode_kernels'] or 'none'}; "
              f"bandwidth {bandwidth:.1f} GB/s", "",
              f"step: {result['step_ms_wall']:.2f} ms wall (median), {result['run_ms']:.2f} ms in session.run, "
              f"{kernel_ms:.2f} ms in kernels; bytes {total_bytes / 1e6:.1f} MB -> floor "
@@ -158,11 +175,13 @@ def main() -> None:
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (default: measured)")
     p.add_argument("--top", type=int, default=8, help="also list the N slowest nodes")
     p.add_argument("--json", help="also write the raw per-node result here")
+    p.add_argument("--rows", type=int, default=1, help="rows per decode step (a slot pool, as the scheduler runs)")
+    p.add_argument("--decode-kernels", metavar="LIB", help="profile with this cpp/ortops library")
     a = p.parse_args()
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: OMP_WAIT_POLICY is not PASSIVE (torch's OpenMP threads may spin)")
     bandwidth = a.bandwidth or read_bandwidth_gbs(a.threads)
-    result = profile(a.engine, a.context, a.steps, a.warmup, a.threads)
+    result = profile(a.engine, a.context, a.steps, a.warmup, a.threads, a.rows, a.decode_kernels)
     print(f"load average before/after: {os.getloadavg()[0]:.2f}")
     print(table(result, bandwidth, a.top))
     if a.json:

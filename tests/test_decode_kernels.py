@@ -1,5 +1,6 @@
 """cpp/ortops's DecodeGroupQueryAttention against ONNX Runtime's GroupQueryAttention, node for node (outputs and the
-in-place cache, many shapes), and the `ort` engine with the decode kernels against the same engine without them on
+in-place cache, many shapes; decode steps on its own kernel, prompt chunks handed to ONNX Runtime's), and the `ort`
+engine with the decode kernels against the same engine without them on
 the real SmolLM2 (greedy tokens and skip statistics, a slot pool with rows of different lengths), plus what it
 refuses. The library is built by the session's C++ build (tests/conftest.py)."""
 
@@ -45,7 +46,7 @@ def _attention_session(library: Path | None, batch: int, heads: int, kv_heads: i
     inputs += [helper.make_tensor_value_info(n, f32, [batch, kv_heads, capacity, dim]) for n in ("pk", "pv")]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
                helper.make_tensor_value_info("total", TensorProto.INT32, []),
-               helper.make_tensor_value_info("pos", TensorProto.INT64, [batch, 1])]
+               helper.make_tensor_value_info("pos", TensorProto.INT64, [batch, "seq"])]
     rng = np.random.default_rng(7)
     tables = [rng.uniform(-1, 1, (capacity + 4, dim // 2)).astype(np.float32) for _ in range(2)]
     inits = [helper.make_tensor(n, f32, t.shape, t.ravel()) for n, t in zip(("cos", "sin"), tables)]
@@ -107,6 +108,46 @@ def _compare(library, batch, heads, kv_heads, dim, capacity, lengths, packed, wi
         np.testing.assert_array_equal(np.delete(our_v[b], n, axis=1), np.delete(v[b], n, axis=1))
 
 
+def _compare_prompt(library, batch, heads, kv_heads, dim, capacity, past, tokens, packed, window, shared=True):
+    """A step of `tokens` new tokens per row after `past` (prefill chunks), the caches bound as past and present
+    (`shared`) or returned as separate outputs: the same outputs and caches as GroupQueryAttention's, exactly (the
+    op hands such steps to it)."""
+    rng = np.random.default_rng(batch * 100 + tokens)
+    width = (heads + 2 * kv_heads) * dim if packed else None
+    feeds = {"seqlens_k": np.full(batch, past + tokens - 1, np.int32), "total": np.array(past + tokens, np.int32),
+             "pos": np.tile(np.arange(past, past + tokens), (batch, 1)).astype(np.int64)}
+    if packed:
+        feeds["qkv"] = rng.standard_normal((batch, tokens, width)).astype(np.float32)
+    else:
+        for name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            feeds[name] = rng.standard_normal((batch, tokens, h * dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    shape = (batch, heads, kv_heads, dim, capacity, packed, window)
+    results = []
+    for lib in (None, library):
+        session = _attention_session(lib, *shape)
+        kk, vv = k.copy(), v.copy()
+        if shared:
+            results.append((_run_shared(session, feeds, kk, vv), kk, vv))
+        else:
+            results.append(tuple(session.run(None, {**feeds, "pk": kk, "pv": vv})))
+    for ref, ours in zip(*results):
+        np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("case", [
+    # batch, heads, kv_heads, dim, capacity, past, new tokens per row, packed, window, caches shared in place
+    (1, 9, 3, 64, 600, 0, 512, True, None, True),     # SmolLM2's heads, a whole prompt
+    (1, 9, 3, 64, 400, 128, 128, True, None, True),   # a second chunk after a first (one row: GQA's rule)
+    (1, 4, 1, 256, 700, 300, 64, False, 512, True),   # Gemma-3's heads, unpacked, a window across the chunk
+    (3, 4, 2, 32, 90, 0, 20, True, None, True),       # several rows of a first chunk
+    (1, 8, 2, 64, 200, 10, 7, True, None, False),     # present returned apart from past (copied, not shared)
+], ids=["smollm2-prompt", "second-chunk", "gemma3-window", "rows", "unshared-cache"])
+def test_prompt_steps_run_group_query_attention(library, case):
+    _compare_prompt(library, *case)
+
+
 @pytest.mark.parametrize("case", [
     # batch, heads, kv_heads, dim, capacity, lengths (each row's past), packed, window
     (1, 9, 3, 64, 80, [10], True, None),                  # SmolLM2's heads, one short row
@@ -140,10 +181,6 @@ def test_decode_kernel_refuses_what_it_cannot_run(library):
     k, v = np.zeros((1, 2, 8, 16), np.float32), np.zeros((1, 2, 8, 16), np.float32)
     feeds = _feeds(rng, 1, 4, 2, 16, [8], True)  # past length 8 in an 8-position buffer: no room
     with pytest.raises(Exception, match="outside the KV buffer of 8 positions"):
-        _run_shared(session, feeds, k, v)
-    feeds = _feeds(rng, 1, 4, 2, 16, [3], True)
-    feeds["qkv"] = np.zeros((1, 2, 8 * 16), np.float32)  # two new tokens: prefill is GroupQueryAttention's
-    with pytest.raises(Exception, match="one new token per row"):
         _run_shared(session, feeds, k, v)
     two = _attention_session(library, 2, 4, 2, 16, 8, True, None)
     k2, v2 = rng.standard_normal((2, 2, 8, 16)).astype(np.float32), rng.standard_normal((2, 2, 8, 16)).astype(np.float32)
@@ -194,11 +231,11 @@ def _runtime(engine: Path, library: Path | str):
 
 def test_engine_with_decode_kernels_generates_the_same_tokens(library, smollm2_k8_engine):
     """The real SmolLM2 with the K=8 e2e plan (online FFN skipping fires on this prompt): same greedy tokens and skip
-    statistics with and without the decode kernels; the decode steps ran on the second session."""
+    statistics with and without the decode kernels, which the one session of the engine runs (prompt and decode)."""
     from adaskip.runtime.generate import SamplingParams
 
     plain, fast = _runtime(smollm2_k8_engine, ""), _runtime(smollm2_k8_engine, library)
-    assert fast.engine.decode_session is not fast.engine.session and plain.engine.decode_session is plain.engine.session
+    assert (fast.engine.decode_kernels, plain.engine.decode_kernels) == (library, None)
     ids = plain.tokenizer.encode(long_text()[40000:43000])[:512]
     params = SamplingParams(max_new_tokens=48, stop_token_ids=())
     ref, ours = (rt.generator.generate([ids], params)[0] for rt in (plain, fast))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,12 +91,21 @@ class OrtGraphEngine(GraphEngine):
 
         self.spec = spec
         options = session_options(threads, spinning)  # a bad setting is the caller's error, not the engine's
+        graph = self.session_graph(Path(model_path), options)
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineDirError(f"ONNX Runtime cannot load {model_path}: {e}") from None
+            raise EngineDirError(f"ONNX Runtime cannot load {model_path}{self._graph_note()}: {e}") from None
         self.kv_layers = kv_layers_of([i.name for i in self.session.get_inputs()])
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def session_graph(self, model_path: Path, options: Any) -> str | bytes:
+        """What this engine's session loads, given the session options it will load with: the graph file (a
+        subclass may give a changed copy and set `options` for it)."""
+        return str(model_path)
+
+    def _graph_note(self) -> str:
+        return ""
 
     @classmethod
     def from_engine_dir(cls, ed: EngineDir, threads: int | None = None,
@@ -175,12 +185,11 @@ class GqaKVCache(_BufferCache):
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
-        # the sessions' IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
-        # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view) and per
-        # session (the bool: the decode kernels' session), each with the arrays its small inputs and its step
-        # outputs are bound to (inputs updated in place while their shapes hold; outputs written in place by every
+        # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
+        # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each with
+        # the arrays its small inputs and its step outputs are bound to (inputs updated in place while their shapes hold; outputs written in place by every
         # run, into rows [first, stop) of `outputs`)
-        self.bindings: dict[tuple[int, int, bool], tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+        self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
         # the step outputs, one row per slot, shared by every binding's rows (forwards run one at a time and their
         # results are copied out before the next): memory stays at one row per slot however many ranges run
         self.outputs: dict[str, np.ndarray] = {}
@@ -211,15 +220,10 @@ class OrtGqaEngine(OrtGraphEngine):
                  decode_kernels: str | Path | None = None):
         """`decode_kernels`: cpp/ortops's library, whose attention kernel then runs the decode steps (None:
         $ADASKIP_DECODE_KERNELS; "": ONNX Runtime's kernels only; adaskip/runtime/decode_kernels.py)."""
-        library = kernel_library(decode_kernels)  # a bad path fails before the graph loads
-        super().__init__(model_path, spec, threads, spinning)
+        self.decode_kernels = kernel_library(decode_kernels)  # a bad path fails before the graph loads
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1 token (or None); got {prefill_chunk}")
-        # decode steps (one token per row) run here: the same graph with the decode kernel, or the prefill session
-        self.decode_session = self.session
-        self.decode_kernels = library
-        if library is not None:
-            self.decode_session = self._decode_session(Path(model_path), library, threads, spinning)
+        super().__init__(model_path, spec, threads, spinning)
         self.prefill_chunk = prefill_chunk
         # logits [B, vocab], similarity and norm_ratio [B, 2L]: element type and width of each (the KV buffers are the
         # cache's own arrays)
@@ -236,22 +240,21 @@ class OrtGqaEngine(OrtGraphEngine):
     def _make_cache(self, batch: int, capacity: int) -> GqaKVCache:
         return GqaKVCache(self.spec, batch, capacity, self.kv_layers, self.kv_dtype)
 
-    def _decode_session(self, model_path: Path, library: Path, threads: int | None, spinning: bool | None):
-        """A second session of the graph with its attention on the decode kernel; it reads the same weights file."""
-        import onnxruntime as ort
-
-        options = session_options(threads, spinning)
+    def session_graph(self, model_path: Path, options: Any) -> str | bytes:
+        """With decode kernels: the graph with its attention on cpp/ortops's op (decode steps on its kernel, prompts
+        on ONNX Runtime's GroupQueryAttention), reading the same weights file."""
+        if self.decode_kernels is None:
+            return str(model_path)
         try:
-            options.register_custom_ops_library(str(library))
+            options.register_custom_ops_library(str(self.decode_kernels))
         except Exception as e:  # not a shared library, or not one built for this ONNX Runtime
-            raise InputError(f"cannot load the decode kernels {library}: {e}") from None
+            raise InputError(f"cannot load the decode kernels {self.decode_kernels}: {e}") from None
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(model_path.parent))
-        graph = decode_graph(onnx.load(str(model_path), load_external_data=False))
-        try:
-            return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise EngineDirError(f"ONNX Runtime cannot load {model_path} with the decode kernels: {e}") from None
+        return decode_graph(onnx.load(str(model_path), load_external_data=False)).SerializeToString()
+
+    def _graph_note(self) -> str:
+        return f" with the decode kernels {self.decode_kernels}" if self.decode_kernels else ""
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, cache: GqaKVCache, skip: torch.Tensor,
                 scales: torch.Tensor, all_logits: bool = False, want_stats: bool = True) -> StepOutput:
@@ -286,7 +289,7 @@ class OrtGqaEngine(OrtGraphEngine):
         ids = tokens.numpy().astype(np.int64).reshape(-1, 1)
         ones = np.ones(len(ids), np.int64)
         return self._run_gqa(ids, cache.lengths[:, None].copy(), np.ones_like(ids, dtype=bool), ones, cache, skip,
-                             scales, want_stats, decode=True)
+                             scales, want_stats)
 
     # -- slots: a cache as a pool of independent rows (the serving scheduler) ----------------------------------------
     supports_slots = True
@@ -334,18 +337,17 @@ class OrtGqaEngine(OrtGraphEngine):
         cache.lengths[first:stop] = lengths
         try:
             return self._run_gqa(ids, lengths[:, None].copy(), np.ones((width, 1), bool), np.ones(width, np.int64),
-                                 cache, skip_all, scales_all, want_stats, rows=(first, stop), select=where,
-                                 decode=True)
+                                 cache, skip_all, scales_all, want_stats, rows=(first, stop), select=where)
         finally:
             moved = cache.lengths[first:stop].copy()
             cache.lengths[first:stop] = saved
             cache.lengths[slots] = moved[where]
 
     def _run_gqa(self, ids, positions, token_valid, counts, cache: GqaKVCache, skip, scales,
-                 want_stats: bool, rows: tuple[int, int] | None = None, select: list[int] | None = None,
-                 decode: bool = False) -> StepOutput:
+                 want_stats: bool, rows: tuple[int, int] | None = None,
+                 select: list[int] | None = None) -> StepOutput:
         """One forward over the slots `rows` (default: all); the outputs of its rows `select` (default: all), in
-        that order. `decode`: one token per row, on the decode session."""
+        that order."""
         first, stop = rows or (0, cache.slots)
         total = cache.lengths[first:stop] + counts
         if int(total.max()) > cache.capacity:
@@ -356,12 +358,10 @@ class OrtGqaEngine(OrtGraphEngine):
                  "total_sequence_length": np.array(int(total.max()), np.int32),
                  "last_index": (counts - 1).astype(np.int64), "skip": skip_np,
                  "scale": np.ascontiguousarray(scales.numpy().astype(np.float32)), "want_stats": np.array(want_stats)}
-        session = self.decode_session if decode else self.session
-        key = (first, stop, session is not self.session)
-        binding, held, results = cache.bindings.get(key, (None, {}, {}))
+        binding, held, results = cache.bindings.get((first, stop), (None, {}, {}))
         if binding is None:  # KV buffers and outputs are bound once per request (or range of slots), not every step
-            binding = session.io_binding()
-            cache.bindings[key] = binding, held, results
+            binding = self.session.io_binding()
+            cache.bindings[first, stop] = binding, held, results
             for name, (dtype, width) in self.step_outputs.items():
                 if name not in cache.outputs:
                     cache.outputs[name] = np.empty((cache.slots, width), dtype)
@@ -379,7 +379,7 @@ class OrtGqaEngine(OrtGraphEngine):
             else:
                 held[name] = array = np.array(value, order="C")  # our own copy, so no caller's array is bound
                 binding.bind_cpu_input(name, array)
-        session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         # the next run overwrites the bound arrays: the caller gets its own logits (picking rows copies them; the
         # stats are copied in _step_output)
         pick = slice(None) if select is None else select

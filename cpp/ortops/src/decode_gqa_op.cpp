@@ -1,10 +1,13 @@
-// com.adaskip DecodeGroupQueryAttention: ONNX Runtime's GroupQueryAttention (com.microsoft) for one new token per
-// row over a shared, in-place BNSH cache, with the same inputs 0-9, outputs 0-2 and attributes, so a decode graph
-// swaps the node's op type and domain and nothing else. Supported: packed or separate q/k/v, do_rotary with
-// half-split tables (rotary_interleaved = 0), local_window_size, scale, float32 caches. Anything else (int8 caches,
-// softcap, smooth softmax, interleaved rotary, more than one token per row) is refused with a message.
+// com.adaskip DecodeGroupQueryAttention: ONNX Runtime's GroupQueryAttention (com.microsoft) with the same inputs 0-9,
+// outputs 0-2 and attributes, so a graph swaps the node's op type and domain and nothing else. A step of one new
+// token per row (decode) runs on decode_attention.h's kernel over the shared, in-place BNSH cache; a step of more
+// (a prompt or a prompt chunk) is handed to ONNX Runtime's own GroupQueryAttention kernel, created once per node
+// through the standalone-op API, so one session serves both and holds the weights once. Supported: packed or
+// separate q/k/v, do_rotary with half-split tables (rotary_interleaved = 0), local_window_size, scale, float32
+// caches. Anything else (int8 caches, softcap, smooth softmax, interleaved rotary) is refused with a message.
 #include "decode_gqa_op.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -62,6 +65,41 @@ DecodeGqaKernel::DecodeGqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   if (attr_float(api, info, "softcap", 0.f) != 0.f) fail("softcap is not supported");
   if (attr_int(api, info, "smooth_softmax", 0) != 0) fail("smooth_softmax is not supported");
   if (attr_int(api, info, "kv_cache_bit_width", 0) != 0) fail("quantized KV caches are not supported");
+  // the prompt path: GroupQueryAttention with this node's attributes (the refused ones at their defaults)
+  const int64_t ints[] = {num_heads_, kv_heads_, do_rotary_ ? 1 : 0, window_};
+  const Ort::OpAttr attrs[] = {Ort::OpAttr("num_heads", &ints[0], 1, ORT_OP_ATTR_INT),
+                               Ort::OpAttr("kv_num_heads", &ints[1], 1, ORT_OP_ATTR_INT),
+                               Ort::OpAttr("do_rotary", &ints[2], 1, ORT_OP_ATTR_INT),
+                               Ort::OpAttr("local_window_size", &ints[3], 1, ORT_OP_ATTR_INT),
+                               Ort::OpAttr("scale", &scale_, 1, ORT_OP_ATTR_FLOAT)};
+  const char* type_names[] = {"T", "M"};
+  const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
+  prompt_op_ = Ort::Op::Create(info, "GroupQueryAttention", "com.microsoft", 1, type_names, types, 2, attrs, 5,
+                               kInputs, kOutputs);
+}
+
+void DecodeGqaKernel::ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim) {
+  Ort::KernelContext ctx(context);
+  const OrtValue* inputs[kInputs];
+  for (size_t i = 0; i < kInputs; ++i) inputs[i] = ctx.GetInput(i);  // absent optional inputs: null, as in a graph
+  // GroupQueryAttention's present shape: the past buffer's capacity, or the total length where that is longer
+  const Ort::ConstValue past_key = ctx.GetInput(3), total_length = ctx.GetInput(6);
+  int64_t present_length = *total_length.GetTensorData<int32_t>();
+  if (present(past_key)) present_length = std::max(present_length, shape_of(past_key)[2]);
+  const std::vector<int64_t> cache_shape{batch, kv_heads_, present_length, dim};
+  OrtValue* outputs[kOutputs];
+  std::vector<Ort::Value> own;  // present outputs the graph does not take: the kernel still writes them somewhere
+  for (size_t i = 0; i < kOutputs; ++i) {
+    Ort::UnownedValue out = i == 0 ? ctx.GetOutput(0, {batch, tokens, num_heads_ * dim}) : ctx.GetOutput(i, cache_shape);
+    if (!out) {
+      own.push_back(Ort::Value::CreateTensor<float>(Ort::AllocatorWithDefaultOptions(), cache_shape.data(),
+                                                    cache_shape.size()));
+      outputs[i] = own.back();
+    } else {
+      outputs[i] = out;
+    }
+  }
+  prompt_op_.Invoke(context, inputs, kInputs, outputs, kOutputs);
 }
 
 void DecodeGqaKernel::Compute(OrtKernelContext* context) {
@@ -73,12 +111,12 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   const std::vector<int64_t> qshape = shape_of(query);
   if (qshape.size() != 3) fail("query must be [batch, 1, hidden]; got " + dims(qshape));
   const int64_t batch = qshape[0], width = qshape[2];
-  if (qshape[1] != 1) fail("runs one new token per row (decode); got " + std::to_string(qshape[1]));
   const bool packed = !present(key);
   if (packed == present(value)) fail("key and value must both be given or both be absent (packed query)");
   const int64_t heads_in_query = packed ? num_heads_ + 2 * kv_heads_ : num_heads_;
   if (width % heads_in_query != 0) fail("query width " + std::to_string(width) + " is not a whole number of heads");
   const int64_t dim = width / heads_in_query;
+  if (qshape[1] != 1) return ComputePrompt(context, batch, qshape[1], dim);
   if (dim % kLanes != 0) fail("head size must be a multiple of 16; got " + std::to_string(dim));
   if (!packed) {
     for (const auto* kv : {&key, &value}) {

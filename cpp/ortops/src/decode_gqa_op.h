@@ -4,6 +4,9 @@
 
 namespace adaskip::ortops {
 
+constexpr size_t kInputs = 10;  // GroupQueryAttention's query ... position_ids
+constexpr size_t kOutputs = 3;  // output, present_key, present_value
+
 class DecodeGqaKernel {
  public:
   DecodeGqaKernel(const OrtApi& api, const OrtKernelInfo* info);
@@ -11,18 +14,20 @@ class DecodeGqaKernel {
 
  private:
   void Compute(OrtKernelContext* context);
+  void ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim);
   int64_t num_heads_, kv_heads_, window_;
   bool do_rotary_;
   float scale_;
+  Ort::Op prompt_op_{nullptr};  // ONNX Runtime's own GroupQueryAttention, for steps of more than one token per row
 };
 
 struct DecodeGqaOp : Ort::CustomOpBase<DecodeGqaOp, DecodeGqaKernel, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return "DecodeGroupQueryAttention"; }
-  size_t GetInputTypeCount() const { return 10; }  // GroupQueryAttention's query ... position_ids
+  size_t GetInputTypeCount() const { return kInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
-  size_t GetOutputTypeCount() const { return 3; }  // output, present_key, present_value
+  size_t GetOutputTypeCount() const { return kOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
 };
