@@ -69,7 +69,7 @@ def calibrate_model(model: LoadedModel, data: CalibrationSet, engine: str = "aut
         return calibrate(TorchEngine.from_loaded(model), data, progress), "torch"
     with tempfile.TemporaryDirectory(prefix="adaskip-calibrate-") as work:
         save_onnx(build_onnx(model.spec, model.weights, full, variant="ort"), work, check=False)
-        # prompts only: no decode session, whatever ADASKIP_DECODE_KERNELS says
+        # prompts only (nothing for the decode kernels to do), whatever ADASKIP_DECODE_KERNELS says
         ort_engine = OrtGqaEngine(Path(work) / "model.onnx", model.spec, threads=threads, decode_kernels="")
         return calibrate(ort_engine, data, progress), "ort"
 

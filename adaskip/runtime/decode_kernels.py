@@ -2,10 +2,10 @@
 
 ONNX Runtime 1.32's CPU GroupQueryAttention computes each query head on its own, so a decode step reads each KV
 head's cache once per query head of its group (3x for SmolLM2) and reaches 14-22 GB/s. cpp/ortops's
-DecodeGroupQueryAttention takes the same inputs and attributes for one new token per row and reads each KV head's
-cache once for its whole group. The engine keeps the exported graph for prefill (GroupQueryAttention's tiled prompt
-attention) and runs decode steps on a second session of the same graph with the attention nodes swapped: same
-weights file, same KV buffers.
+DecodeGroupQueryAttention takes the same inputs and attributes; a step of one new token per row runs on its kernel,
+which reads each KV head's cache once for its whole group, and a step of more (a prompt chunk) is handed to ONNX
+Runtime's own GroupQueryAttention (its tiled prompt attention). The engine loads the graph with its attention nodes
+swapped (`decode_graph`) into its one session: same weights file, same KV buffers, the weights held once.
 
 Turned on by naming the library: ADASKIP_DECODE_KERNELS=/path/to/libadaskip_ortops.so (or the engine's
 `decode_kernels` argument). Unset or empty: ONNX Runtime's own kernels only.
@@ -24,8 +24,8 @@ from adaskip.errors import InputError
 ENV = "ADASKIP_DECODE_KERNELS"
 DOMAIN = "com.adaskip"
 DECODE_OP = "DecodeGroupQueryAttention"
-_DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the decode kernel takes (it refuses the
-# attributes it does not implement itself, when the session loads)
+_DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the op takes (it refuses the attributes it
+# does not implement itself, when the session loads)
 BUILD_HINT = ("build it with `cmake -S . -B build -DADASKIP_BUILD_PLUGINS=OFF && cmake --build build --target "
               "adaskip_ortops` (build/lib/libadaskip_ortops.so)")
 
@@ -43,7 +43,7 @@ def kernel_library(path: str | Path | None = None) -> Path | None:
 
 
 def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of an `ort` variant graph whose GroupQueryAttention nodes (If branches included) run the decode kernel.
+    """A copy of an `ort` variant graph whose GroupQueryAttention nodes (If branches included) run cpp/ortops's op.
     The caller's model is not changed. InputError when the graph has what the kernel has no input for (a quantized
     KV cache, its scales); attributes it does not implement (softcap, ...) the kernel refuses when the session loads."""
     caches = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_")}
