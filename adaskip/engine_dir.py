@@ -311,7 +311,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "build": {"type": "object", "properties": {
             "graph": {"type": "object", "required": ["file"], "properties": {
                 "file": {"type": "string", "pattern": _REL_PATH}, "data": {"type": "string", "pattern": _REL_PATH},
-                "interface": _INT, "variant": {"type": "string", "maxLength": 64},
+                "decode_kernels_file": {"type": "string", "pattern": _REL_PATH}, "interface": _INT, "variant": {"type": "string", "maxLength": 64},
                 "kv_layers": {"type": "array", "maxItems": 1024, "items": {**_INT, "minimum": 0, "maximum": 1023}},
                 "conditionals": {**_INT, "minimum": 0, "maximum": 2048}}},
             "tensorrt": {"type": "object", "properties": {"engine": {"type": "string", "pattern": _REL_PATH}}},
@@ -378,6 +378,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     graph = manifest["build"].get("graph", {})
     kept = graph.get("kept", True) is not False  # a TensorRT build drops the graph it was built from
     named = [("graph", graph.get("file") if kept else None), ("graph data", graph.get("data") if kept else None),
+             ("decode kernels' graph", graph.get("decode_kernels_file") if kept else None),
              ("TensorRT engine", manifest["build"].get("tensorrt", {}).get("engine")), ("plan", PLAN)]
     for what, rel in named:
         if rel is not None and rel not in files:

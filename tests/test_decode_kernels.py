@@ -6,7 +6,9 @@ refuses. The library is built by the session's C++ build (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from onnx import TensorProto, helper
 from conftest import long_text
 
 from adaskip.errors import InputError
+from adaskip.export.onnx.quantize import all_nodes
 from adaskip.runtime import decode_kernels
 
 
@@ -244,6 +247,47 @@ def test_engine_with_decode_kernels_generates_the_same_tokens(library, smollm2_k
     assert (ours.online_skipped, ours.decode_skipped_offline) == (ref.online_skipped, ref.decode_skipped_offline)
 
 
+def test_cpp_runtime_decodes_with_the_kernels_like_python(cpp_build, library, smollm2_k8_engine, tmp_path):
+    """adaskip_generate --decode-kernels (or $ADASKIP_DECODE_KERNELS) loads the engine dir's decode graph, which
+    adaskip-build wrote, and gives the Python runtime's greedy tokens and skip statistics; what it cannot use is one
+    line and exit 2."""
+    from adaskip.runtime.generate import SamplingParams
+
+    graph = json.loads((smollm2_k8_engine / "manifest.json").read_text())["build"]["graph"]
+    assert graph["decode_kernels_file"] == decode_kernels.DECODE_FILE
+    swapped = onnx.load(str(smollm2_k8_engine / decode_kernels.DECODE_FILE), load_external_data=False)
+    ops = [n.op_type for n in all_nodes(swapped.graph)]  # If branches included
+    assert decode_kernels.DECODE_OP in ops and "GroupQueryAttention" not in ops
+    plain = _runtime(smollm2_k8_engine, "")
+    ids = plain.tokenizer.encode(long_text()[40000:43000])[:512]
+    ref = plain.generator.generate([ids], SamplingParams(max_new_tokens=48, stop_token_ids=()))[0]
+    cli = cpp_build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    args = [str(cli), "--engine", str(smollm2_k8_engine), "--ids", ",".join(map(str, ids)), "--max-new-tokens", "48",
+            "--stop-ids", "", "--threads", "2", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != decode_kernels.ENV}
+    for extra, extra_env in ((["--decode-kernels", str(library)], {}), ([], {decode_kernels.ENV: str(library)})):
+        run = subprocess.run(args + extra, capture_output=True, text=True, env={**env, **extra_env}, timeout=300)
+        assert run.returncode == 0, run.stderr
+        got = json.loads(run.stdout)
+        assert got["tokens"] == ref.tokens and got["decode_skipped_online"] == sorted(ref.online_skipped)
+    # an engine dir built without the decode graph (as before this adaskip, or with an int8 cache): a copy whose
+    # manifest names none (hard links: the weights are not copied)
+    old = tmp_path / "old"
+    shutil.copytree(smollm2_k8_engine, old, copy_function=os.link)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["build"]["graph"]["decode_kernels_file"], manifest["files"][decode_kernels.DECODE_FILE]
+    (old / "manifest.json").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    for engine, lib, message in ((smollm2_k8_engine, tmp_path / "nope.so", "which is not a file"),
+                                 (smollm2_k8_engine, junk, "cannot load the decode kernels"),
+                                 (old, library, "has no graph for the decode kernels")):
+        run = subprocess.run([str(cli), "--engine", str(engine), "--ids", "1,2", "--decode-kernels", str(lib)],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
 def test_slot_pool_decodes_like_onnx_runtime_kernels(library, smollm2_k8_engine):
     """The serving scheduler's path: a pool of slots holding prompts of different lengths, decode steps over subsets
     of them (filler rows inside the range): logits agree with ONNX Runtime's kernels, the cache is the same."""
@@ -273,9 +317,10 @@ def test_slot_pool_decodes_like_onnx_runtime_kernels(library, smollm2_k8_engine)
         np.testing.assert_allclose(our_cache.v[i], ref_cache.v[i], atol=1e-5)
 
 
-def test_bench_times_the_decode_kernels_beside_onnx_runtime(library, tiny_gqa_chat_model, tmp_path, capsys):
-    """adaskip-bench --decode-kernels: ort-dk and ort-dk-spin beside ort and ort-spin, timed like them; a path that
-    is not a file is refused in one line."""
+def test_bench_times_the_decode_kernels_beside_onnx_runtime(cpp_build, library, tiny_gqa_chat_model, tmp_path,
+                                                           capsys):
+    """adaskip-bench --decode-kernels: ort-dk and ort-dk-spin beside ort and ort-spin, timed like them, and with
+    --cpp-runtime their C++ runtime twins; a path that is not a file is refused in one line."""
     import json
 
     from adaskip.cli import bench
@@ -286,11 +331,14 @@ def test_bench_times_the_decode_kernels_beside_onnx_runtime(library, tiny_gqa_ch
     err = capsys.readouterr().err.strip()
     assert "missing.so" in err and "\n" not in err
     out = tmp_path / "docs"
-    assert bench.main(common + ["--decode-kernels", str(library), "--out", str(out)]) == 0
+    program = cpp_build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    assert bench.main(common + ["--decode-kernels", str(library), "--cpp-runtime", str(program), "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
     names = [c["name"] for c in data["columns"]]
-    assert names == ["torch-reference", "ort", "ort-spin", "ort-dk", "ort-dk-spin"]
+    assert names == ["torch-reference", "ort", "ort-cpp", "ort-spin", "ort-spin-cpp", "ort-dk", "ort-dk-cpp",
+                     "ort-dk-spin", "ort-dk-spin-cpp"]
     notes = {c["name"]: c["note"] for c in data["columns"]}
-    assert "DecodeGroupQueryAttention" in notes["ort-dk"] and "DecodeGroupQueryAttention" not in notes["ort"]
+    assert all("DecodeGroupQueryAttention" in notes[n] for n in names if "-dk" in n)
+    assert not any("DecodeGroupQueryAttention" in notes[n] for n in names if "-dk" not in n)
     assert all(data["results"][n][c]["decode"] > 0 for n in names[1:] for c in ("16", "32"))
     assert "| ort-dk |" in (out / "benchmarks.md").read_text()

@@ -31,6 +31,7 @@ from adaskip.layout import SkipLayout
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.plan import (SKIPDECODE_HORIZON, Calibration, SkipPlan, adaskip_plan, baseline_plan, now_utc,
                           rank_by_similarity)
+from adaskip.runtime.decode_kernels import write_decode_graph
 from adaskip.runtime.torch_engine import TorchEngine
 
 
@@ -191,6 +192,10 @@ def build(opts: BuildOptions) -> BuildReport:
             if opts.engine.quantize:
                 _log(f"quantizing linear layers and the LM head to {opts.engine.quantize} (MatMulNBits)", opts)
                 build_info["graph"].update(quantize(tmp, opts.engine.quantize))
+            if backend == "ort" and variant == "ort":  # the graph the C++ runtime loads with the decode kernels
+                decode_file = write_decode_graph(tmp, build_info["graph"]["file"])
+                if decode_file:
+                    build_info["graph"]["decode_kernels_file"] = decode_file
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)

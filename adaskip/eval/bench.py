@@ -49,7 +49,7 @@ from adaskip.model import load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
 from adaskip.policy import SkipPolicy
-from adaskip.runtime.decode_kernels import kernel_library
+from adaskip.runtime.decode_kernels import kernel_library, write_decode_graph
 from adaskip.runtime.generate import Generator, SamplingParams
 from adaskip.runtime.ort_engines import PREFILL_CHUNK, session_options
 from adaskip.runtime.registry import engine_class
@@ -298,11 +298,14 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
     if cpp is None:
         return [col]
     # the graph made an engine dir the C++ runtime opens, as adaskip-build writes one: plan, tokenizer, manifest
+    # (and the decode kernels' graph, which the C++ runtime loads with them)
+    if decode_kernels:
+        graph_info["decode_kernels_file"] = write_decode_graph(out, graph_info["file"])
     plan.save(out / PLAN)
     save_tokenizer(cpp.tokenizer, out / TOKENIZER)
     write_manifest(out, "ort", model.spec, model.fingerprint, plan, {"graph": graph_info, "source": model.source},
                    {"dir": TOKENIZER, "eos_token_ids": eos_token_ids(model, cpp.tokenizer)})
-    worker = cpp_runtime.Worker(cpp.program, out, threads, spinning)
+    worker = cpp_runtime.Worker(cpp.program, out, threads, spinning, decode_kernels)
     twin = Column(f"{name}-cpp", worker.run, close=worker.close, decode_bytes=col.decode_bytes,
                   info={"program": str(cpp.program.resolve())},
                   note=f"{col.note}; the same engine dir in the C++ runtime's loop (adaskip_generate --jsonl)")
@@ -310,20 +313,20 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
 
 
 def _decode_kernel_columns(opts: BenchOptions, model: Any, nothing: Any, work: Path, skipped: dict[str, str],
-                           quantize: bool) -> list[Column]:
+                           quantize: bool, cpp: CppTwin | None = None) -> list[Column]:
     """ort-dk (ort-int4-dk with `quantize`), and its -spin twin with the spinning pair: the same engine with
-    cpp/ortops's decode kernels (--decode-kernels)."""
+    cpp/ortops's decode kernels (--decode-kernels); with `cpp` their C++ runtime twins too."""
     if opts.decode_kernels is None:
         return []
     base = "ort-int4" if quantize else "ort"
     if choose_variant(model.spec, SkipPolicy(nothing).layout, "ort") != "ort":
         skipped[f"{base}-dk"] = "the decode kernels replace GroupQueryAttention, which this model's graph cannot use"
         return []
-    columns = _ort_column(f"{base}-dk", model, nothing, work, opts.threads, quantize=quantize,
+    columns = _ort_column(f"{base}-dk", model, nothing, work, opts.threads, quantize=quantize, cpp=cpp,
                           decode_kernels=opts.decode_kernels)
     if opts.spinning_pair:
         columns += _ort_column(f"{base}-dk-spin", model, nothing, work, opts.threads, quantize=quantize,
-                               spinning=True, decode_kernels=opts.decode_kernels)
+                               spinning=True, cpp=cpp, decode_kernels=opts.decode_kernels)
     return columns
 
 
@@ -534,7 +537,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     columns += _ort_column("ort", model, nothing, work, opts.threads, cpp=cpp)
     if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
         columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True, cpp=cpp)
-    columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=False)
+    columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=False, cpp=cpp)
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
@@ -550,7 +553,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         if opts.spinning_pair:
             columns += _ort_column("ort-int4-spin", model, nothing, work, opts.threads, quantize=True, spinning=True,
                                    cpp=cpp)
-        columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=True)
+        columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=True, cpp=cpp)
         if opts.genai:
             columns += _genai_columns(model.source, "int4", work, opts.threads, opts.spinning_pair, spec)
     if opts.int8_kv:

@@ -29,11 +29,14 @@ def check_program(path: str) -> Path:
 class Worker(LineWorker):
     """One engine dir loaded by `adaskip_generate --jsonl`; `run(prompt, steps)` -> (TTFT s, s per decode token)."""
 
-    def __init__(self, program: Path, engine_dir: Path, threads: int, spinning: bool = False):
-        # spinning set either way, as for the Python columns: ADASKIP_SPINNING in the bench's environment changes
-        # no column
-        super().__init__([str(program), "--engine", str(engine_dir), "--jsonl", "--threads", str(threads)],
-                         "adaskip_generate", env={**os.environ, "ADASKIP_SPINNING": "1" if spinning else "0"})
+    def __init__(self, program: Path, engine_dir: Path, threads: int, spinning: bool = False,
+                 decode_kernels: str = ""):
+        # spinning and the decode kernels (cpp/ortops's library, or "": none) set either way, as for the Python
+        # columns: ADASKIP_SPINNING or ADASKIP_DECODE_KERNELS in the bench's environment changes no column
+        kernels = ["--decode-kernels", decode_kernels] if decode_kernels else []
+        super().__init__([str(program), "--engine", str(engine_dir), "--jsonl", "--threads", str(threads), *kernels],
+                         "adaskip_generate", env={**os.environ, "ADASKIP_SPINNING": "1" if spinning else "0",
+                                                  "ADASKIP_DECODE_KERNELS": ""})
         # one short request now: a program that cannot open the engine (or predates --jsonl) fails here, with its
         # own message, not at the first timed cell after every other column is built
         self.request([0], 1)

@@ -24,6 +24,7 @@ from adaskip.errors import InputError
 ENV = "ADASKIP_DECODE_KERNELS"
 DOMAIN = "com.adaskip"
 DECODE_OP = "DecodeGroupQueryAttention"
+DECODE_FILE = "model.decode.onnx"  # an engine dir's graph with the op swapped in (write_decode_graph)
 _DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the op takes (it refuses the attributes it
 # does not implement itself, when the session loads)
 BUILD_HINT = ("build it with `cmake -S . -B build -DADASKIP_BUILD_PLUGINS=OFF && cmake --build build --target "
@@ -58,6 +59,19 @@ def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == DOMAIN for o in decode.opset_import):
         decode.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return decode
+
+
+def write_decode_graph(engine_dir: Path, graph_file: str) -> str | None:
+    """Writes `decode_graph` of engine_dir/graph_file beside it as DECODE_FILE (the graph only: it reads the same
+    external weights file), for runtimes that load a graph file as it is (the C++ runtime); the Python engine swaps
+    in memory and needs no file. Returns the file's name, or None where the graph cannot take the op (a quantized
+    KV cache)."""
+    try:
+        graph = decode_graph(onnx.load(str(engine_dir / graph_file), load_external_data=False))
+    except InputError:
+        return None
+    onnx.save_model(graph, str(engine_dir / DECODE_FILE))
+    return DECODE_FILE
 
 
 def _swap_attention(graph: onnx.GraphProto) -> int:

@@ -30,8 +30,9 @@ namespace {
 const char* kUsage =
     "usage: adaskip_generate --engine DIR (--ids 1,2,3 | --ids-file FILE) [--max-new-tokens N] [--temperature T]\n"
     "                        [--top-k K] [--top-p P] [--seed S] [--stop-ids LIST] [--truncate error|middle]\n"
-    "                        [--threads N] [--spinning] [--stream] [--json] [--text]\n"
-    "       adaskip_generate --engine DIR --jsonl [sampling flags] [--threads N] [--spinning] [--text]\n"
+    "                        [--threads N] [--spinning] [--decode-kernels LIB] [--stream] [--json] [--text]\n"
+    "       adaskip_generate --engine DIR --jsonl [sampling flags] [--threads N] [--spinning] [--decode-kernels LIB]\n"
+    "                        [--text]\n"
     "  --ids LIST        prompt token ids, comma separated\n"
     "  --ids-file FILE   prompt token ids, separated by commas or whitespace\n"
     "  --max-new-tokens  default 128\n"
@@ -39,6 +40,8 @@ const char* kUsage =
     "  --stop-ids LIST   stop token ids (default: the engine's end-of-sequence tokens; \"\" = none)\n"
     "  --spinning        ONNX Runtime's intra-op threads spin between kernels instead of sleeping (faster decode\n"
     "                    on cores of its own; default: $ADASKIP_SPINNING, else off)\n"
+    "  --decode-kernels LIB  cpp/ortops's library (build/lib/libadaskip_ortops.so): decode steps run their attention\n"
+    "                    on its kernel (default: $ADASKIP_DECODE_KERNELS, else ONNX Runtime's kernels only)\n"
     "  --stream          print each token as it is generated\n"
     "  --json            print the result and skip statistics as one JSON object\n"
     "  --text            print the generated text (the engine dir's tokenizer.json) instead of token ids;\n"
@@ -253,6 +256,8 @@ int run(int argc, char** argv) {
     const std::string value = argv[++i];
     if (flag == "--engine") {
       engine = value;
+    } else if (flag == "--decode-kernels") {
+      rt_opts.decode_kernels = value;
     } else if (flag == "--ids") {
       ids = parse_ids(flag, value);
       have_ids = true;

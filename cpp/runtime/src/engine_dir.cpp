@@ -217,6 +217,13 @@ EngineDir open_checked(const fs::path& path, json manifest, bool verify_large_fi
     fail(path, "the graph file '" + file.substr(0, 80) + "' is not in the manifest's file table");
   }
   ed.graph_file = path / file;
+  if (graph.contains("decode_kernels_file")) {
+    const json& decode = graph["decode_kernels_file"];
+    if (!decode.is_string() || !manifest["files"].contains(decode.get<std::string>())) {
+      fail(path, "the decode kernels' graph file " + brief(decode) + " is not in the manifest's file table");
+    }
+    ed.decode_graph_file = path / decode.get<std::string>();
+  }
   ed.manifest_kv_layers = int_list(graph.value("kv_layers", json::array()));
   return ed;
 }

@@ -17,6 +17,7 @@ struct EngineDir {
   ModelInfo model;
   SkipPlan plan;
   std::filesystem::path graph_file;  // model.onnx (weights beside it as external data)
+  std::filesystem::path decode_graph_file;  // the same graph with cpp/ortops's attention op; empty: none was built
   std::string graph_variant;
   std::vector<int> manifest_kv_layers;
 };

@@ -83,8 +83,20 @@ struct OrtGraph::Session {
   std::vector<std::string> input_names, output_names;  // in the order run() fills them
 };
 
+std::filesystem::path decode_kernels_library(const std::optional<std::filesystem::path>& option) {
+  const char* env_value = std::getenv("ADASKIP_DECODE_KERNELS");
+  const std::filesystem::path library = option ? *option : std::filesystem::path(env_value ? env_value : "");
+  std::error_code ec;
+  if (!library.empty() && !std::filesystem::is_regular_file(library, ec)) {
+    throw InputError(std::string(option ? "decode_kernels" : "ADASKIP_DECODE_KERNELS") + " names '" +
+                     shown(library.string()) + "', which is not a file; build it with `cmake --build build --target "
+                     "adaskip_ortops` (build/lib/libadaskip_ortops.so)");
+  }
+  return library;
+}
+
 OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads,
-                   int spinning)
+                   int spinning, const std::filesystem::path& kernels)
     : model_(model), n_(num_sublayers) {
   init_ort_api();  // before any other ONNX Runtime call
   session_ = std::make_unique<Session>();
@@ -96,6 +108,13 @@ OrtGraph::OrtGraph(const std::filesystem::path& model_file, const ModelInfo& mod
   so.AddConfigEntry("session.inter_op.allow_spinning", "0");
   so.SetIntraOpNumThreads(thread_count(threads));
   so.SetLogSeverityLevel(3);
+  if (!kernels.empty()) {
+    try {
+      so.RegisterCustomOpsLibrary(kernels.c_str());
+    } catch (const Ort::Exception& e) {  // not a shared library, or not one built for this ONNX Runtime
+      throw InputError("cannot load the decode kernels " + kernels.string() + ": " + e.what());
+    }
+  }
   try {
     session_->session = Ort::Session(env(), model_file.c_str(), so);
   } catch (const Ort::Exception& e) {

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "adaskip/policy.h"
@@ -31,11 +32,16 @@ struct StepOutput {
   std::vector<double> norm_ratio;  // [2L]
 };
 
+// The decode kernels' library to load: `option` where given, else $ADASKIP_DECODE_KERNELS; empty for none. Throws
+// InputError when it names something that is not a file.
+std::filesystem::path decode_kernels_library(const std::optional<std::filesystem::path>& option);
+
 class OrtGraph {
  public:
-  // Loads the graph and checks that its inputs/outputs are the "ort" interface for this model.
+  // Loads the graph and checks that its inputs/outputs are the "ort" interface for this model. `kernels`: a custom-op
+  // library the graph's nodes need (cpp/ortops, for an engine dir's decode graph), or empty.
   OrtGraph(const std::filesystem::path& model_file, const ModelInfo& model, int num_sublayers, int threads,
-           int spinning);
+           int spinning, const std::filesystem::path& kernels = {});
   ~OrtGraph();
 
   const std::vector<int>& kv_layers() const { return kv_layers_; }

@@ -62,15 +62,28 @@ double GenerationResult::decode_tokens_per_s() const {
   return decode_s > 0 ? steps / decode_s : 0.0;
 }
 
+namespace {
+// With the decode kernels the engine dir's decode graph (the same weights, attention on cpp/ortops's op).
+std::filesystem::path graph_file(const detail::EngineDir& dir, const std::filesystem::path& kernels) {
+  if (kernels.empty()) return dir.graph_file;
+  if (dir.decode_graph_file.empty()) {
+    throw InputError(dir.root.string() + " has no graph for the decode kernels (built before adaskip-build wrote "
+                     "one, or its KV cache is quantized): rebuild it, or run without ADASKIP_DECODE_KERNELS");
+  }
+  return dir.decode_graph_file;
+}
+}  // namespace
+
 struct Runtime::Impl {
   detail::EngineDir dir;
   SkipPolicy policy;
   detail::OrtGraph graph;
 
-  Impl(detail::EngineDir d, const RuntimeOptions& options)
+  Impl(detail::EngineDir d, const RuntimeOptions& options, const std::filesystem::path& kernels)
       : dir(std::move(d)),
         policy(dir.plan),
-        graph(dir.graph_file, dir.model, dir.plan.num_sublayers(), options.threads, options.spinning) {
+        graph(graph_file(dir, kernels), dir.model, dir.plan.num_sublayers(), options.threads, options.spinning,
+              kernels) {
     dir.model.kv_layers = graph.kv_layers();
     if (graph.kv_layers() != policy.cached_layers() ||
         (!dir.manifest_kv_layers.empty() && dir.manifest_kv_layers != graph.kv_layers())) {
@@ -81,8 +94,9 @@ struct Runtime::Impl {
 };
 
 Runtime::Runtime(const std::filesystem::path& engine_dir, const RuntimeOptions& options) {
+  const std::filesystem::path kernels = detail::decode_kernels_library(options.decode_kernels);
   auto dir = detail::open_engine_dir(engine_dir, options.verify_large_files);
-  impl_ = std::make_unique<Impl>(std::move(dir), options);
+  impl_ = std::make_unique<Impl>(std::move(dir), options, kernels);
 }
 
 Runtime::~Runtime() = default;

@@ -86,6 +86,10 @@ struct RuntimeOptions {
   int spinning = -1;                // intra-op threads spin between kernels: 1 yes, 0 no, -1: $ADASKIP_SPINNING
                                     // (0 or 1), else no (spinning speeds decode up only on cores of its own)
   bool verify_large_files = false;  // also hash files over 64 MB (as adaskip-verify does); sizes are always checked
+  // cpp/ortops's library (libadaskip_ortops.so): decode steps run their attention on its kernel, through the graph
+  // with its op that adaskip-build writes into the engine dir. None: $ADASKIP_DECODE_KERNELS; empty (either way):
+  // ONNX Runtime's kernels only.
+  std::optional<std::filesystem::path> decode_kernels;
 };
 
 class Runtime {
