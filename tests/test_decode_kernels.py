@@ -332,7 +332,8 @@ def test_bench_times_the_decode_kernels_beside_onnx_runtime(cpp_build, library, 
     assert "missing.so" in err and "\n" not in err
     out = tmp_path / "docs"
     program = cpp_build.wait() / "cpp" / "runtime" / "adaskip_generate"
-    assert bench.main(common + ["--decode-kernels", str(library), "--cpp-runtime", str(program), "--out", str(out)]) == 0
+    assert bench.main(common + ["--decode-kernels", str(library), "--cpp-runtime", str(program),
+                                "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
     names = [c["name"] for c in data["columns"]]
     assert names == ["torch-reference", "ort", "ort-cpp", "ort-spin", "ort-spin-cpp", "ort-dk", "ort-dk-cpp",

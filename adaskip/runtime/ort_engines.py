@@ -185,10 +185,10 @@ class GqaKVCache(_BufferCache):
         self.lengths = np.zeros(batch, np.int64)
         self.capacity = capacity
         self.length = 0  # forwards' token count, as in the other caches (the widest row)
-        # the session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of slots
-        # [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each with
-        # the arrays its small inputs and its step outputs are bound to (inputs updated in place while their shapes hold; outputs written in place by every
-        # run, into rows [first, stop) of `outputs`)
+        # the engine session's IO bindings with this cache's buffers bound once (OrtGqaEngine), one per range of
+        # slots [first, stop) a forward runs over (a slot's rows are contiguous in BNSH, so any range is a view), each
+        # with the arrays its small inputs and its step outputs are bound to (inputs updated in place while their
+        # shapes hold; outputs written in place by every run, into rows [first, stop) of `outputs`)
         self.bindings: dict[tuple[int, int], tuple[object, dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
         # the step outputs, one row per slot, shared by every binding's rows (forwards run one at a time and their
         # results are copied out before the next): memory stays at one row per slot however many ranges run

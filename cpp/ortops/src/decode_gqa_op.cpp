@@ -90,7 +90,8 @@ void DecodeGqaKernel::ComputePrompt(OrtKernelContext* context, int64_t batch, in
   OrtValue* outputs[kOutputs];
   std::vector<Ort::Value> own;  // present outputs the graph does not take: the kernel still writes them somewhere
   for (size_t i = 0; i < kOutputs; ++i) {
-    Ort::UnownedValue out = i == 0 ? ctx.GetOutput(0, {batch, tokens, num_heads_ * dim}) : ctx.GetOutput(i, cache_shape);
+    Ort::UnownedValue out =
+        i == 0 ? ctx.GetOutput(0, {batch, tokens, num_heads_ * dim}) : ctx.GetOutput(i, cache_shape);
     if (!out) {
       own.push_back(Ort::Value::CreateTensor<float>(Ort::AllocatorWithDefaultOptions(), cache_shape.data(),
                                                     cache_shape.size()));
@@ -109,7 +110,7 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   const Ort::ConstValue cos_cache = ctx.GetInput(7), sin_cache = ctx.GetInput(8), position_ids = ctx.GetInput(9);
 
   const std::vector<int64_t> qshape = shape_of(query);
-  if (qshape.size() != 3) fail("query must be [batch, 1, hidden]; got " + dims(qshape));
+  if (qshape.size() != 3) fail("query must be [batch, tokens, hidden]; got " + dims(qshape));
   const int64_t batch = qshape[0], width = qshape[2];
   const bool packed = !present(key);
   if (packed == present(value)) fail("key and value must both be given or both be absent (packed query)");

@@ -68,7 +68,7 @@ std::filesystem::path graph_file(const detail::EngineDir& dir, const std::filesy
   if (kernels.empty()) return dir.graph_file;
   if (dir.decode_graph_file.empty()) {
     throw InputError(dir.root.string() + " has no graph for the decode kernels (built before adaskip-build wrote "
-                     "one, or its KV cache is quantized): rebuild it, or run without ADASKIP_DECODE_KERNELS");
+                     "one, or its KV cache is quantized): rebuild it, or run without the decode kernels");
   }
   return dir.decode_graph_file;
 }
