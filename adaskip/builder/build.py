@@ -193,9 +193,7 @@ def build(opts: BuildOptions) -> BuildReport:
                 _log(f"quantizing linear layers and the LM head to {opts.engine.quantize} (MatMulNBits)", opts)
                 build_info["graph"].update(quantize(tmp, opts.engine.quantize))
             if backend == "ort" and variant == "ort":  # the graph the C++ runtime loads with the decode kernels
-                decode_file = write_decode_graph(tmp, build_info["graph"]["file"])
-                if decode_file:
-                    build_info["graph"]["decode_kernels_file"] = decode_file
+                write_decode_graph(tmp, build_info["graph"])
             _log(f"graph ({variant} variant): {build_info['graph']['conditionals']} conditional sublayers, KV for "
                  f"{len(build_info['graph']['kv_layers'])} of {spec.num_layers} layers"
                  + "; onnx.checker (full) passed", opts)

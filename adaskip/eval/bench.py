@@ -299,9 +299,8 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
         return [col]
     # the graph made an engine dir the C++ runtime opens, as adaskip-build writes one: plan, tokenizer, manifest
     # (and the decode kernels' graph, which the C++ runtime loads with them)
-    decode_file = write_decode_graph(out, graph_info["file"]) if decode_kernels else None
-    if decode_file:
-        graph_info["decode_kernels_file"] = decode_file
+    if decode_kernels:
+        write_decode_graph(out, graph_info)
     plan.save(out / PLAN)
     save_tokenizer(cpp.tokenizer, out / TOKENIZER)
     write_manifest(out, "ort", model.spec, model.fingerprint, plan, {"graph": graph_info, "source": model.source},

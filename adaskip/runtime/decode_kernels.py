@@ -61,17 +61,17 @@ def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return decode
 
 
-def write_decode_graph(engine_dir: Path, graph_file: str) -> str | None:
-    """Writes `decode_graph` of engine_dir/graph_file beside it as DECODE_FILE (the graph only: it reads the same
-    external weights file), for runtimes that load a graph file as it is (the C++ runtime); the Python engine swaps
-    in memory and needs no file. Returns the file's name, or None where the graph cannot take the op (a quantized
-    KV cache)."""
+def write_decode_graph(engine_dir: Path, graph: dict) -> None:
+    """Writes `decode_graph` of the engine dir's graph (`graph`: the manifest's graph record) beside it as
+    DECODE_FILE and records it there as `decode_kernels_file`, for runtimes that load a graph file as it is (the C++
+    runtime; the Python engine swaps in memory and needs no file). The file holds the graph only: it reads the same
+    external weights file. Nothing is written where the graph cannot take the op (a quantized KV cache)."""
     try:
-        graph = decode_graph(onnx.load(str(engine_dir / graph_file), load_external_data=False))
+        swapped = decode_graph(onnx.load(str(engine_dir / graph["file"]), load_external_data=False))
     except InputError:
-        return None
-    onnx.save_model(graph, str(engine_dir / DECODE_FILE))
-    return DECODE_FILE
+        return
+    onnx.save_model(swapped, str(engine_dir / DECODE_FILE))
+    graph["decode_kernels_file"] = DECODE_FILE
 
 
 def _swap_attention(graph: onnx.GraphProto) -> int:
