@@ -343,3 +343,30 @@ def test_bench_times_the_decode_kernels_beside_onnx_runtime(cpp_build, library, 
     assert not any("DecodeGroupQueryAttention" in notes[n] for n in names if "-dk" not in n)
     assert all(data["results"][n][c]["decode"] > 0 for n in names[1:] for c in ("16", "32"))
     assert "| ort-dk |" in (out / "benchmarks.md").read_text()
+
+
+def test_decode_profile_counts_every_rows_cache_with_the_kernels(library, tiny_gqa_chat_model, tmp_path):
+    """scripts/decode_profile.py --rows N --decode-kernels LIB: the profiled steps run the engine's graph with the op
+    (every attention node is the op, none is GroupQueryAttention), and each one is charged N rows of K/V."""
+    import importlib.util
+
+    from adaskip.cli import build as build_cli
+
+    engine = tmp_path / "engine"
+    assert build_cli.main(["--model", str(tiny_gqa_chat_model), "--skip", "0", "-q", "--calib-prompts", "2",
+                           "--calib-tokens", "32", "--output", str(engine)]) == 0
+    spec = importlib.util.spec_from_file_location("decode_profile", Path(__file__).parents[1] / "scripts" /
+                                                  "decode_profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.MonkeyPatch.context() as mp:  # the script sets the variable for the engine it opens
+        mp.setenv(decode_kernels.ENV, "")
+        one, rows = (script.profile(str(engine), 40, 3, 1, 2, rows=r, kernels=str(library)) for r in (1, 3))
+    attention = [[x for x in r["nodes"] if x["op"] == decode_kernels.DECODE_OP] for r in (one, rows)]
+    assert attention[0] and not any(x["op"] == "GroupQueryAttention" for r in (one, rows) for x in r["nodes"])
+    layers = json.loads((engine / "manifest.json").read_text())["build"]["graph"]["kv_layers"]
+    assert len(attention[0]) == len(attention[1]) == len(layers)
+    for a, b in zip(*attention):  # the same weights (rotary tables' row), three rows' cache instead of one
+        kv_one = (b["bytes"] - a["bytes"]) / 2  # bytes = weights + rows x one row's K/V
+        assert kv_one > 0 and b["bytes"] - 3 * kv_one == pytest.approx(a["bytes"] - kv_one)
+    assert rows["rows"] == 3 and rows["decode_kernels"] == str(library)
