@@ -296,6 +296,49 @@ def test_engine_applies_per_channel_compensation(tiny_root):
 
 # -- work sharing is exact ----------------------------------------------------------------------------------------
 
+def test_scoring_forward_resumes_and_heads_only_the_scored_rows_exactly(tiny_root):
+    """The selection's scoring forward: logits at chosen positions equal those rows of every position's logits;
+    resumed at a sublayer from the full model's input there, it equals the forward from the start (bit for bit:
+    the same ops on the same inputs) under a skip set from that sublayer on, and it refuses one that skips before.
+    The greedy selection's scorers give the same numbers with and without resuming, per-channel stand-ins on."""
+    from conftest import make_tiny_hf
+
+    from adaskip.model import load_model
+    from adaskip.runtime.torch_engine import TorchEngine
+
+    model = load_model(str(make_tiny_hf("gemma3", tiny_root)))  # sliding-window and global layers
+    engine = TorchEngine(model.spec, model.weights)
+    n, d = model.spec.num_sublayers, model.spec.hidden_size
+    ids = [(7 * i) % 300 + 3 for i in range(48)]
+    scales = [0.9] * n
+    everything = engine.teacher_forced_logits(ids, [3], scales)
+    assert everything.shape == (48, model.spec.vocab_size)
+    some = engine.teacher_forced_logits(ids, [3], scales, logits_at=[5, 40, 47])
+    assert torch.allclose(some, everything[[5, 40, 47]], atol=1e-6, rtol=1e-6)
+
+    inputs = engine.sublayer_inputs(ids, [2, 3, 5])
+    assert sorted(inputs) == [2, 3, 5] and inputs[3].shape == (1, 48, d)
+    for j, skip in ((2, [2, 6]), (3, [3]), (3, [3, 5, 7]), (5, [5])):
+        resumed = engine.teacher_forced_logits(ids, skip, scales, resume=(j, inputs[j]))
+        assert torch.equal(resumed, engine.teacher_forced_logits(ids, skip, scales)), (j, skip)
+    assert torch.equal(engine.teacher_forced_logits(ids, [], scales, resume=(5, inputs[5])),
+                       engine.teacher_forced_logits(ids, [], scales))
+    with pytest.raises(ValueError, match="skip one before"):
+        engine.teacher_forced_logits(ids, [2, 5], scales, resume=(5, inputs[5]))
+
+    comp_rule = Compensation("channel-affine", {j: ([1.1] * d, [0.01] * d) for j in range(n)})
+    windows = [ids, [(5 * i) % 300 + 3 for i in range(32)]]
+    probes = [comp.Probe(ids, [40, 41, 42], targets=[1, 2, 3]), comp.Probe(windows[1], [20, 21])]
+    candidates = [2, 3, 5, 6]
+    plain_text, resumed_text = comp.WindowScorer(engine, windows), comp.WindowScorer(engine, windows,
+                                                                                     resume_at=candidates)
+    plain_probes, resumed_probes = comp.ProbeScorer(engine, probes), comp.ProbeScorer(engine, probes, candidates)
+    for skip in ([2], [5, 3], [6, 2, 5], [0, 3], [1]):  # [0, 3] and [1]: no stored input, from the start
+        assert resumed_text.kl(skip, scales, comp_rule) == plain_text.kl(skip, scales, comp_rule)
+        assert resumed_probes.score(skip, scales, comp_rule) == plain_probes.score(skip, scales, comp_rule)
+        assert plain_text.kl(skip, scales, comp_rule) > 0
+
+
 def test_prefix_cache_gives_the_same_tokens_as_a_plain_prefill(tiny_chat_model):
     from adaskip.model import load_model
     from adaskip.plan import baseline_plan

@@ -132,17 +132,6 @@ def fit(rule: str, stats: ChannelStats, calib: Calibration) -> tuple[list[float]
     return token, Compensation(rule, sub)
 
 
-def _logits(engine: TorchEngine, ids: list[int], skip: list[int], scales: list[float]) -> torch.Tensor:
-    n = engine.spec.num_sublayers
-    mask = torch.zeros(1, n, dtype=torch.bool)
-    mask[0, skip] = True
-    x = torch.tensor([ids])
-    cache = engine.new_cache(1, len(ids), cached_layers=[])
-    out = engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, mask, torch.tensor([scales]),
-                         all_logits=True, want_stats=False)
-    return out.logits[0]
-
-
 def _skipping_engine(spec: Any, model_weights: Any, skip: list[int], compensation: Compensation | None) -> TorchEngine:
     """An engine carrying the stand-ins of the sublayers in `skip` only (the others run)."""
     comp = Compensation(compensation.rule, {j: v for j, v in compensation.sublayers.items() if j in skip}) \
@@ -150,16 +139,36 @@ def _skipping_engine(spec: Any, model_weights: Any, skip: list[int], compensatio
     return TorchEngine(spec, model_weights, comp)
 
 
+class Resumes:
+    """The full model's input to chosen sublayers over fixed prompts, so that a skip set whose first skipped
+    sublayer is one of them runs only from there: everything before it is the full model's, exactly (the same ops
+    on the same inputs). The greedy selection's candidates are mostly in the upper half of the model, so this
+    takes about half of each scoring forward away."""
+
+    def __init__(self, engine: TorchEngine, prompts: list[list[int]], sublayers: list[int] | None):
+        self.inputs = [engine.sublayer_inputs(ids, sublayers) for ids in prompts] if sublayers else \
+            [{} for _ in prompts]
+
+    def at(self, prompt: int, skip: list[int]) -> tuple[int, torch.Tensor] | None:
+        """Where prompt `prompt` resumes under `skip` (None: from the start)."""
+        first = min(skip, default=None)
+        h = self.inputs[prompt].get(first) if first is not None else None
+        return None if h is None else (first, h)
+
+
 def mean_kl(model_weights: Any, spec: Any, windows: list[list[int]], reference: list[torch.Tensor],
-            skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
+            skip: list[int], scales: list[float], compensation: Compensation | None,
+            resumes: Resumes | None = None) -> float:
     """Mean next-token KL(full || skipped) over every position of `windows` (prefill mode: one forward each)."""
     engine = _skipping_engine(spec, model_weights, skip, compensation)
-    kls = [kl_divergence(ref, _logits(engine, ids, skip, scales)) for ids, ref in zip(windows, reference)]
+    kls = [kl_divergence(ref, engine.teacher_forced_logits(ids, skip, scales,
+                                                           resume=resumes.at(n, skip) if resumes else None))
+           for n, (ids, ref) in enumerate(zip(windows, reference))]
     return float(torch.cat(kls).mean())
 
 
 def reference_logits(engine: TorchEngine, windows: list[list[int]]) -> list[torch.Tensor]:
-    return [_logits(engine, ids, [], [1.0] * engine.spec.num_sublayers) for ids in windows]
+    return [engine.teacher_forced_logits(ids, [], [1.0] * engine.spec.num_sublayers) for ids in windows]
 
 
 PHASES = ("all", "decode")  # where a selection scores a skip: every position, or decode steps after a full prefill
@@ -192,14 +201,16 @@ def decode_windows(windows: list[list[int]]) -> list[Probe]:
 
 def probe_reference(engine: TorchEngine, probes: list[Probe]) -> list[torch.Tensor]:
     """The full model's logits at each probe's positions."""
-    return [_logits(engine, p.ids, [], [1.0] * engine.spec.num_sublayers)[p.positions] for p in probes]
+    return [engine.teacher_forced_logits(p.ids, [], [1.0] * engine.spec.num_sublayers, logits_at=p.positions)
+            for p in probes]
 
 
 class ProbeScorer:
     """Scores skip sets on a fixed list of probes: the full model's logits at their positions and its K/V of their
     unskipped prefixes are computed once, so each skip set costs only the forwards of the skipped parts."""
 
-    def __init__(self, engine: TorchEngine, probes: list[Probe]):
+    def __init__(self, engine: TorchEngine, probes: list[Probe], resume_at: list[int] | None = None):
+        """`resume_at`: sublayers whose full-model input is kept for the probes without a prefix (Resumes)."""
         self.engine = engine
         self.probes = [p for p in probes if p.positions]  # a decode-phase probe of a one-token answer scores nothing
         if not self.probes:
@@ -222,6 +233,8 @@ class ProbeScorer:
             self.prefixes.append(cache)
             # the reference through the same prefix and suffix forward the skip sets take (one prefill, not two)
             self.reference.append(_suffix_logits(engine, cache, p, [], [1.0] * n))
+        self.resumes = Resumes(engine, [p.ids for p in self.probes if p.prefix == 0], resume_at)
+        self._resume_index = {i: n for n, i in enumerate(i for i, p in enumerate(self.probes) if p.prefix == 0)}
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         """Mean over probes of the mean next-token KL(full || skipped) at each probe's positions."""
@@ -233,9 +246,10 @@ class ProbeScorer:
         right. Probes without targets count as right."""
         engine = _skipping_engine(self.engine.spec, self.engine.w, skip, compensation)
         kls, wrong = [], 0
-        for p, ref, cache in zip(self.probes, self.reference, self.prefixes):
+        for i, (p, ref, cache) in enumerate(zip(self.probes, self.reference, self.prefixes)):
             if cache is None:
-                logits = _logits(engine, p.ids, skip, scales)[p.positions]
+                logits = engine.teacher_forced_logits(p.ids, skip, scales, logits_at=p.positions,
+                                                      resume=self.resumes.at(self._resume_index[i], skip))
             else:
                 logits = _suffix_logits(engine, cache, p, skip, scales)
             kls.append(float(kl_divergence(ref, logits).mean()))
@@ -266,17 +280,21 @@ class WindowScorer:
     e2e mode) at every position with the set skipped in every forward (mean_kl), "decode" (decode mode) on each
     window's second half after an unskipped first half (decode_windows)."""
 
-    def __init__(self, engine: TorchEngine, windows: list[list[int]], phase: str = "all"):
+    def __init__(self, engine: TorchEngine, windows: list[list[int]], phase: str = "all",
+                 resume_at: list[int] | None = None):
+        """`resume_at`: sublayers whose full-model input is kept for the windows (Resumes; phase "all" only)."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
         self.engine, self.windows = engine, windows
         self.decode = ProbeScorer(engine, decode_windows(windows)) if phase == "decode" else None
         self.reference = reference_logits(engine, windows) if self.decode is None else []
+        self.resumes = Resumes(engine, windows, resume_at if self.decode is None else None)
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         if self.decode is not None:
             return self.decode.kl(skip, scales, compensation)
-        return mean_kl(self.engine.w, self.engine.spec, self.windows, self.reference, skip, scales, compensation)
+        return mean_kl(self.engine.w, self.engine.spec, self.windows, self.reference, skip, scales, compensation,
+                       self.resumes)
 
 
 def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candidates: list[int],
@@ -293,8 +311,8 @@ def kl_greedy_order(engine: TorchEngine, windows: list[list[int]], k: int, candi
     token flips), then by the KL sum."""
     if answers_first and not probes:
         raise ValueError("answers_first ranks by the probes' answers: give probes")
-    text = WindowScorer(engine, windows, phase)
-    retrieval = ProbeScorer(engine, probes) if probes else None
+    text = WindowScorer(engine, windows, phase, resume_at=candidates)
+    retrieval = ProbeScorer(engine, probes, resume_at=candidates) if probes else None
     chosen: list[int] = []
     total = sum(len(candidates) - i for i in range(min(k, len(candidates))))
     bar = tqdm(total=total, desc="kl-greedy selection", unit="forward", disable=not progress, file=sys.stderr)

@@ -112,8 +112,47 @@ class TorchEngine:
         valid = torch.ones_like(ids, dtype=torch.bool)
         return self._forward(ids, valid, cache.next_pos[:, None].clone(), cache, skip, scales, False, want_stats)
 
+    @torch.inference_mode()
+    def teacher_forced_logits(self, ids: list[int], skip: list[int], scales: list[float],
+                              logits_at: list[int] | None = None,
+                              resume: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """One prompt's next-token logits [N, V] at the positions `logits_at` (default: every position), with the
+        sublayers in `skip` skipped and no KV cache kept: the selection rules' scoring forward. Only the scored rows
+        go through the LM head (a 262k-word head over a 2k prompt costs more than the layers). `resume` = (j, h):
+        start at sublayer j from its input h [1, T, D], which must be the one this forward would compute there
+        (a full-model run's, when nothing before j is skipped: `sublayer_inputs`)."""
+        n = self.spec.num_sublayers
+        if resume is not None and any(s < resume[0] for s in skip):
+            raise ValueError(f"cannot resume at sublayer {resume[0]}: sublayers {sorted(skip)} skip one before it")
+        mask = torch.zeros(1, n, dtype=torch.bool)
+        mask[0, list(skip)] = True
+        x = torch.tensor([ids])
+        valid = torch.ones_like(x, dtype=torch.bool)
+        cache = self.new_cache(1, len(ids), cached_layers=[])
+        out = self._forward(x, valid, torch.arange(len(ids))[None], cache, mask, torch.tensor([scales]), True, False,
+                            logits_at=logits_at, resume=resume)
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def sublayer_inputs(self, ids: list[int], sublayers: list[int]) -> dict[int, torch.Tensor]:
+        """The full model's input [1, T, D] to each sublayer in `sublayers` over one prompt (to resume from)."""
+        keep: dict[int, torch.Tensor] = {}
+        wanted = set(sublayers)
+
+        def observe(j: int, h: torch.Tensor, out: torch.Tensor, valid: torch.Tensor) -> None:
+            if j in wanted:
+                keep[j] = h.clone()
+
+        previous, self.observer = self.observer, observe
+        try:
+            self.teacher_forced_logits(ids, [], [1.0] * self.spec.num_sublayers, logits_at=[len(ids) - 1])
+        finally:
+            self.observer = previous
+        return keep
+
     # -- the model ---------------------------------------------------------------------------------------------
-    def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits, want_stats) -> StepOutput:
+    def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits, want_stats,
+                 logits_at: list[int] | None = None, resume: tuple[int, torch.Tensor] | None = None) -> StepOutput:
         spec = self.spec
         batch, seq = ids.shape
         start = cache.length
@@ -134,14 +173,20 @@ class TorchEngine:
         if seq > 1 and not (want_stats or all_logits) and self.observer is None:
             tail = last_token_tail([i for i in range(spec.num_layers) if not skip[:, 2 * i].all()])
 
-        h = F.embedding(ids, self.w["embed"])
-        if spec.embed_scale != 1.0:  # scaled in the model dtype, as Gemma does
-            h = h * torch.tensor(spec.embed_scale, dtype=self.dtype)
-        for i in range(spec.num_layers):
+        first = 0 if resume is None else resume[0]
+        if resume is None:
+            h = F.embedding(ids, self.w["embed"])
+            if spec.embed_scale != 1.0:  # scaled in the model dtype, as Gemma does
+                h = h * torch.tensor(spec.embed_scale, dtype=self.dtype)
+        for i in range(first // 2, spec.num_layers):
             window = spec.attention_windows[i]
             if window not in masks:
                 masks[window] = self._mask(cache.valid[:, :start + seq], start, seq, window)
             for j, block in ((2 * i, "attention"), (2 * i + 1, "ffn")):
+                if j < first:  # resumed after this sublayer
+                    continue
+                if j == first and resume is not None:
+                    h = resume[1]
                 if j == tail:  # left padding: every row's last token is the last column
                     h = h[:, -1:]
                 run = ~skip[:, j]
@@ -165,7 +210,7 @@ class TorchEngine:
 
         cache.length += seq
         cache.next_pos += valid.long().sum(-1)
-        h = h if all_logits else h[:, -1]
+        h = h[:, logits_at] if logits_at is not None else h if all_logits else h[:, -1]
         h = rms_norm(h, self.w["final_norm"], spec.norm_eps)
         return StepOutput(logits=F.linear(h, self.lm_head).float(), similarity=sims, norm_ratio=ratios)
 
