@@ -142,8 +142,8 @@ def _skipping_engine(spec: Any, model_weights: Any, skip: list[int], compensatio
 class Resumes:
     """The full model's input to chosen sublayers over fixed prompts, so that a skip set whose first skipped
     sublayer is one of them runs only from there: everything before it is the full model's, exactly (the same ops
-    on the same inputs). The greedy selection's candidates are mostly in the upper half of the model, so this
-    takes about half of each scoring forward away."""
+    on the same inputs). A candidate in the upper half of the model (where the similarity ranking puts most of
+    them) then costs under half a forward."""
 
     def __init__(self, engine: TorchEngine, prompts: list[list[int]], sublayers: list[int] | None):
         self.inputs = [engine.sublayer_inputs(ids, sublayers) for ids in prompts] if sublayers else \
