@@ -316,8 +316,10 @@ def test_scoring_forward_resumes_and_heads_only_the_scored_rows_exactly(tiny_roo
     some = engine.teacher_forced_logits(ids, [3], scales, logits_at=[5, 40, 47])
     assert torch.allclose(some, everything[[5, 40, 47]], atol=1e-6, rtol=1e-6)
 
-    inputs = engine.sublayer_inputs(ids, [2, 3, 5])
+    full, inputs = engine.sublayer_inputs(ids, [2, 3, 5])
     assert sorted(inputs) == [2, 3, 5] and inputs[3].shape == (1, 48, d)
+    assert torch.equal(full, engine.teacher_forced_logits(ids, [], [1.0] * n))  # the reference, in the same pass
+    assert torch.allclose(engine.sublayer_inputs(ids, [], [5, 40])[0], full[[5, 40]], atol=1e-6, rtol=1e-6)
     for j, skip in ((2, [2, 6]), (3, [3]), (3, [3, 5, 7]), (5, [5])):
         resumed = engine.teacher_forced_logits(ids, skip, scales, resume=(j, inputs[j]))
         assert torch.equal(resumed, engine.teacher_forced_logits(ids, skip, scales)), (j, skip)

@@ -140,14 +140,14 @@ def _skipping_engine(spec: Any, model_weights: Any, skip: list[int], compensatio
 
 
 class Resumes:
-    """The full model's input to chosen sublayers over fixed prompts, so that a skip set whose first skipped
-    sublayer is one of them runs only from there: everything before it is the full model's, exactly (the same ops
-    on the same inputs). A candidate in the upper half of the model (where the similarity ranking puts most of
-    them) then costs under half a forward."""
+    """The full model's input to chosen sublayers over fixed prompts (TorchEngine.sublayer_inputs, from the same
+    forward that gives the prompts' reference logits), so that a skip set whose first skipped sublayer is one of
+    them runs only from there: everything before it is the full model's, exactly (the same ops on the same inputs).
+    A candidate in the upper half of the model (where the similarity ranking puts most of them) then costs under
+    half a forward."""
 
-    def __init__(self, engine: TorchEngine, prompts: list[list[int]], sublayers: list[int] | None):
-        self.inputs = [engine.sublayer_inputs(ids, sublayers) for ids in prompts] if sublayers else \
-            [{} for _ in prompts]
+    def __init__(self, inputs: list[dict[int, torch.Tensor]]):
+        self.inputs = inputs  # per prompt: sublayer -> its input ({}: nothing kept, run from the start)
 
     def at(self, prompt: int, skip: list[int]) -> tuple[int, torch.Tensor] | None:
         """Where prompt `prompt` resumes under `skip` (None: from the start)."""
@@ -221,11 +221,15 @@ class ProbeScorer:
         # per probe, the full model's K/V of its prefix, every layer (None: no prefix); held while the scorer lives
         self.prefixes: list[Any] = []
         self.reference: list[torch.Tensor] = []  # the full model's logits at each probe's positions
+        kept: list[dict[int, torch.Tensor]] = []  # per probe, the full model's inputs to `resume_at` (no prefix)
         for p in self.probes:
-            if p.prefix == 0:
+            if p.prefix == 0:  # one full-model forward: the reference and the inputs to resume from
+                logits, inputs = engine.sublayer_inputs(p.ids, resume_at or [], p.positions)
                 self.prefixes.append(None)
-                self.reference.append(probe_reference(engine, [p])[0])
+                self.reference.append(logits)
+                kept.append(inputs)
                 continue
+            kept.append({})
             cache = engine.new_cache(1, len(p.ids), cached_layers=list(range(engine.spec.num_layers)))
             x = torch.tensor([p.ids[:p.prefix]])
             engine.prefill(x, torch.ones_like(x, dtype=torch.bool), cache, torch.zeros(1, n, dtype=torch.bool),
@@ -233,8 +237,7 @@ class ProbeScorer:
             self.prefixes.append(cache)
             # the reference through the same prefix and suffix forward the skip sets take (one prefill, not two)
             self.reference.append(_suffix_logits(engine, cache, p, [], [1.0] * n))
-        self.resumes = Resumes(engine, [p.ids for p in self.probes if p.prefix == 0], resume_at)
-        self._resume_index = {i: n for n, i in enumerate(i for i, p in enumerate(self.probes) if p.prefix == 0)}
+        self.resumes = Resumes(kept)
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         """Mean over probes of the mean next-token KL(full || skipped) at each probe's positions."""
@@ -249,7 +252,7 @@ class ProbeScorer:
         for i, (p, ref, cache) in enumerate(zip(self.probes, self.reference, self.prefixes)):
             if cache is None:
                 logits = engine.teacher_forced_logits(p.ids, skip, scales, logits_at=p.positions,
-                                                      resume=self.resumes.at(self._resume_index[i], skip))
+                                                      resume=self.resumes.at(i, skip))
             else:
                 logits = _suffix_logits(engine, cache, p, skip, scales)
             kls.append(float(kl_divergence(ref, logits).mean()))
@@ -287,8 +290,10 @@ class WindowScorer:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
         self.engine, self.windows = engine, windows
         self.decode = ProbeScorer(engine, decode_windows(windows)) if phase == "decode" else None
-        self.reference = reference_logits(engine, windows) if self.decode is None else []
-        self.resumes = Resumes(engine, windows, resume_at if self.decode is None else None)
+        # one full-model forward per window (phase "all"): its reference logits and its inputs to resume from
+        runs = [engine.sublayer_inputs(ids, resume_at or []) for ids in windows] if self.decode is None else []
+        self.reference = [logits for logits, _ in runs]
+        self.resumes = Resumes([inputs for _, inputs in runs])
 
     def kl(self, skip: list[int], scales: list[float], compensation: Compensation | None) -> float:
         if self.decode is not None:

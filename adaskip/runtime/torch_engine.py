@@ -134,8 +134,10 @@ class TorchEngine:
         return out.logits[0]
 
     @torch.inference_mode()
-    def sublayer_inputs(self, ids: list[int], sublayers: list[int]) -> dict[int, torch.Tensor]:
-        """The full model's input [1, T, D] to each sublayer in `sublayers` over one prompt (to resume from)."""
+    def sublayer_inputs(self, ids: list[int], sublayers: list[int],
+                        logits_at: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One full-model forward over a prompt: its logits at `logits_at` (default: every position), as
+        teacher_forced_logits gives them, and its input [1, T, D] to each sublayer in `sublayers` (to resume from)."""
         keep: dict[int, torch.Tensor] = {}
         wanted = set(sublayers)
 
@@ -145,10 +147,10 @@ class TorchEngine:
 
         previous, self.observer = self.observer, observe
         try:
-            self.teacher_forced_logits(ids, [], [1.0] * self.spec.num_sublayers, logits_at=[len(ids) - 1])
+            logits = self.teacher_forced_logits(ids, [], [1.0] * self.spec.num_sublayers, logits_at=logits_at)
         finally:
             self.observer = previous
-        return keep
+        return logits, keep
 
     # -- the model ---------------------------------------------------------------------------------------------
     def _forward(self, ids, valid, positions, cache: KVCache, skip, scales, all_logits, want_stats,
