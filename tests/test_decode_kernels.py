@@ -34,11 +34,13 @@ def library(cpp_build) -> Path:
 
 
 def _attention_session(library: Path | None, batch: int, heads: int, kv_heads: int, dim: int, capacity: int,
-                       packed: bool, window: int | None, rotary: bool = True, **attrs):
-    """One attention node: GroupQueryAttention (library None) or the decode kernel, over a shared BNSH cache."""
+                       packed: bool, window: int | None, rotary: bool = True, cache=np.float32, **attrs):
+    """One attention node: GroupQueryAttention (library None) or the decode kernel, over a shared BNSH cache of
+    numpy type `cache` (float32, or float16: GroupQueryAttention's T_CACHE, queries float32 as the engine has them)."""
     import onnxruntime as ort
 
     f32 = TensorProto.FLOAT
+    cache_type = helper.np_dtype_to_tensor_dtype(np.dtype(cache))
     if packed:
         inputs = [helper.make_tensor_value_info("qkv", f32, [batch, "seq", (heads + 2 * kv_heads) * dim])]
         qkv = ["qkv", "", ""]
@@ -46,7 +48,7 @@ def _attention_session(library: Path | None, batch: int, heads: int, kv_heads: i
         inputs = [helper.make_tensor_value_info(n, f32, [batch, "seq", h * dim])
                   for n, h in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
         qkv = ["q", "k", "v"]
-    inputs += [helper.make_tensor_value_info(n, f32, [batch, kv_heads, capacity, dim]) for n in ("pk", "pv")]
+    inputs += [helper.make_tensor_value_info(n, cache_type, [batch, kv_heads, capacity, dim]) for n in ("pk", "pv")]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
                helper.make_tensor_value_info("total", TensorProto.INT32, []),
                helper.make_tensor_value_info("pos", TensorProto.INT64, [batch, "seq"])]
@@ -60,7 +62,8 @@ def _attention_session(library: Path | None, batch: int, heads: int, kv_heads: i
     rope = ["cos", "sin", "pos"] if rotary else ["", "", "pos"]
     node = helper.make_node(op, [*qkv, "pk", "pv", "seqlens_k", "total", *rope], ["out", "ck", "cv"], domain=domain,
                             num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), scale=0.3, **attrs)
-    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("out", "ck", "cv")]
+    outputs = [helper.make_tensor_value_info("out", f32, None)]
+    outputs += [helper.make_tensor_value_info(n, cache_type, None) for n in ("ck", "cv")]
     model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
     options = ort.SessionOptions()
@@ -77,7 +80,7 @@ def _run_shared(session, feeds: dict, k: np.ndarray, v: np.ndarray) -> np.ndarra
         binding.bind_cpu_input(name, value)
     binding.bind_output("out", "cpu")
     for name, buf in (("ck", k), ("cv", v)):
-        binding.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
     session.run_with_iobinding(binding)
     return binding.get_outputs()[0].numpy()
 
@@ -94,27 +97,34 @@ def _feeds(rng, batch, heads, kv_heads, dim, lengths, packed) -> dict:
     return feeds
 
 
-def _compare(library, batch, heads, kv_heads, dim, capacity, lengths, packed, window, rotary=True):
+def _compare(library, batch, heads, kv_heads, dim, capacity, lengths, packed, window, rotary=True, cache=np.float32):
     rng = np.random.default_rng(batch * 1000 + capacity)
     feeds = _feeds(rng, batch, heads, kv_heads, dim, lengths, packed)
-    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(cache)
+    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(cache)
     ref_k, ref_v, our_k, our_v = k.copy(), v.copy(), k.copy(), v.copy()
-    shape = (batch, heads, kv_heads, dim, capacity, packed, window, rotary)
+    shape = (batch, heads, kv_heads, dim, capacity, packed, window, rotary, cache)
     ref = _run_shared(_attention_session(None, *shape), feeds, ref_k, ref_v)
     ours = _run_shared(_attention_session(library, *shape), feeds, our_k, our_v)
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(our_k, ref_k, rtol=1e-6, atol=1e-6)  # the new key, rotated, appended in place
-    np.testing.assert_array_equal(our_v, ref_v)
-    for b, n in enumerate(lengths):  # nothing but the row's new position was written
+    if cache == np.float32:
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
+    else:  # the step attends over its new key and value as float16, as later steps read them (ONNX Runtime: float32)
+        np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=2e-3)
+    for b, n in enumerate(lengths):  # the row's new key (rotated) and value, appended in place at its length
+        np.testing.assert_allclose(our_k[b, :, n], ref_k[b, :, n], rtol=1e-6 if cache == np.float32 else 1e-3,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(our_v[b, :, n], ref_v[b, :, n])
+        # and nothing else written (ONNX Runtime's float16 path zeroes the positions past the row's length)
         np.testing.assert_array_equal(np.delete(our_k[b], n, axis=1), np.delete(k[b], n, axis=1))
         np.testing.assert_array_equal(np.delete(our_v[b], n, axis=1), np.delete(v[b], n, axis=1))
 
 
-def _compare_prompt(library, batch, heads, kv_heads, dim, capacity, past, tokens, packed, window, shared=True):
+def _compare_prompt(library, batch, heads, kv_heads, dim, capacity, past, tokens, packed, window, shared=True,
+                    cache=np.float32):
     """A step of `tokens` new tokens per row after `past` (prefill chunks), the caches bound as past and present
     (`shared`) or returned as separate outputs: the same outputs and caches as GroupQueryAttention's, exactly (the
-    op hands such steps to it)."""
+    op hands such steps to it; a float16 cache's positions in use through float32 copies). Past the positions in use
+    ONNX Runtime's float16 path zeroes the cache; the op leaves it as it was."""
     rng = np.random.default_rng(batch * 100 + tokens)
     width = (heads + 2 * kv_heads) * dim if packed else None
     feeds = {"seqlens_k": np.full(batch, past + tokens - 1, np.int32), "total": np.array(past + tokens, np.int32),
@@ -124,19 +134,25 @@ def _compare_prompt(library, batch, heads, kv_heads, dim, capacity, past, tokens
     else:
         for name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
             feeds[name] = rng.standard_normal((batch, tokens, h * dim)).astype(np.float32)
-    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(cache)
+    v = rng.standard_normal((batch, kv_heads, capacity, dim)).astype(cache)
     shape = (batch, heads, kv_heads, dim, capacity, packed, window)
     results = []
     for lib in (None, library):
-        session = _attention_session(lib, *shape)
+        session = _attention_session(lib, *shape, cache=cache)
         kk, vv = k.copy(), v.copy()
         if shared:
             results.append((_run_shared(session, feeds, kk, vv), kk, vv))
         else:
             results.append(tuple(session.run(None, {**feeds, "pk": kk, "pv": vv})))
-    for ref, ours in zip(*results):
-        np.testing.assert_array_equal(ours, ref)
+    used = past + tokens
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    for ref, ours, before in zip(results[0][1:], results[1][1:], (k, v)):
+        np.testing.assert_array_equal(ours[:, :, :used], ref[:, :, :used])
+        if cache == np.float32:
+            np.testing.assert_array_equal(ours, ref)
+        elif shared:
+            np.testing.assert_array_equal(ours[:, :, used:], before[:, :, used:])
 
 
 @pytest.mark.parametrize("case", [
@@ -178,6 +194,28 @@ def test_decode_kernel_matches_on_random_shapes(library, data):
              rotary=data.draw(st.booleans()))
 
 
+@pytest.mark.parametrize("case", [
+    # batch, heads, kv_heads, dim, capacity, lengths, packed, window
+    (3, 9, 3, 64, 700, [0, 300, 699], True, None),        # SmolLM2's heads, rows of every length, several chunks
+    (2, 4, 1, 256, 600, [5, 590], False, 512),            # Gemma-3's heads, unpacked, sliding window
+    (2, 12, 1, 32, 90, [40, 89], True, None),             # generic path
+], ids=["smollm2", "gemma3-window", "generic"])
+def test_decode_kernel_reads_float16_caches(library, case):
+    """--kv-dtype float16 engines: the kernel reads the float16 cache (half the bytes) against GroupQueryAttention
+    with the same float16 T_CACHE."""
+    _compare(library, *case, cache=np.float16)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 9, 3, 64, 600, 0, 512, True, None, True),
+    (1, 9, 3, 64, 400, 128, 128, True, None, True),
+    (1, 4, 1, 256, 700, 300, 64, False, 512, True),
+    (1, 8, 2, 64, 200, 10, 7, True, None, False),
+], ids=["smollm2-prompt", "second-chunk", "gemma3-window", "unshared-cache"])
+def test_prompt_steps_over_float16_caches_equal_group_query_attention(library, case):
+    _compare_prompt(library, *case, cache=np.float16)
+
+
 def test_decode_kernel_refuses_what_it_cannot_run(library):
     rng = np.random.default_rng(0)
     session = _attention_session(library, 1, 4, 2, 16, 8, True, None)
@@ -196,16 +234,19 @@ def test_decode_kernel_refuses_what_it_cannot_run(library):
         _attention_session(library, 1, 4, 2, 16, 8, True, None, softcap=30.0)
 
 
-def test_decode_graph_swaps_attention_and_refuses_quantized_caches(smollm2_k8_engine, tmp_path):
+def test_decode_graph_swaps_attention_and_refuses_int8_caches(smollm2_k8_engine, tmp_path):
     model = onnx.load(str(smollm2_k8_engine / "model.onnx"), load_external_data=False)
     before = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     swapped = decode_kernels.decode_graph(model)
     assert sum(n.op_type == decode_kernels.DECODE_OP for n in swapped.graph.node) == before > 0
     assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == before  # the input is untouched
-    for i in model.graph.input:
-        if i.name.startswith("past_"):
-            i.type.tensor_type.elem_type = TensorProto.INT8
-    with pytest.raises(InputError, match="float32 KV caches"):
+    for cache_type in (TensorProto.FLOAT16, TensorProto.INT8):  # float16 caches are the kernel's, int8 not
+        for i in model.graph.input:
+            if i.name.startswith("past_"):
+                i.type.tensor_type.elem_type = cache_type
+        if cache_type == TensorProto.FLOAT16:
+            assert sum(n.op_type == decode_kernels.DECODE_OP for n in decode_kernels.decode_graph(model).graph.node)
+    with pytest.raises(InputError, match="float32 or float16 KV caches; this engine's are int8"):
         decode_kernels.decode_graph(model)
 
 
@@ -370,3 +411,67 @@ def test_decode_profile_counts_every_rows_cache_with_the_kernels(library, tiny_g
         kv_one = (b["bytes"] - a["bytes"]) / 2  # bytes = weights + rows x one row's K/V
         assert kv_one > 0 and b["bytes"] - 3 * kv_one == pytest.approx(a["bytes"] - kv_one)
     assert rows["rows"] == 3 and rows["decode_kernels"] == str(library)
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp16_kv_engine(tmp_path_factory) -> Path:
+    """The real SmolLM2 with the stored K=8 e2e plan, built with --kv-dtype float16."""
+    from adaskip.builder.build import build
+    from adaskip.builder.options import BuildOptions, EngineOptions, SelectionOptions
+
+    out = tmp_path_factory.mktemp("smollm2-fp16-kv") / "engine"
+    plan = Path(__file__).parent / "data" / "smollm2-k8-e2e-plan.json"
+    build(BuildOptions(model="smollm2-135m", output=str(out), selection=SelectionOptions(plan=str(plan)),
+                       engine=EngineOptions(kv_dtype="float16"), progress=False))
+    return out
+
+
+def test_float16_cache_engine_decodes_with_the_kernels(cpp_build, library, smollm2_fp16_kv_engine):
+    """A --kv-dtype float16 engine on the kernels, against the same engine on ONNX Runtime's float16 path: a slot
+    pool's logits and caches (positions in use), the Python runtime's greedy tokens and skip statistics, and the C++
+    runtime's (adaskip-build wrote the decode graph)."""
+    from adaskip.runtime.generate import SamplingParams
+
+    engine_dir = smollm2_fp16_kv_engine
+    plain, fast = _runtime(engine_dir, ""), _runtime(engine_dir, library)
+    ids = plain.tokenizer.encode(long_text()[:6000])
+    n = plain.engine.spec.num_sublayers
+    pools = {}
+    for name, rt in (("plain", plain), ("fast", fast)):
+        engine = rt.engine
+        cache = engine.new_cache(3, 700, list(rt.policy.layout.cached_layers))
+        assert next(iter(cache.k.values())).dtype == np.float16
+        skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
+        for slot, length in ((0, 600), (1, 37), (2, 250)):
+            engine.prefill_slot(slot, torch.tensor(ids[:length]), cache, skip, scales)
+        steps = []
+        for slots in ([0, 2], [0, 1, 2], [1]):
+            tokens = torch.tensor([ids[700 + s] for s in slots])
+            out = engine.decode_slots(slots, tokens, cache, skip.expand(len(slots), -1),
+                                      scales.expand(len(slots), -1))
+            steps.append(np.asarray(out.logits))
+        pools[name] = (steps, cache)
+    for ref, ours in zip(pools["plain"][0], pools["fast"][0]):
+        np.testing.assert_allclose(ours, ref, rtol=1e-2, atol=2e-2)  # float16 keys and values read either way
+    ref_cache, our_cache = pools["plain"][1], pools["fast"][1]
+    np.testing.assert_array_equal(our_cache.lengths, ref_cache.lengths)
+    for i in ref_cache.k:
+        for slot, (prompt_len, used) in enumerate(zip((600, 37, 250), ref_cache.lengths)):
+            for ours, ref in ((our_cache.k[i][slot], ref_cache.k[i][slot]),
+                              (our_cache.v[i][slot], ref_cache.v[i][slot])):
+                np.testing.assert_array_equal(ours[:, :prompt_len], ref[:, :prompt_len])  # prompts: exactly
+                # decode steps' keys and values come from hidden states that already differ in the last bits
+                np.testing.assert_allclose(ours[:, prompt_len:used], ref[:, prompt_len:used], rtol=1e-2, atol=2e-2)
+
+    prompt = plain.tokenizer.encode(long_text()[40000:43000])[:512]
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=())
+    ref, ours = (rt.generator.generate([prompt], params)[0] for rt in (plain, fast))
+    assert ours.tokens == ref.tokens
+    assert (ours.online_skipped, ours.decode_skipped_offline) == (ref.online_skipped, ref.decode_skipped_offline)
+    cli = cpp_build.wait() / "cpp" / "runtime" / "adaskip_generate"
+    env = {k: v for k, v in os.environ.items() if k != decode_kernels.ENV}
+    run = subprocess.run([str(cli), "--engine", str(engine_dir), "--ids", ",".join(map(str, prompt)),
+                          "--max-new-tokens", "32", "--stop-ids", "", "--threads", "2", "--json",
+                          "--decode-kernels", str(library)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["tokens"] == ours.tokens

@@ -4,7 +4,9 @@ ONNX Runtime 1.32's CPU GroupQueryAttention computes each query head on its own,
 head's cache once per query head of its group (3x for SmolLM2) and reaches 14-22 GB/s. cpp/ortops's
 DecodeGroupQueryAttention takes the same inputs and attributes; a step of one new token per row runs on its kernel,
 which reads each KV head's cache once for its whole group, and a step of more (a prompt chunk) is handed to ONNX
-Runtime's own GroupQueryAttention (its tiled prompt attention). The engine loads the graph with its attention nodes
+Runtime's own GroupQueryAttention (its tiled prompt attention). A float16 cache (--kv-dtype float16) is read as
+float16 and widened in registers; ONNX Runtime has no CPU kernel for float queries over it and widens the whole
+buffer every step. The engine loads the graph with its attention nodes
 swapped (`decode_graph`) into its one session: same weights file, same KV buffers, the weights held once.
 
 Turned on by naming the library: ADASKIP_DECODE_KERNELS=/path/to/libadaskip_ortops.so (or the engine's
@@ -25,6 +27,7 @@ ENV = "ADASKIP_DECODE_KERNELS"
 DOMAIN = "com.adaskip"
 DECODE_OP = "DecodeGroupQueryAttention"
 DECODE_FILE = "model.decode.onnx"  # an engine dir's graph with the op swapped in (write_decode_graph)
+_CACHE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # int8 caches carry scales it has no input for
 _DECODE_INPUTS = 10  # GroupQueryAttention's query ... position_ids: what the op takes (it refuses the attributes it
 # does not implement itself, when the session loads)
 BUILD_HINT = ("build it with `cmake -S . -B build -DADASKIP_BUILD_PLUGINS=OFF && cmake --build build --target "
@@ -45,12 +48,13 @@ def kernel_library(path: str | Path | None = None) -> Path | None:
 
 def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of an `ort` variant graph whose GroupQueryAttention nodes (If branches included) run cpp/ortops's op.
-    The caller's model is not changed. InputError when the graph has what the kernel has no input for (a quantized
-    KV cache, its scales); attributes it does not implement (softcap, ...) the kernel refuses when the session loads."""
+    The caller's model is not changed. InputError when the graph has what the kernel has no input for (an int8 KV
+    cache, its scales); attributes it does not implement (softcap, ...) the kernel refuses when the session loads."""
     caches = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_")}
-    if any(t != onnx.TensorProto.FLOAT for t in caches.values()):
-        raise InputError(f"{ENV}: the decode kernel reads float32 KV caches; this engine's are "
-                         f"{onnx.helper.tensor_dtype_to_np_dtype(next(iter(caches.values())))} (--kv-dtype): unset "
+    refused = {t for t in caches.values() if t not in _CACHE_TYPES}
+    if refused:
+        raise InputError(f"{ENV}: the decode kernel reads float32 or float16 KV caches; this engine's are "
+                         f"{onnx.helper.tensor_dtype_to_np_dtype(refused.pop())} (--kv-dtype): unset "
                          f"{ENV} for this engine")
     decode = onnx.ModelProto()
     decode.CopyFrom(model)

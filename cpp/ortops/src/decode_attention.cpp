@@ -47,13 +47,13 @@ std::pair<float, float> exponentiate(float* scores, int64_t n) {
 // One task's partial softmax for the group's query heads, written to `partial` as G maxima, G sums of exp(s - max)
 // and G x head_dim sums of exp(s - max) V. G (query heads per KV head) and V (vectors per head) are compile-time
 // constants for the common shapes (queries and accumulators stay in registers), 0 for the generic path.
-template <int kG, int kV>
-void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_cache, const float* v_cache,
+template <typename Cache, int kG, int kV>
+void attend_chunk(const DecodeAttentionShape& s, const float* q, const Cache* k_cache, const Cache* v_cache,
                   const Task& t, float* partial) {
   const int64_t group = kG ? kG : s.num_heads / s.kv_heads, dim = s.head_dim;
   const int64_t vecs = kV ? kV : dim / kLanes, n = t.end - t.begin;
-  const float* keys = k_cache + ((t.b * s.kv_heads + t.g) * s.capacity + t.begin) * dim;
-  const float* values = v_cache + ((t.b * s.kv_heads + t.g) * s.capacity + t.begin) * dim;
+  const Cache* keys = k_cache + ((t.b * s.kv_heads + t.g) * s.capacity + t.begin) * dim;
+  const Cache* values = v_cache + ((t.b * s.kv_heads + t.g) * s.capacity + t.begin) * dim;
   const float* queries = q + (t.b * s.num_heads + t.g * group) * dim;
   thread_local std::vector<float> scores;
   scores.resize(static_cast<size_t>(group * kChunk));
@@ -64,7 +64,7 @@ void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_
     for (int j = 0; j < kG; ++j)
       for (int v = 0; v < kV; ++v) qs[j][v] = load(queries + j * dim + v * kLanes) * s.scale;
     for (int64_t i = 0; i < n; ++i) {
-      const float* key = keys + i * dim;
+      const Cache* key = keys + i * dim;
       VecF kv[kV];
       for (int v = 0; v < kV; ++v) kv[v] = load(key + v * kLanes);
       for (int j = 0; j < kG; ++j) {
@@ -75,7 +75,7 @@ void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float* key = keys + i * dim;
+      const Cache* key = keys + i * dim;
       for (int64_t j = 0; j < group; ++j) {
         const float* qj = queries + j * dim;
         VecF acc = load(qj) * load(key);
@@ -92,7 +92,7 @@ void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_
   if constexpr (kG > 0 && kV > 0) {
     VecF acc[kG][kV] = {};
     for (int64_t i = 0; i < n; ++i) {
-      const float* value = values + i * dim;
+      const Cache* value = values + i * dim;
       for (int v = 0; v < kV; ++v) {
         const VecF vv = load(value + v * kLanes);
         for (int j = 0; j < kG; ++j) acc[j][v] += scores[j * kChunk + i] * vv;
@@ -103,7 +103,7 @@ void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_
   } else {
     std::fill(out, out + group * dim, 0.f);
     for (int64_t i = 0; i < n; ++i) {
-      const float* value = values + i * dim;
+      const Cache* value = values + i * dim;
       for (int64_t v = 0; v < vecs; ++v) {
         const VecF vv = load(value + v * kLanes);
         for (int64_t j = 0; j < group; ++j) {
@@ -115,35 +115,38 @@ void attend_chunk(const DecodeAttentionShape& s, const float* q, const float* k_
   }
 }
 
-using ChunkFn = void (*)(const DecodeAttentionShape&, const float*, const float*, const float*, const Task&, float*);
+template <typename Cache>
+using ChunkFn = void (*)(const DecodeAttentionShape&, const float*, const Cache*, const Cache*, const Task&, float*);
 
-template <int kG>
-ChunkFn chunk_fn_for_dim(int64_t vecs) {
+template <typename Cache, int kG>
+ChunkFn<Cache> chunk_fn_for_dim(int64_t vecs) {
   switch (vecs) {
-    case 4: return attend_chunk<kG, 4>;    // head size 64
-    case 8: return attend_chunk<kG, 8>;    // 128
-    case 16: return attend_chunk<kG, 16>;  // 256
-    default: return attend_chunk<0, 0>;
+    case 4: return attend_chunk<Cache, kG, 4>;    // head size 64
+    case 8: return attend_chunk<Cache, kG, 8>;    // 128
+    case 16: return attend_chunk<Cache, kG, 16>;  // 256
+    default: return attend_chunk<Cache, 0, 0>;
   }
 }
 
-ChunkFn chunk_fn(int64_t group, int64_t vecs) {
+template <typename Cache>
+ChunkFn<Cache> chunk_fn(int64_t group, int64_t vecs) {
   switch (group) {
-    case 1: return chunk_fn_for_dim<1>(vecs);
-    case 2: return chunk_fn_for_dim<2>(vecs);
-    case 3: return chunk_fn_for_dim<3>(vecs);
-    case 4: return chunk_fn_for_dim<4>(vecs);
-    case 5: return chunk_fn_for_dim<5>(vecs);
-    case 6: return chunk_fn_for_dim<6>(vecs);
-    case 7: return chunk_fn_for_dim<7>(vecs);
-    case 8: return chunk_fn_for_dim<8>(vecs);
-    default: return attend_chunk<0, 0>;
+    case 1: return chunk_fn_for_dim<Cache, 1>(vecs);
+    case 2: return chunk_fn_for_dim<Cache, 2>(vecs);
+    case 3: return chunk_fn_for_dim<Cache, 3>(vecs);
+    case 4: return chunk_fn_for_dim<Cache, 4>(vecs);
+    case 5: return chunk_fn_for_dim<Cache, 5>(vecs);
+    case 6: return chunk_fn_for_dim<Cache, 6>(vecs);
+    case 7: return chunk_fn_for_dim<Cache, 7>(vecs);
+    case 8: return chunk_fn_for_dim<Cache, 8>(vecs);
+    default: return attend_chunk<Cache, 0, 0>;
   }
 }
 
 }  // namespace
 
-void decode_attention(const DecodeAttentionShape& s, const float* q, const float* k_cache, const float* v_cache,
+template <typename Cache>
+void decode_attention(const DecodeAttentionShape& s, const float* q, const Cache* k_cache, const Cache* v_cache,
                       const int64_t* lengths, float* out, const ParallelFor& parallel_for) {
   const int64_t group = s.num_heads / s.kv_heads, dim = s.head_dim;
   std::vector<Task> tasks;
@@ -159,7 +162,7 @@ void decode_attention(const DecodeAttentionShape& s, const float* q, const float
   first_task.push_back(tasks.size());
   const size_t stride = static_cast<size_t>(group * (dim + 2));
   std::vector<float> partial(tasks.size() * stride);
-  const ChunkFn attend = chunk_fn(group, dim / kLanes);
+  const ChunkFn<Cache> attend = chunk_fn<Cache>(group, dim / kLanes);
   parallel_for(tasks.size(), [&](size_t i) { attend(s, q, k_cache, v_cache, tasks[i], &partial[i * stride]); });
 
   // merge each (row, KV head)'s chunks: rescale by exp(m_chunk - m_max)
@@ -183,6 +186,11 @@ void decode_attention(const DecodeAttentionShape& s, const float* q, const float
     }
   }
 }
+
+template void decode_attention<float>(const DecodeAttentionShape&, const float*, const float*, const float*,
+                                      const int64_t*, float*, const ParallelFor&);
+template void decode_attention<_Float16>(const DecodeAttentionShape&, const float*, const _Float16*,
+                                         const _Float16*, const int64_t*, float*, const ParallelFor&);
 
 void rotate_half(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin, int64_t half) {
   for (int64_t h = 0; h < heads; ++h) {

@@ -23,8 +23,10 @@ using ParallelFor = std::function<void(size_t total, const std::function<void(si
 
 // out[b, h, :] = softmax(scale * q[b, h] . K[b, g, :len_b]) V[b, g, :len_b] with g = h / (num_heads / kv_heads),
 // over the keys the window lets the query (position len_b - 1) see. q, out: [batch, num_heads, head_dim];
-// k_cache, v_cache: [batch, kv_heads, capacity, head_dim]; lengths[b] in [1, capacity].
-void decode_attention(const DecodeAttentionShape& shape, const float* q, const float* k_cache, const float* v_cache,
+// k_cache, v_cache: [batch, kv_heads, capacity, head_dim] of float or _Float16 (--kv-dtype float16: half the bytes
+// read, widened to float in registers; the math stays float32); lengths[b] in [1, capacity].
+template <typename Cache>
+void decode_attention(const DecodeAttentionShape& shape, const float* q, const Cache* k_cache, const Cache* v_cache,
                       const int64_t* lengths, float* out, const ParallelFor& parallel_for);
 
 // Rotary embedding in place on `heads` vectors of head_dim at one position: the first 2 * half dimensions rotated

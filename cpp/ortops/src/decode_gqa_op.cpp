@@ -3,8 +3,9 @@
 // token per row (decode) runs on decode_attention.h's kernel over the shared, in-place BNSH cache; a step of more
 // (a prompt or a prompt chunk) is handed to ONNX Runtime's own GroupQueryAttention kernel, created once per node
 // through the standalone-op API, so one session serves both and holds the weights once. Supported: packed or
-// separate q/k/v, do_rotary with half-split tables (rotary_interleaved = 0), local_window_size, scale, float32
-// caches. Anything else (int8 caches, softcap, smooth softmax, interleaved rotary) is refused with a message.
+// separate q/k/v, do_rotary with half-split tables (rotary_interleaved = 0), local_window_size, scale, float32 or
+// float16 caches (GroupQueryAttention's T_CACHE; the math stays float32). Anything else (int8 caches, softcap, smooth
+// softmax, interleaved rotary) is refused with a message.
 #include "decode_gqa_op.h"
 
 #include <algorithm>
@@ -78,36 +79,69 @@ DecodeGqaKernel::DecodeGqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
                                kInputs, kOutputs);
 }
 
-void DecodeGqaKernel::ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim) {
+void DecodeGqaKernel::ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim,
+                                    ONNXTensorElementDataType cache_type) {
   Ort::KernelContext ctx(context);
   const OrtValue* inputs[kInputs];
   for (size_t i = 0; i < kInputs; ++i) inputs[i] = ctx.GetInput(i);  // absent optional inputs: null, as in a graph
   // GroupQueryAttention's present shape: the past buffer's capacity, or the total length where that is longer
-  const Ort::ConstValue past_key = ctx.GetInput(3), total_length = ctx.GetInput(6);
-  int64_t present_length = *total_length.GetTensorData<int32_t>();
-  if (present(past_key)) present_length = std::max(present_length, shape_of(past_key)[2]);
+  const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4), total_length = ctx.GetInput(6);
+  const int64_t total = *total_length.GetTensorData<int32_t>();
+  const int64_t capacity = present(past_key) ? shape_of(past_key)[2] : 0;
+  const int64_t present_length = std::max(total, capacity);
   const std::vector<int64_t> cache_shape{batch, kv_heads_, present_length, dim};
   OrtValue* outputs[kOutputs];
-  std::vector<Ort::Value> own;  // present outputs the graph does not take: the kernel still writes them somewhere
-  for (size_t i = 0; i < kOutputs; ++i) {
-    Ort::UnownedValue out =
-        i == 0 ? ctx.GetOutput(0, {batch, tokens, num_heads_ * dim}) : ctx.GetOutput(i, cache_shape);
-    if (!out) {
-      own.push_back(Ort::Value::CreateTensor<float>(Ort::AllocatorWithDefaultOptions(), cache_shape.data(),
-                                                    cache_shape.size()));
-      outputs[i] = own.back();
-    } else {
-      outputs[i] = out;
+  std::vector<Ort::Value> own;  // float32 caches the kernel writes that are not the graph's outputs
+  own.reserve(2);
+  auto own_cache = [&]() -> OrtValue* {
+    own.push_back(Ort::Value::CreateTensor<float>(Ort::AllocatorWithDefaultOptions(), cache_shape.data(),
+                                                  cache_shape.size()));
+    return own.back();
+  };
+  outputs[0] = ctx.GetOutput(0, {batch, tokens, num_heads_ * dim});
+  Ort::UnownedValue present_cache[2] = {ctx.GetOutput(1, cache_shape), ctx.GetOutput(2, cache_shape)};
+  if (cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {  // present outputs the graph does not take: still written
+    for (int c = 0; c < 2; ++c)
+      outputs[1 + c] = present_cache[c] ? static_cast<OrtValue*>(present_cache[c]) : own_cache();
+    return prompt_op_.Invoke(context, inputs, kInputs, outputs, kOutputs);
+  }
+
+  // A float16 cache: ONNX Runtime's kernel for float queries over a float16 cache converts the whole buffer, so its
+  // float kernel runs here over float copies of the positions in use (bound as its past and present at once, in
+  // place), and those positions go back as float16. Positions from `total` on are neither read nor written.
+  const int64_t used = std::min(total, capacity), pairs = batch * kv_heads_;
+  const Ort::ConstValue past[2] = {past_key, past_value};
+  for (int c = 0; c < 2; ++c) {
+    OrtValue* copy = own_cache();
+    if (present(past[c])) {
+      const _Float16* src = past[c].GetTensorData<_Float16>();
+      float* dst = Ort::UnownedValue(copy).GetTensorMutableData<float>();
+      for (int64_t pair = 0; pair < pairs; ++pair)
+        widen(src + pair * capacity * dim, dst + pair * present_length * dim, used * dim);
+      inputs[3 + c] = copy;
     }
+    outputs[1 + c] = copy;
   }
   prompt_op_.Invoke(context, inputs, kInputs, outputs, kOutputs);
+  for (int c = 0; c < 2; ++c) {
+    if (!present_cache[c]) continue;
+    _Float16* dst = present_cache[c].GetTensorMutableData<_Float16>();
+    if (present(past[c]) && past[c].GetTensorRawData() != dst) {  // present apart from past: past's positions first
+      const _Float16* src = past[c].GetTensorData<_Float16>();
+      for (int64_t pair = 0; pair < pairs; ++pair)
+        std::memcpy(dst + pair * present_length * dim, src + pair * capacity * dim,
+                    static_cast<size_t>(capacity * dim) * sizeof(_Float16));
+    }
+    const float* src = Ort::ConstValue(outputs[1 + c]).GetTensorData<float>();
+    for (int64_t pair = 0; pair < pairs; ++pair)
+      narrow(src + pair * present_length * dim, dst + pair * present_length * dim, total * dim);
+  }
 }
 
 void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   Ort::KernelContext ctx(context);
   const Ort::ConstValue query = ctx.GetInput(0), key = ctx.GetInput(1), value = ctx.GetInput(2);
-  const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4), seqlens = ctx.GetInput(5);
-  const Ort::ConstValue cos_cache = ctx.GetInput(7), sin_cache = ctx.GetInput(8), position_ids = ctx.GetInput(9);
+  const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4);
 
   const std::vector<int64_t> qshape = shape_of(query);
   if (qshape.size() != 3) fail("query must be [batch, tokens, hidden]; got " + dims(qshape));
@@ -117,8 +151,28 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   const int64_t heads_in_query = packed ? num_heads_ + 2 * kv_heads_ : num_heads_;
   if (width % heads_in_query != 0) fail("query width " + std::to_string(width) + " is not a whole number of heads");
   const int64_t dim = width / heads_in_query;
-  if (qshape[1] != 1) return ComputePrompt(context, batch, qshape[1], dim);
+  if (present(past_key) != present(past_value)) fail("past_key and past_value must both be given or both absent");
+  ONNXTensorElementDataType cache_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (present(past_key)) {
+    cache_type = past_key.GetTensorTypeAndShapeInfo().GetElementType();
+    if (past_value.GetTensorTypeAndShapeInfo().GetElementType() != cache_type)
+      fail("past_key and past_value must be of one type");
+    if (cache_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && cache_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      fail("the KV cache must be float32 or float16");
+  }
+  if (qshape[1] != 1) return ComputePrompt(context, batch, qshape[1], dim, cache_type);
   if (dim % kLanes != 0) fail("head size must be a multiple of 16; got " + std::to_string(dim));
+  if (cache_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return Decode<_Float16>(context, batch, dim, packed);
+  Decode<float>(context, batch, dim, packed);
+}
+
+template <typename Cache>
+void DecodeGqaKernel::Decode(OrtKernelContext* context, int64_t batch, int64_t dim, bool packed) {
+  Ort::KernelContext ctx(context);
+  const Ort::ConstValue query = ctx.GetInput(0), key = ctx.GetInput(1), value = ctx.GetInput(2);
+  const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4), seqlens = ctx.GetInput(5);
+  const Ort::ConstValue cos_cache = ctx.GetInput(7), sin_cache = ctx.GetInput(8), position_ids = ctx.GetInput(9);
+  const int64_t width = shape_of(query)[2];
   if (!packed) {
     for (const auto* kv : {&key, &value}) {
       const std::vector<int64_t> s = shape_of(*kv);
@@ -126,7 +180,6 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
         fail("key and value must be [batch, 1, kv_num_heads * head_size]; got " + dims(s));
     }
   }
-  if (present(past_key) != present(past_value)) fail("past_key and past_value must both be given or both absent");
   const bool cached = present(past_key);
   int64_t capacity = 1;
   if (cached) {
@@ -142,17 +195,17 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   // the cache this step appends to and reads: the present buffers (the past ones when bound to the same memory)
   const std::vector<int64_t> cache_shape{batch, kv_heads_, capacity, dim};
   Ort::UnownedValue present_key = ctx.GetOutput(1, cache_shape), present_value = ctx.GetOutput(2, cache_shape);
-  std::vector<float> own_k, own_v;  // present outputs not wanted: the step's cache lives here
-  float* k_cache = present_key ? present_key.GetTensorMutableData<float>() : nullptr;
-  float* v_cache = present_value ? present_value.GetTensorMutableData<float>() : nullptr;
+  std::vector<Cache> own_k, own_v;  // present outputs not wanted: the step's cache lives here
+  Cache* k_cache = present_key ? present_key.GetTensorMutableData<Cache>() : nullptr;
+  Cache* v_cache = present_value ? present_value.GetTensorMutableData<Cache>() : nullptr;
   const size_t cache_elems = static_cast<size_t>(batch * kv_heads_ * capacity * dim);
   if (!k_cache) k_cache = (own_k.resize(cache_elems), own_k.data());
   if (!v_cache) v_cache = (own_v.resize(cache_elems), own_v.data());
   if (cached) {  // past and present differ unless the caller shares the buffer: then nothing is copied
-    const float* pk = past_key.GetTensorData<float>();
-    const float* pv = past_value.GetTensorData<float>();
-    if (pk != k_cache) std::memcpy(k_cache, pk, cache_elems * sizeof(float));
-    if (pv != v_cache) std::memcpy(v_cache, pv, cache_elems * sizeof(float));
+    const Cache* pk = past_key.GetTensorData<Cache>();
+    const Cache* pv = past_value.GetTensorData<Cache>();
+    if (pk != k_cache) std::memcpy(k_cache, pk, cache_elems * sizeof(Cache));
+    if (pv != v_cache) std::memcpy(v_cache, pv, cache_elems * sizeof(Cache));
   }
 
   int64_t half = 0, table_rows = 0;
@@ -185,7 +238,8 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
       fail("position " + std::to_string(pos) + " is outside the rotary tables of " + std::to_string(table_rows));
   }
 
-  // per row: rotate q and the new k, append k and v at the row's length, attend over what the row then holds
+  // per row: rotate q and the new k, append k and v at the row's length (in the cache's type: the step attends
+  // over what later steps will read), attend over what the row then holds
   const float* qkv = query.GetTensorData<float>();
   std::vector<float> q(static_cast<size_t>(batch * num_heads_ * dim));
   std::vector<int64_t> lengths(static_cast<size_t>(batch));
@@ -205,8 +259,10 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
     }
     for (int64_t g = 0; g < kv_heads_; ++g) {
       const size_t slot = static_cast<size_t>(((b * kv_heads_ + g) * capacity + at) * dim);
-      std::memcpy(k_cache + slot, k_new.data() + g * dim, static_cast<size_t>(dim) * sizeof(float));
-      std::memcpy(v_cache + slot, v_src + g * dim, static_cast<size_t>(dim) * sizeof(float));
+      for (int64_t d = 0; d < dim; ++d) {
+        k_cache[slot + d] = static_cast<Cache>(k_new[g * dim + d]);
+        v_cache[slot + d] = static_cast<Cache>(v_src[g * dim + d]);
+      }
     }
     lengths[b] = at + 1;
   }
@@ -218,8 +274,8 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
     ctx.ParallelFor([](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); },
                     total, 0, const_cast<std::function<void(size_t)>*>(&fn));
   };
-  decode_attention(shape, q.data(), k_cache, v_cache, lengths.data(), output.GetTensorMutableData<float>(),
-                   parallel_for);
+  decode_attention<Cache>(shape, q.data(), k_cache, v_cache, lengths.data(), output.GetTensorMutableData<float>(),
+                          parallel_for);
 }
 
 OrtStatusPtr DecodeGqaKernel::ComputeV2(OrtKernelContext* context) {
@@ -247,6 +303,9 @@ ONNXTensorElementDataType DecodeGqaOp::GetInputType(size_t index) const {
       return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;  // seqlens_k, total_sequence_length
     case 9:
       return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;  // position_ids
+    case 3:
+    case 4:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // past_key, past_value: float32 or float16 (checked per run)
     default:
       return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }

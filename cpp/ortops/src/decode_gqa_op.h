@@ -14,7 +14,10 @@ class DecodeGqaKernel {
 
  private:
   void Compute(OrtKernelContext* context);
-  void ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim);
+  void ComputePrompt(OrtKernelContext* context, int64_t batch, int64_t tokens, int64_t dim,
+                     ONNXTensorElementDataType cache_type);
+  template <typename Cache>  // float, or _Float16
+  void Decode(OrtKernelContext* context, int64_t batch, int64_t dim, bool packed);
   int64_t num_heads_, kv_heads_, window_;
   bool do_rotary_;
   float scale_;
@@ -28,7 +31,10 @@ struct DecodeGqaOp : Ort::CustomOpBase<DecodeGqaOp, DecodeGqaKernel, /*WithStatu
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return kOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  // present_key, present_value: the past's type (float32 or float16)
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
 };
 

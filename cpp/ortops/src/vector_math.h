@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace adaskip::ortops {
 
@@ -17,6 +20,30 @@ typedef float VecFUnaligned __attribute__((vector_size(kLanes * sizeof(float)), 
 inline VecF load(const float* p) { return *reinterpret_cast<const VecFUnaligned*>(p); }
 inline void store(float* p, VecF v) { *reinterpret_cast<VecFUnaligned*>(p) = v; }
 inline VecF splat(float x) { return VecF{} + x; }
+
+// float16 caches (--kv-dtype float16): 16 halves widened to one float vector. The compiler's generic conversion
+// splits it into 4-lane pieces, so the x86 instructions are named where the target has them.
+typedef _Float16 VecH __attribute__((vector_size(kLanes * sizeof(_Float16)), aligned(2)));
+inline VecF load(const _Float16* p) {
+#if defined(__AVX512F__)
+  // the zero-masked form: GCC 12 warns on the plain one's undefined pass-through register
+  return (VecF)_mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const Vec8 lo = (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const Vec8 hi = (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return __builtin_convertvector(*reinterpret_cast<const VecH*>(p), VecF);
+#endif
+}
+
+// n values converted between float32 and float16 (round to nearest even), in bulk: the prompt path's copies
+inline void widen(const _Float16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+inline void narrow(const float* src, _Float16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<_Float16>(src[i]);
+}
 
 // halves added pairwise (a tree, not the lanes in order: 4 dependent adds instead of 15)
 inline float reduce_add(VecF v) {
