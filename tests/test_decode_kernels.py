@@ -360,8 +360,9 @@ def test_slot_pool_decodes_like_onnx_runtime_kernels(library, smollm2_k8_engine)
 
 def test_bench_times_the_decode_kernels_beside_onnx_runtime(cpp_build, library, tiny_gqa_chat_model, tmp_path,
                                                            capsys):
-    """adaskip-bench --decode-kernels: ort-dk and ort-dk-spin beside ort and ort-spin, timed like them, and with
-    --cpp-runtime their C++ runtime twins; a path that is not a file is refused in one line."""
+    """adaskip-bench --decode-kernels: ort-dk and ort-dk-spin beside ort and ort-spin, timed like them, with
+    --fp16-kv the same on a float16 KV cache, and with --cpp-runtime their C++ runtime twins; a path that is not a
+    file, or --fp16-kv without the kernels, is refused in one line."""
     import json
 
     from adaskip.cli import bench
@@ -373,14 +374,19 @@ def test_bench_times_the_decode_kernels_beside_onnx_runtime(cpp_build, library, 
     assert "missing.so" in err and "\n" not in err
     out = tmp_path / "docs"
     program = cpp_build.wait() / "cpp" / "runtime" / "adaskip_generate"
-    assert bench.main(common + ["--decode-kernels", str(library), "--cpp-runtime", str(program),
+    assert bench.main(common + ["--fp16-kv", "--out", str(tmp_path)]) == 2  # a float16 cache without the kernels
+    err = capsys.readouterr().err.strip()
+    assert "--decode-kernels" in err and "\n" not in err
+    assert bench.main(common + ["--decode-kernels", str(library), "--fp16-kv", "--cpp-runtime", str(program),
                                 "--out", str(out)]) == 0
     data = json.loads((out / "benchmarks.json").read_text())
     names = [c["name"] for c in data["columns"]]
     assert names == ["torch-reference", "ort", "ort-cpp", "ort-spin", "ort-spin-cpp", "ort-dk", "ort-dk-cpp",
-                     "ort-dk-spin", "ort-dk-spin-cpp"]
+                     "ort-dk-spin", "ort-dk-spin-cpp", "ort-kv16-dk", "ort-kv16-dk-cpp", "ort-kv16-dk-spin",
+                     "ort-kv16-dk-spin-cpp"]
     notes = {c["name"]: c["note"] for c in data["columns"]}
     assert all("DecodeGroupQueryAttention" in notes[n] for n in names if "-dk" in n)
+    assert all(("float16 KV cache" in notes[n]) == ("kv16" in n) for n in names)
     assert not any("DecodeGroupQueryAttention" in notes[n] for n in names if "-dk" not in n)
     assert all(data["results"][n][c]["decode"] > 0 for n in names[1:] for c in ("16", "32"))
     assert "| ort-dk |" in (out / "benchmarks.md").read_text()

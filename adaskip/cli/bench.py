@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int4", action="store_true", help="add int4 columns (ours and onnxruntime-genai)")
     p.add_argument("--int8-kv", action="store_true", help="add our engines with an int8 KV cache: ort-kv8, and with "
                    "--int4 ort-int4-kv8 (scales fitted as adaskip-build --kv-dtype int8 fits them)")
+    p.add_argument("--fp16-kv", action="store_true", help="with --decode-kernels: add ort-kv16-dk (and "
+                   "ort-kv16-dk-spin): a float16 KV cache, as llama.cpp keeps by default, on the decode kernels")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-genai", action="store_true")
     p.add_argument("--no-spinning-pair", dest="spinning_pair", action="store_false",
@@ -54,7 +56,8 @@ def options(a: argparse.Namespace) -> BenchOptions:
     return BenchOptions(model=a.model, contexts=int_list(a.contexts, "--contexts"),
                         budgets=int_list(a.budgets, "--budgets"), repeats=a.repeats, decode_tokens=a.decode_tokens,
                         threads=a.threads, calibration=a.calibration, calib_prompts=a.calib_prompts,
-                        calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, hf=not a.no_hf,
+                        calib_tokens=a.calib_tokens, int4=a.int4, int8_kv=a.int8_kv, fp16_kv=a.fp16_kv,
+                        hf=not a.no_hf,
                         genai=not a.no_genai, spinning_pair=a.spinning_pair, llamacpp=not a.no_llamacpp,
                         llamacpp_types=word_list(a.llamacpp_types), llamacpp_convert=a.llamacpp_convert,
                         cpp_runtime=a.cpp_runtime, decode_kernels=a.decode_kernels)

@@ -73,6 +73,8 @@ class BenchOptions:
     calib_tokens: int = CalibrationOptions.tokens
     int4: bool = False  # int4 columns (ours and onnxruntime-genai)
     int8_kv: bool = False  # our engines again with an int8 KV cache (ort-kv8, and ort-int4-kv8 with int4)
+    fp16_kv: bool = False  # with decode_kernels: ort-kv16-dk (and its -spin twin), a float16 KV cache on the kernels
+    # (llama.cpp's default cache type); ONNX Runtime's own CPU kernel converts such a cache every step
     hf: bool = True  # the Hugging Face transformers column
     genai: bool = True  # the onnxruntime-genai columns
     spinning_pair: bool = True  # ort-spin and ort-genai-fp32-spin, with int4 also ort-int4-spin and
@@ -99,6 +101,9 @@ class BenchOptions:
             cpp_runtime.check_program(self.cpp_runtime)
         if self.decode_kernels is not None:
             kernel_library(self.decode_kernels)
+        elif self.fp16_kv:
+            raise InputError("--fp16-kv times a float16 KV cache on the decode kernels: add --decode-kernels LIB "
+                             "(ONNX Runtime's own CPU kernel converts such a cache every step)")
         if (self.budgets and self.calibration is None) or self.int8_kv:  # calibration prompts are read: AdaSkip
             # columns calibrate as adaskip-build does, the int8 KV columns fit their scales on them
             CalibrationOptions(prompts=self.calib_prompts, tokens=self.calib_tokens).validate()
@@ -266,17 +271,16 @@ class CppTwin:
 
 
 def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quantize: bool = False,
-                spinning: bool = False, cpp: CppTwin | None = None, kv_scales: Any = None,
-                decode_kernels: str = "") -> list[Column]:
+                spinning: bool = False, cpp: CppTwin | None = None, kv_dtype: str = "float32",
+                kv_scales: Any = None, decode_kernels: str = "") -> list[Column]:
     """Our engine on `plan` in the Python Generator, and with `cpp` the same engine dir in the C++ runtime's loop
-    too (column `<name>-cpp`); with `kv_scales` its KV cache is int8; with `decode_kernels` (a cpp/ortops library)
-    its decode steps run that library's attention kernel. Without it ONNX Runtime's own kernels run, whatever
-    ADASKIP_DECODE_KERNELS says."""
+    too (column `<name>-cpp`); its KV cache in `kv_dtype` (int8 with `kv_scales`); with `decode_kernels` (a
+    cpp/ortops library) its decode steps run that library's attention kernel. Without it ONNX Runtime's own kernels
+    run, whatever ADASKIP_DECODE_KERNELS says."""
     out = work / name
     out.mkdir()
     policy = SkipPolicy(plan)
     variant = choose_variant(model.spec, policy.layout, "ort")  # what adaskip-build picks for --backend ort
-    kv_dtype = "float32" if kv_scales is None else "int8"
     graph_info = save_onnx(build_onnx(model.spec, model.weights, policy.layout, variant=variant, kv_dtype=kv_dtype,
                                       kv_scales=kv_scales), out, check=False)
     widths = cost.Widths.for_engine("float32", kv_dtype=kv_dtype)
@@ -290,7 +294,8 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
                                              **kernels),
                             policy, note=f"{variant} graph" + ("; intra-op spinning on, like the ort-genai-*-spin "
                                                                 "columns" if spinning else "")
-                            + ("" if kv_scales is None else "; int8 KV cache (adaskip-build --kv-dtype int8)")
+                            + ("" if kv_dtype == "float32" else f"; {kv_dtype} KV cache (adaskip-build --kv-dtype "
+                                                                f"{kv_dtype})")
                             + ("; decode attention on cpp/ortops's DecodeGroupQueryAttention" if decode_kernels
                                else ""))
     skipped = sorted(policy.layout.decode_skip_at(1))  # e2e plans here: one decode set
@@ -313,20 +318,21 @@ def _ort_column(name: str, model: Any, plan: Any, work: Path, threads: int, quan
 
 
 def _decode_kernel_columns(opts: BenchOptions, model: Any, nothing: Any, work: Path, skipped: dict[str, str],
-                           quantize: bool, cpp: CppTwin | None = None) -> list[Column]:
-    """ort-dk (ort-int4-dk with `quantize`), and its -spin twin with the spinning pair: the same engine with
-    cpp/ortops's decode kernels (--decode-kernels); with `cpp` their C++ runtime twins too."""
+                           quantize: bool, cpp: CppTwin | None = None, kv_dtype: str = "float32") -> list[Column]:
+    """ort-dk (ort-int4-dk with `quantize`, ort-kv16-dk with a float16 `kv_dtype`), and its -spin twin with the
+    spinning pair: the same engine with cpp/ortops's decode kernels (--decode-kernels); with `cpp` their C++ runtime
+    twins too."""
     if opts.decode_kernels is None:
         return []
-    base = "ort-int4" if quantize else "ort"
+    base = ("ort-int4" if quantize else "ort") + ("-kv16" if kv_dtype == "float16" else "")
     if choose_variant(model.spec, SkipPolicy(nothing).layout, "ort") != "ort":
         skipped[f"{base}-dk"] = "the decode kernels replace GroupQueryAttention, which this model's graph cannot use"
         return []
     columns = _ort_column(f"{base}-dk", model, nothing, work, opts.threads, quantize=quantize, cpp=cpp,
-                          decode_kernels=opts.decode_kernels)
+                          kv_dtype=kv_dtype, decode_kernels=opts.decode_kernels)
     if opts.spinning_pair:
         columns += _ort_column(f"{base}-dk-spin", model, nothing, work, opts.threads, quantize=quantize,
-                               spinning=True, cpp=cpp, decode_kernels=opts.decode_kernels)
+                               spinning=True, cpp=cpp, kv_dtype=kv_dtype, decode_kernels=opts.decode_kernels)
     return columns
 
 
@@ -344,7 +350,7 @@ def _int8_kv_columns(opts: BenchOptions, model: Any, tokenizer: Any, nothing: An
     columns: list[Column] = []
     for name, quantized in (("ort-kv8", False),) + ((("ort-int4-kv8", True),) if opts.int4 else ()):
         columns += _ort_column(name, model, nothing, work, opts.threads, quantize=quantized, cpp=cpp,
-                               kv_scales=kv_scales)
+                               kv_dtype="int8", kv_scales=kv_scales)
     for col in columns:
         col.info["kv_scales"] = fitted
     return columns
@@ -538,6 +544,9 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
     if opts.spinning_pair:  # onnxruntime-genai spins by default: both engines with spinning on, side by side
         columns += _ort_column("ort-spin", model, nothing, work, opts.threads, spinning=True, cpp=cpp)
     columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=False, cpp=cpp)
+    if opts.fp16_kv:
+        columns += _decode_kernel_columns(opts, model, nothing, work, skipped, quantize=False, cpp=cpp,
+                                          kv_dtype="float16")
     for k in budgets:
         # offline set only: the ideal speedup counts the offline set, so online FFNs would blur the comparison
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
