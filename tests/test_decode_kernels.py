@@ -329,29 +329,35 @@ def test_cpp_runtime_decodes_with_the_kernels_like_python(cpp_build, library, sm
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
 
 
+def _pool_steps(rt, ids: list[int], slots: int, prompts: tuple[tuple[int, int], ...],
+                steps: tuple[list[int], ...]) -> tuple[list[np.ndarray], object]:
+    """The serving scheduler's path on `rt`'s engine: a pool of `slots` x 700 positions, `prompts` ((slot, length):
+    the first `length` ids) prefilled, then one decode step per entry of `steps` (the slots decoding; free slots inside
+    their range ride along as filler rows). Returns each step's logits and the pool."""
+    engine = rt.engine
+    n = engine.spec.num_sublayers
+    cache = engine.new_cache(slots, 700, list(rt.policy.layout.cached_layers))
+    skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
+    for slot, length in prompts:
+        engine.prefill_slot(slot, torch.tensor(ids[:length]), cache, skip, scales)
+    logits = []
+    for decoding in steps:
+        tokens = torch.tensor([ids[700 + s] for s in decoding])
+        b = len(decoding)
+        logits.append(np.asarray(engine.decode_slots(decoding, tokens, cache, skip.expand(b, -1),
+                                                     scales.expand(b, -1)).logits))
+    return logits, cache
+
+
 def test_slot_pool_decodes_like_onnx_runtime_kernels(library, smollm2_k8_engine):
     """The serving scheduler's path: a pool of slots holding prompts of different lengths, decode steps over subsets
     of them (filler rows inside the range): logits agree with ONNX Runtime's kernels, the cache is the same."""
     plain, fast = _runtime(smollm2_k8_engine, ""), _runtime(smollm2_k8_engine, library)
     ids = plain.tokenizer.encode(long_text()[:6000])
-    n = plain.engine.spec.num_sublayers
-    logits = {}
-    for name, rt in (("plain", plain), ("fast", fast)):
-        engine = rt.engine
-        cache = engine.new_cache(4, 700, list(rt.policy.layout.cached_layers))
-        skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
-        for slot, length in ((0, 600), (1, 37), (3, 250)):
-            engine.prefill_slot(slot, torch.tensor(ids[:length]), cache, skip, scales)
-        steps = []
-        for slots in ([0, 3], [0, 1, 3], [1]):
-            tokens = torch.tensor([ids[700 + s] for s in slots])
-            b = len(slots)
-            out = engine.decode_slots(slots, tokens, cache, skip.expand(b, -1), scales.expand(b, -1))
-            steps.append(out.logits)
-        logits[name] = (steps, cache)
-    for ref, ours in zip(logits["plain"][0], logits["fast"][0]):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=2e-4)
-    ref_cache, our_cache = logits["plain"][1], logits["fast"][1]
+    (ref_steps, ref_cache), (our_steps, our_cache) = (
+        _pool_steps(rt, ids, 4, ((0, 600), (1, 37), (3, 250)), ([0, 3], [0, 1, 3], [1])) for rt in (plain, fast))
+    for ref, ours in zip(ref_steps, our_steps):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=2e-4)
     np.testing.assert_array_equal(our_cache.lengths, ref_cache.lengths)
     for i in ref_cache.k:
         np.testing.assert_allclose(our_cache.k[i], ref_cache.k[i], atol=1e-5)
@@ -441,28 +447,15 @@ def test_float16_cache_engine_decodes_with_the_kernels(cpp_build, library, smoll
     engine_dir = smollm2_fp16_kv_engine
     plain, fast = _runtime(engine_dir, ""), _runtime(engine_dir, library)
     ids = plain.tokenizer.encode(long_text()[:6000])
-    n = plain.engine.spec.num_sublayers
-    pools = {}
-    for name, rt in (("plain", plain), ("fast", fast)):
-        engine = rt.engine
-        cache = engine.new_cache(3, 700, list(rt.policy.layout.cached_layers))
-        assert next(iter(cache.k.values())).dtype == np.float16
-        skip, scales = torch.zeros(1, n, dtype=torch.bool), torch.ones(1, n)
-        for slot, length in ((0, 600), (1, 37), (2, 250)):
-            engine.prefill_slot(slot, torch.tensor(ids[:length]), cache, skip, scales)
-        steps = []
-        for slots in ([0, 2], [0, 1, 2], [1]):
-            tokens = torch.tensor([ids[700 + s] for s in slots])
-            out = engine.decode_slots(slots, tokens, cache, skip.expand(len(slots), -1),
-                                      scales.expand(len(slots), -1))
-            steps.append(np.asarray(out.logits))
-        pools[name] = (steps, cache)
-    for ref, ours in zip(pools["plain"][0], pools["fast"][0]):
+    prompts = ((0, 600), (1, 37), (2, 250))
+    (ref_steps, ref_cache), (our_steps, our_cache) = (
+        _pool_steps(rt, ids, 3, prompts, ([0, 2], [0, 1, 2], [1])) for rt in (plain, fast))
+    assert next(iter(our_cache.k.values())).dtype == np.float16
+    for ref, ours in zip(ref_steps, our_steps):
         np.testing.assert_allclose(ours, ref, rtol=1e-2, atol=2e-2)  # float16 keys and values read either way
-    ref_cache, our_cache = pools["plain"][1], pools["fast"][1]
     np.testing.assert_array_equal(our_cache.lengths, ref_cache.lengths)
     for i in ref_cache.k:
-        for slot, (prompt_len, used) in enumerate(zip((600, 37, 250), ref_cache.lengths)):
+        for (slot, prompt_len), used in zip(prompts, ref_cache.lengths):
             for ours, ref in ((our_cache.k[i][slot], ref_cache.k[i][slot]),
                               (our_cache.v[i][slot], ref_cache.v[i][slot])):
                 np.testing.assert_array_equal(ours[:, :prompt_len], ref[:, :prompt_len])  # prompts: exactly
