@@ -216,6 +216,39 @@ def test_prompt_steps_over_float16_caches_equal_group_query_attention(library, c
     _compare_prompt(library, *case, cache=np.float16)
 
 
+def test_attention_without_a_past_runs_on_the_op(library):
+    """A layer the plan does not cache (its attention skipped in every decode step): the node has no past and nobody
+    reads its present outputs. decode_graph leaves those out (the op takes float32 or float16 caches and could not
+    type them), and the node's attention equals GroupQueryAttention's, for a prompt and for a single token."""
+    import onnxruntime as ort
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("qkv", f32, [1, "seq", 15 * 64]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, []),
+              helper.make_tensor_value_info("pos", TensorProto.INT64, [1, "seq"])]
+    rng = np.random.default_rng(3)
+    tables = [rng.uniform(-1, 1, (64, 32)).astype(np.float32) for _ in range(2)]
+    inits = [helper.make_tensor(n, f32, t.shape, t.ravel()) for n, t in zip(("cos", "sin"), tables)]
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "", "", "seqlens_k", "total", "cos", "sin", "pos"],
+                            ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=9, kv_num_heads=3,
+                            do_rotary=1, scale=0.125)
+    model = helper.make_model(helper.make_graph([node], "uncached", inputs,
+                                                [helper.make_tensor_value_info("out", f32, None)], inits),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    swapped = decode_kernels.decode_graph(model)
+    assert list(swapped.graph.node[0].output) == ["out", "", ""]
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    ours = ort.InferenceSession(swapped.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for tokens in (6, 1):
+        feeds = {"qkv": rng.standard_normal((1, tokens, 15 * 64)).astype(np.float32),
+                 "seqlens_k": np.array([tokens - 1], np.int32), "total": np.array(tokens, np.int32),
+                 "pos": np.arange(tokens)[None].astype(np.int64)}
+        np.testing.assert_allclose(ours.run(None, feeds)[0], ref.run(None, feeds)[0], rtol=1e-5, atol=2e-6)
+
+
 def test_decode_kernel_refuses_what_it_cannot_run(library):
     rng = np.random.default_rng(0)
     session = _attention_session(library, 1, 4, 2, 16, 8, True, None)

@@ -58,7 +58,7 @@ def decode_graph(model: onnx.ModelProto) -> onnx.ModelProto:
                          f"{ENV} for this engine")
     decode = onnx.ModelProto()
     decode.CopyFrom(model)
-    if not _swap_attention(decode.graph):
+    if not _swap_attention(decode.graph, _consumed(decode.graph)):
         raise InputError(f"{ENV}: this graph has no GroupQueryAttention node to run on the decode kernel")
     if not any(o.domain == DOMAIN for o in decode.opset_import):
         decode.opset_import.append(helper.make_opsetid(DOMAIN, 1))
@@ -78,12 +78,23 @@ def write_decode_graph(engine_dir: Path, graph: dict) -> None:
     graph["decode_kernels_file"] = DECODE_FILE
 
 
-def _swap_attention(graph: onnx.GraphProto) -> int:
+def _consumed(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node reads or a graph (If / Loop bodies included) returns."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _consumed(attr.g)
+    return names
+
+
+def _swap_attention(graph: onnx.GraphProto, consumed: set[str]) -> int:
     count = 0
     for node in graph.node:
         for attr in node.attribute:  # If / Loop bodies
             if attr.type == onnx.AttributeProto.GRAPH:
-                count += _swap_attention(attr.g)
+                count += _swap_attention(attr.g, consumed)
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
         extra = [name for name in node.input[_DECODE_INPUTS:] if name]
@@ -92,6 +103,11 @@ def _swap_attention(graph: onnx.GraphProto) -> int:
                              f"inputs {', '.join(extra)} (e.g. an engine built with --kv-dtype int8); unset {ENV} for "
                              f"this engine")
         del node.input[_DECODE_INPUTS:]
+        if len(node.input) < 4 or not node.input[3]:  # no past: the op cannot infer the present outputs' type (it
+            # takes float32 or float16 caches), so those nobody reads are left out (a layer the plan does not cache)
+            for i in range(1, len(node.output)):
+                if node.output[i] not in consumed:
+                    node.output[i] = ""
         node.op_type, node.domain = DECODE_OP, DOMAIN
         count += 1
     return count

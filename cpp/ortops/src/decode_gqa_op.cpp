@@ -66,6 +66,15 @@ DecodeGqaKernel::DecodeGqaKernel(const OrtApi& api, const OrtKernelInfo* info) {
   if (attr_float(api, info, "softcap", 0.f) != 0.f) fail("softcap is not supported");
   if (attr_int(api, info, "smooth_softmax", 0) != 0) fail("smooth_softmax is not supported");
   if (attr_int(api, info, "kv_cache_bit_width", 0) != 0) fail("quantized KV caches are not supported");
+  // the present outputs' type where the node has them: a step without a past writes its cache in that type
+  Ort::ConstKernelInfo node(info);
+  if (node.GetOutputCount() > 1 && !node.GetOutputName(1).empty()) {
+    const ONNXTensorElementDataType type =
+        node.GetOutputTypeInfo(1).GetTensorTypeAndShapeInfo().GetElementType();
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      fail("the KV cache must be float32 or float16");
+    output_cache_type_ = type;
+  }
   // the prompt path: GroupQueryAttention with this node's attributes (the refused ones at their defaults)
   const int64_t ints[] = {num_heads_, kv_heads_, do_rotary_ ? 1 : 0, window_};
   const Ort::OpAttr attrs[] = {Ort::OpAttr("num_heads", &ints[0], 1, ORT_OP_ATTR_INT),
@@ -152,13 +161,14 @@ void DecodeGqaKernel::Compute(OrtKernelContext* context) {
   if (width % heads_in_query != 0) fail("query width " + std::to_string(width) + " is not a whole number of heads");
   const int64_t dim = width / heads_in_query;
   if (present(past_key) != present(past_value)) fail("past_key and past_value must both be given or both absent");
-  ONNXTensorElementDataType cache_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType cache_type = output_cache_type_;  // the type the step writes its cache in
   if (present(past_key)) {
     cache_type = past_key.GetTensorTypeAndShapeInfo().GetElementType();
     if (past_value.GetTensorTypeAndShapeInfo().GetElementType() != cache_type)
       fail("past_key and past_value must be of one type");
     if (cache_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && cache_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
       fail("the KV cache must be float32 or float16");
+    if (cache_type != output_cache_type_) fail("the present outputs must be of the past's type");
   }
   if (qshape[1] != 1) return ComputePrompt(context, batch, qshape[1], dim, cache_type);
   if (dim % kLanes != 0) fail("head size must be a multiple of 16; got " + std::to_string(dim));

@@ -21,6 +21,8 @@ class DecodeGqaKernel {
   int64_t num_heads_, kv_heads_, window_;
   bool do_rotary_;
   float scale_;
+  // the present outputs' type (float32 when the node has none: a step without them keeps its cache to itself)
+  ONNXTensorElementDataType output_cache_type_ = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   Ort::Op prompt_op_{nullptr};  // ONNX Runtime's own GroupQueryAttention, for steps of more than one token per row
 };
 
