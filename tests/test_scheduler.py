@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,23 @@ def test_background_loop_streams_concurrent_clients(tiny):
     for k, (h, tokens) in results.items():
         assert tokens == solo[k] == streamed[h.id]
     assert len(results) == len(prompts)
+
+
+def test_wave_bench_times_a_wave_of_requests_from_their_token_times(tiny):
+    """scripts/scheduler_wave_bench.py's wave: C requests submitted together to a Scheduler at temperature 1.0, each
+    generating its tokens with no stop; TTFT, aiperf's per-request ITL, the token gap and tokens/s from the
+    listener's token times."""
+    import importlib.util
+    import math
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("scheduler_wave_bench", Path(__file__).parents[1] / "scripts" /
+                                                  "scheduler_wave_bench.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, policy, engine = tiny
+    rt = SimpleNamespace(engine=engine, policy=policy, tokenizer=None, generator=SimpleNamespace(eos_token_ids=()))
+    result = script.wave(rt, SchedulerOptions(slots=4, slot_capacity=64, step_tokens=16), _prompts([12, 9, 20]), 5)
+    assert set(result) == {"ttft_ms", "itl_ms", "gap_ms", "tokens_per_s"}
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
+    assert result["ttft_ms"] > result["gap_ms"] / 10  # a prompt's prefill precedes its first token
