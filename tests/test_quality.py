@@ -12,7 +12,8 @@ import torch
 from adaskip.errors import InputError, PlanError
 from adaskip.plan import Calibration, Compensation, SkipPlan, adaskip_plan
 from adaskip.calibrate import compensation as comp
-from adaskip.eval import metrics, report, tasks
+from adaskip.calibrate import tasks
+from adaskip.eval import metrics, report
 from adaskip.eval.runner import EvalOptions, PrefixCache, mask_schedule, parse_method, prompt_is_chat
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, int_list, joined, main_wrapper, word_list
 from adaskip.errors import InputError
 from adaskip.eval import report
-from adaskip.eval.runner import PROMPT_FORMATS, EvalOptions, Evaluator
+from adaskip.calibrate.tasks import PROMPT_FORMATS
+from adaskip.eval.runner import EvalOptions, Evaluator
 
 
 def parser() -> argparse.ArgumentParser:

@@ -38,12 +38,14 @@ from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
 from adaskip.calibrate.corpus import CalibrationOptions, CalibrationSet, load_calibration
 from adaskip.errors import InputError, PlanError, check_choice
 from adaskip.model import LoadedModel, load_model
-from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.plan import (DEFAULT_WINDOW, MODES, Calibration, SkipPlan, adaskip_plan, baseline_plan, check_mode,
                           rank_by_similarity)
 from adaskip.policy import SkipPolicy
 from adaskip.calibrate import compensation as comp
-from adaskip.eval import metrics, tasks
+from adaskip.calibrate import selection
+from adaskip.calibrate import tasks
+from adaskip.calibrate.tasks import PROMPT_FORMATS, prompt_is_chat
+from adaskip.eval import metrics
 from adaskip.runtime.engine import StepOutput
 from adaskip.runtime.generate import Generator, SamplingParams
 from adaskip.runtime.loader import load_runtime
@@ -199,20 +201,6 @@ class EvalOptions:
         if self.prompt_format != "auto":  # only when set, so records of earlier runs keep their file
             keep["prompt_format"] = self.prompt_format
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
-
-
-PROMPT_FORMATS = ("auto", "chat", "plain")
-
-
-def prompt_is_chat(prompt_format: str, model_source: str, tokenizer: Any) -> bool:
-    """Whether task prompts use the chat template. `auto`: when the tokenizer has one, unless the model is a built-in
-    base model whose template we attached only so that `--chat` works (base models answer plain prompts)."""
-    if prompt_format != "auto":
-        return prompt_format == "chat"
-    builtin = BUILTIN_MODELS.get(model_source)
-    if builtin is not None and not builtin.instruction_tuned:
-        return False
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 # -- exact work sharing --------------------------------------------------------------------------------------------
@@ -482,17 +470,17 @@ class Evaluator:
 
         def compute() -> list[int]:
             data = self._calibration_data(source)
-            windows = [p[:o.kl_tokens] for p in data.prompts[:o.kl_windows]]
             scales, c = comp.fit(rule, stats, calib)
-            candidates = rank_by_similarity(calib.similarity)[:max(o.kl_candidates, k_max)]
-            probes = tasks.answer_probes(self.tok, probe_tokens or o.kl_tokens, o.ret_probes, o.seed,
-                                         chat=self.chat, phase=phase) if retrieval else None
+            recipe = selection.GreedyRecipe(candidates=o.kl_candidates, windows=o.kl_windows, window_tokens=o.kl_tokens,
+                                            probes=o.ret_probes if retrieval else 0,
+                                            probe_tokens=probe_tokens or o.kl_tokens, answers_first=answers_first,
+                                            seed=o.seed)
             self.log(f"greedy KL selection ({rule}{', retrieval-aware' if retrieval else ''}"
                      f"{', decode phase' if phase == 'decode' else ''}{', answers first' if answers_first else ''}) "
-                     f"over {len(candidates)} candidates, K up to {k_max}")
-            return comp.kl_greedy_order(TorchEngine(self.spec, self.model.weights), windows, k_max, candidates,
-                                        scales, c, progress=o.progress, probes=probes, phase=phase,
-                                        answers_first=answers_first)
+                     f"over {max(o.kl_candidates, k_max)} candidates, K up to {k_max}")
+            return selection.greedy_order(TorchEngine(self.spec, self.model.weights), self.tok, data.prompts,
+                                          calib.similarity, scales, c, k_max, recipe, phase, self.chat,
+                                          progress=o.progress)
 
         # greedy choices do not depend on how far the greedy goes: a longer cached order (same candidates) serves
         for path in self.out.glob(f"kl-order-{tag}-{source}-K*-{self.digest}.json"):

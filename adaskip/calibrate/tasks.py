@@ -24,6 +24,7 @@ from typing import Any
 from adaskip.calibrate.compensation import Probe
 from adaskip.calibrate.corpus import leading_special_tokens, builtin_text
 from adaskip.errors import InputError
+from adaskip.model.builtin import BUILTIN_MODELS
 
 TASKS = ("passkey", "multikey", "kv", "summary")  # "summary" samples also carry the LM continuation
 RETRIEVAL = ("passkey", "multikey", "kv")
@@ -32,6 +33,7 @@ QUESTIONS_PER_DOCUMENT = {"passkey": 1, "multikey": 4, "kv": 3}
 TASK_REGION = (0.45, 0.85)
 HELDOUT_REGION = (0.85, 1.0)
 MIN_CONTEXT = 128
+ANSWER_TOKENS = 8  # room for a retrieval answer (a 5-digit number) after its prompt: each task's max_new_tokens
 
 # Needle keys: short common words the tokenizer keeps whole, so the task tests retrieval, not spelling.
 WORDS = ("apple", "river", "candle", "tiger", "violin", "marble", "pepper", "falcon", "harbor", "lemon", "rocket",
@@ -200,7 +202,7 @@ def passkey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, depth: 
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     return _haystack_sample(e, "passkey", context, seed, index, intro, [(needle, depth)],
                             [("What is the pass key? Answer with the number only.", "The pass key is", key, "")],
-                            max_new_tokens=8)
+                            max_new_tokens=ANSWER_TOKENS)
 
 
 def multikey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, keys: int = 4,
@@ -218,7 +220,7 @@ def multikey(tokenizer: Any, context: int, seed: int = 0, index: int = 0, keys: 
     queries = [(f"What is the special magic number for {k} mentioned in the provided text? Answer with the number "
                 f"only.", f"The special magic number for {k} mentioned in the provided text is", v, k)
                for k, v in zip(names, values)]
-    return _haystack_sample(e, "multikey", context, seed, index, intro, needles, queries, max_new_tokens=8)
+    return _haystack_sample(e, "multikey", context, seed, index, intro, needles, queries, max_new_tokens=ANSWER_TOKENS)
 
 
 def kv(tokenizer: Any, context: int, seed: int = 0, index: int = 0, pairs: int = 4, asked: int = 3,
@@ -236,7 +238,7 @@ def kv(tokenizer: Any, context: int, seed: int = 0, index: int = 0, pairs: int =
     queries = [(f'What is the value of key "{names[i]}" in the JSON object? Answer with the value only.',
                 f'The value of key "{names[i]}" is', values[i], names[i]) for i in picked]
     return _haystack_sample(e, "kv", context, seed, index, intro, [(needle, rng.uniform(0.1, 0.9))], queries,
-                            max_new_tokens=8)
+                            max_new_tokens=ANSWER_TOKENS)
 
 
 def summary(tokenizer: Any, context: int, seed: int = 0, index: int = 0, lm_tokens: int = 32,
@@ -297,3 +299,17 @@ def answer_probes(tokenizer: Any, context: int, count: int, seed: int, chat: boo
                             prefix=len(prompt) if phase == "decode" else 0,
                             targets=answer[1:] if phase == "decode" else answer))
     return probes
+
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def prompt_is_chat(prompt_format: str, model_source: str, tokenizer: Any) -> bool:
+    """Whether task prompts use the chat template. `auto`: when the tokenizer has one, unless the model is a built-in
+    base model whose template we attached only so that `--chat` works (base models answer plain prompts)."""
+    if prompt_format != "auto":
+        return prompt_format == "chat"
+    builtin = BUILTIN_MODELS.get(model_source)
+    if builtin is not None and not builtin.instruction_tuned:
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
