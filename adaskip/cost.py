@@ -115,7 +115,8 @@ def k_for_alpha(spec: ModelSpec, ranking: list[int], alpha: float, context_len: 
         if ideal_speedup(spec, ranking[:k], context_len, phase) >= alpha:
             return k
     best = ideal_speedup(spec, ranking, context_len, phase)
-    raise PlanError(f"--alpha {alpha} is out of reach: skipping every sublayer gives at most {best:.2f}x")
+    every = "every sublayer" if len(ranking) == spec.num_sublayers else f"all {len(ranking)} ranked sublayers"
+    raise PlanError(f"--alpha {alpha} is out of reach: skipping {every} gives at most {best:.2f}x")
 
 
 # -- the bytes-and-FLOPs (roofline) ideal ----------------------------------------------------------------------------

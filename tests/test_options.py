@@ -117,7 +117,8 @@ def test_the_manifest_keeps_its_flat_option_keys():
     """Engine directories record the build options flat, as they always have (adaskip-verify reads dtype/quantize)."""
     record = BuildOptions("m", "o", engine=EngineOptions(tensorrt=TensorRTOptions(profiles="combined"))).record()
     assert set(record) == {"model", "method", "skip", "alpha", "max_kl", "mode", "calib", "calib_prompts", "calib_tokens",
-                           "context_len", "window", "online", "stand_in", "plan", "backend", "dtype", "quantize",
+                           "context_len", "window", "online", "stand_in", "select", "select_candidates", "probes",
+                           "probe_tokens", "plan", "backend", "dtype", "quantize",
                            "kv_dtype", "graph_variant", "max_batch_size", "max_input_len", "max_seq_len",
                            "trt_profiles", "timing_cache", "builder_opt_level"}
     assert record["trt_profiles"] == "combined" and record["calib_tokens"] == CalibrationOptions().tokens

@@ -14,7 +14,9 @@ from adaskip.calibrate import budget
 from adaskip.calibrate.corpus import CalibrationOptions, load_calibration, load_heldout
 from adaskip.calibrate.importance import cached_calibration, calibration_from_plan
 from adaskip.calibrate.kv_scales import fit_on_calibration
-from adaskip.builder.options import COST_CONTEXT, BuildOptions
+from adaskip.calibrate.selection import greedy_order
+from adaskip.calibrate.tasks import ANSWER_TOKENS, MIN_CONTEXT, prompt_is_chat
+from adaskip.builder.options import COST_CONTEXT, DEFAULT_PROBE_TOKENS, BuildOptions
 from adaskip.builder.plot import importance_plot
 from adaskip.export.onnx.graph import build_onnx
 from adaskip.export.onnx.ort import QUANTIZED_KV
@@ -59,53 +61,90 @@ def make_plan(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> SkipPla
     if sel.skip is not None and sel.skip > spec.num_sublayers:
         raise PlanError(f"--skip must be between 0 and {spec.num_sublayers} (the model has {spec.num_sublayers} "
                         f"sublayers); got {sel.skip}")
-    calib, scales, compensation = calibration_for(opts, model, tokenizer)
+    cal = calibration_for(opts, model, tokenizer)
+    order, ranked_by = _selection_order(opts, model, tokenizer, cal)
+    ranking = rank_by_similarity(cal.calib.similarity) if order is None else order
     if sel.max_kl is not None:
-        k, selection = _k_for_max_kl(opts, model, tokenizer, calib, scales, compensation)
+        k, selection = _k_for_max_kl(opts, model, tokenizer, cal, ranking)
     elif sel.alpha is not None:
-        ranking = rank_by_similarity(calib.similarity)
         phases = {"prefill": ["prefill"], "decode": ["decode"], "e2e": ["prefill", "decode"]}[sel.mode]
         k = max(cost.k_for_alpha(spec, ranking, sel.alpha, sel.context_len, p) for p in phases)
         selection = {"rule": "alpha", "alpha": sel.alpha, "context_len": sel.context_len, "k": k}
     else:
         k = sel.skip
         selection = {"rule": "k", "k": k}
-    return adaskip_plan(calib, k, sel.mode, model.fingerprint, spec.name, window=sel.window, online=sel.online,
-                        selection=selection, scales=scales, compensation=compensation)
+    return adaskip_plan(cal.calib, k, sel.mode, model.fingerprint, spec.name, window=sel.window, online=sel.online,
+                        selection={**selection, "ranking": ranked_by}, order=order, scales=cal.scales,
+                        compensation=cal.compensation)
 
 
-def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, calib: Calibration, scales: Any,
-                  compensation: Any) -> tuple[int, dict[str, Any]]:
-    """The largest K (along the similarity ranking, with the plan's stand-in) whose next-token KL on a held-out
-    slice of the calibration source stays under --max-kl, and the selection record that says how it was chosen."""
-    cal = opts.calibration
-    if cal.reuse is not None:  # the stored statistics say how many prompts of which length they came from
-        cal = CalibrationOptions(prompts=calib.num_prompts, tokens=calib.prompt_tokens)
-    tokens = min(budget.HELDOUT_TOKENS, cal.tokens)
-    heldout = load_heldout(tokenizer, cal, budget.HELDOUT_WINDOWS, tokens)
+def _selection_order(opts: BuildOptions, model: LoadedModel, tokenizer: Any, cal: Calibrated
+                     ) -> tuple[list[int] | None, dict[str, Any]]:
+    """The greedy order of --select kl / retrieval (None: the similarity ranking) and how it was chosen. With --skip
+    K the greedy stops at K; --alpha and --max-kl pick K along the whole order (every candidate)."""
+    sel, spec = opts.selection, model.spec
+    if sel.select == "similarity":
+        return None, {"by": "similarity"}
+    recipe = sel.recipe()
+    k_max = min(spec.num_sublayers, sel.skip if sel.skip is not None else recipe.candidates)
+    tried = min(spec.num_sublayers, max(recipe.candidates, k_max))
+    phase = comp.phase_of(sel.mode)
+    chat = prompt_is_chat("auto", opts.model, tokenizer)
+    what = (f"{recipe.probes} retrieval probes x {recipe.probe_tokens} tokens ({'chat' if chat else 'plain'} prompts, "
+            f"wrong answers first) plus " if recipe.probes else "")
+    window = min(recipe.window_tokens, len(cal.prompts[0]))
+    _log(f"--select {sel.select}: greedy over the {tried} most similar sublayers, K up to {k_max}, scoring {what}the "
+         f"next-token KL on {min(recipe.windows, len(cal.prompts))} calibration window(s) x {window} tokens"
+         f"{', in decode steps after an unskipped prompt' if phase == 'decode' else ''}", opts)
+    scales = list(cal.calib.norm_ratio) if cal.scales is None else cal.scales
+    order = greedy_order(TorchEngine.from_loaded(model), tokenizer, cal.prompts, cal.calib.similarity, scales,
+                         cal.compensation, k_max, recipe, phase, chat, progress=opts.progress)
+    return order, {"by": sel.select, **recipe.record(), "tried": tried, "phase": phase, "chat": chat, "order": order}
+
+
+def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, cal: Calibrated, ranking: list[int]
+                  ) -> tuple[int, dict[str, Any]]:
+    """The largest K (along `ranking`, with the plan's stand-in) whose next-token KL on a held-out slice of the
+    calibration source stays under --max-kl, and the selection record that says how it was chosen."""
+    options = opts.calibration
+    if options.reuse is not None:  # the stored statistics say how many prompts of which length they came from
+        options = CalibrationOptions(prompts=cal.calib.num_prompts, tokens=cal.calib.prompt_tokens)
+    tokens = min(budget.HELDOUT_TOKENS, options.tokens)
+    heldout = load_heldout(tokenizer, options, budget.HELDOUT_WINDOWS, tokens)
     _log(f"--max-kl {opts.selection.max_kl}: next-token KL on {len(heldout.prompts)} held-out windows x {tokens} "
-         f"tokens ({heldout.source}), K growing along the similarity ranking", opts)
-    ranking = rank_by_similarity(calib.similarity)
+         f"tokens ({heldout.source}), K growing along the {opts.selection.select} ranking", opts)
     phase = comp.phase_of(opts.selection.mode)
     result = budget.largest_within_kl(TorchEngine.from_loaded(model), heldout.prompts, ranking,
-                                      list(calib.norm_ratio) if scales is None else scales, compensation,
-                                      opts.selection.max_kl, progress=opts.progress, phase=phase)
+                                      list(cal.calib.norm_ratio) if cal.scales is None else cal.scales,
+                                      cal.compensation, opts.selection.max_kl, progress=opts.progress, phase=phase)
+    if result.k == len(ranking) < model.spec.num_sublayers:
+        _log(f"--max-kl: every one of the {len(ranking)} sublayers the greedy ranked stays under the bound (more "
+             f"need a larger --select-candidates)", opts)
     selection = {"rule": "max-kl", "k": result.k, **result.record(),
                  "heldout": {"source": heldout.source, "digest": heldout.digest, "windows": len(heldout.prompts),
                              "tokens": tokens, "measure": budget.MEASURES[phase]}}
     return result.k, selection
 
 
-def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> tuple[Calibration, Any, Any]:
-    """(statistics, scales, compensation) for an AdaSkip plan: from an earlier plan (--calibration), from the cache,
+@dataclass
+class Calibrated:
+    """An AdaSkip plan's inputs from the calibration: the statistics, the stand-in's scales / map (None: the
+    paper's norm ratios), and the prompts the pass ran on (None when reused from a plan: no pass)."""
+
+    calib: Calibration
+    scales: Any = None
+    compensation: Any = None
+    prompts: list[list[int]] | None = None
+
+
+def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> Calibrated:
+    """The statistics (and stand-in) for an AdaSkip plan: from an earlier plan (--calibration), from the cache,
     or from a pass on the fastest engine that gives the reference's statistics. A fitted stand-in needs the
     per-channel sums of a pass on the reference engine (cached beside its statistics)."""
     sel, cal = opts.selection, opts.calibration
     if cal.reuse is not None:
-        if sel.stand_in != "norm-ratio":
-            raise InputError("--calibration carries the paper's statistics only; a fitted --stand-in needs a pass")
         _log(f"selecting from the statistics stored in {cal.reuse}", opts)
-        return calibration_from_plan(cal.reuse, model.fingerprint), None, None
+        return Calibrated(calibration_from_plan(cal.reuse, model.fingerprint))
     data = load_calibration(tokenizer, cal.prompts, cal.tokens, cal.data)
     if sel.stand_in != "norm-ratio":  # the same pass sums the per-channel statistics the stand-in is fitted on
         _log(f"calibration: {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source} (torch, with the "
@@ -114,12 +153,12 @@ def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> t
         if cached:
             _log("calibration and channel sums reused from the cache (--no-calib-cache to recompute)", opts)
         scales, compensation = comp.fit(sel.stand_in, stats, calib)
-        return calib, scales, compensation
+        return Calibrated(calib, scales, compensation, data.prompts)
     _log(f"calibration: {len(data.prompts)} prompts x {cal.tokens} tokens from {data.source}", opts)
     calib, engine, cached = cached_calibration(model, data, cal.engine, cal.cache, progress=opts.progress)
     if cached:
         _log(f"calibration reused from the cache (computed on {engine}; --no-calib-cache to recompute)", opts)
-    return calib, None, None
+    return Calibrated(calib, prompts=data.prompts)
 
 
 def _fit_kv_scales(opts: BuildOptions, model: LoadedModel, tokenizer: Any, layout: SkipLayout
@@ -150,9 +189,17 @@ def build(opts: BuildOptions) -> BuildReport:
     if opts.selection.context_len is None:  # resolved here, and recorded so in the manifest
         opts = replace(opts, selection=replace(opts.selection, context_len=min(COST_CONTEXT, spec.max_position_embeddings)))
     context_len = opts.selection.context_len
+    if opts.selection.select == "retrieval" and opts.selection.probe_tokens is None:  # resolved and recorded so
+        probe_tokens = max(MIN_CONTEXT, min(DEFAULT_PROBE_TOKENS, context_len,
+                                            spec.max_position_embeddings - ANSWER_TOKENS))
+        opts = replace(opts, selection=replace(opts.selection, probe_tokens=probe_tokens))
     for flag, value in (("--calib-tokens", opts.calibration.tokens), ("--context-len", context_len)):
         if value > spec.max_position_embeddings:
             raise InputError(f"{flag} {value} exceeds the model's context of {spec.max_position_embeddings} tokens")
+    probe_tokens = opts.selection.probe_tokens
+    if probe_tokens is not None and probe_tokens + ANSWER_TOKENS > spec.max_position_embeddings:
+        raise InputError(f"--probe-tokens {probe_tokens} plus up to {ANSWER_TOKENS} answer tokens exceeds the model's "
+                         f"context of {spec.max_position_embeddings} tokens")
     if backend == "trtllm-checkpoint":  # refuse an unsupported family or mapping before calibrating, not after
         check_supported(spec, model.weights)
         opts.engine.trtllm.validate(spec)

@@ -16,6 +16,7 @@ from typing import Any
 
 from adaskip.calibrate.budget import check_bound
 from adaskip.calibrate.corpus import CalibrationOptions
+from adaskip.calibrate.selection import SELECTIONS, GreedyRecipe
 from adaskip.errors import InputError, check_choice
 from adaskip.export.onnx.ort import KV_DTYPES as KV_CACHE_TYPES
 from adaskip.export.onnx.quantize import QUANTIZE_CHOICES
@@ -43,6 +44,10 @@ def check_backend(backend: str) -> None:
     check_choice(backend, BACKENDS, "--backend")
 
 
+# --select retrieval: 24 probes of 1024 tokens unless told (the settings of the evaluated answers-first plans; on
+# Gemma-3-270M the orders from 1k and 2k probes nearly agree, and longer probes cost proportionally more)
+DEFAULT_PROBES = 24
+DEFAULT_PROBE_TOKENS = 1024
 COST_CONTEXT = 4096  # the context the cost model assumes unless --context-len (or a shorter model context) says
 
 
@@ -57,12 +62,18 @@ class SelectionOptions:
     window: int = DEFAULT_WINDOW
     online: bool = True
     stand_in: str = "norm-ratio"  # what replaces a skipped sublayer: the paper's rule or a fitted per-channel map
+    select: str = "similarity"  # the ranking K is taken from: the paper's, or a greedy order (calibrate/selection.py)
+    select_candidates: int | None = None  # kl / retrieval: the most IO-similar sublayers the greedy tries
+    probes: int | None = None  # retrieval: synthetic retrieval prompts the greedy scores
+    probe_tokens: int | None = None  # retrieval: tokens per probe (None: min(1024, --context-len), set by build())
     plan: str | None = None  # reuse an existing plan instead of calibrating
 
     # what a plan file decides, by flag: refused next to --plan rather than silently ignored
     _PLAN_DECIDES = (("--method", "method"), ("--skip", "skip"), ("--alpha", "alpha"), ("--max-kl", "max_kl"),
                      ("--mode", "mode"),
-                     ("--window", "window"), ("--no-online", "online"), ("--stand-in", "stand_in"))
+                     ("--window", "window"), ("--no-online", "online"), ("--stand-in", "stand_in"),
+                     ("--select", "select"), ("--select-candidates", "select_candidates"), ("--probes", "probes"),
+                     ("--probe-tokens", "probe_tokens"))
 
     def overridden(self) -> list[str]:
         """The flags a plan decides that are set away from their defaults."""
@@ -86,10 +97,32 @@ class SelectionOptions:
         check_choice(self.stand_in, STAND_INS, "--stand-in")
         if self.stand_in != "norm-ratio" and self.method != "adaskip":
             raise InputError("--stand-in applies to AdaSkip plans; baselines skip whole layers with no stand-in")
+        self._validate_select()
         if self.window < 1:
             raise InputError(f"--window must be >= 1; got {self.window}")
         if self.context_len is not None and self.context_len < 1:
             raise InputError(f"--context-len must be >= 1; got {self.context_len}")
+
+    def _validate_select(self) -> None:
+        check_choice(self.select, SELECTIONS, "--select")
+        if self.select != "similarity" and self.method != "adaskip":
+            raise InputError(f"--select {self.select} ranks AdaSkip sublayers; baselines skip fixed whole layers")
+        for flag, value, selects in (("--select-candidates", self.select_candidates, ("kl", "retrieval")),
+                                     ("--probes", self.probes, ("retrieval",)),
+                                     ("--probe-tokens", self.probe_tokens, ("retrieval",))):
+            if value is not None and self.select not in selects:
+                raise InputError(f"{flag} applies to --select {' or '.join(selects)}; this build selects by "
+                                 f"{self.select}")
+        if self.select != "similarity":
+            self.recipe().check()
+
+    def recipe(self) -> GreedyRecipe:
+        """The greedy order's recipe (--select kl / retrieval); unset counts from the recipe's defaults."""
+        def given(value: int | None, default: int) -> int:
+            return default if value is None else value
+
+        return GreedyRecipe.for_select(self.select, given(self.select_candidates, GreedyRecipe().candidates),
+                                       given(self.probes, DEFAULT_PROBES), given(self.probe_tokens, DEFAULT_PROBE_TOKENS))
 
 
 @dataclass
@@ -147,6 +180,12 @@ class BuildOptions:
                 raise InputError(f"--plan fixes the selection; drop {', '.join(given)} (or drop --plan)")
         else:
             self.calibration.validate()
+            if self.calibration.reuse is not None:
+                for flag, given in (("a fitted --stand-in", sel.stand_in != "norm-ratio"),
+                                    (f"--select {sel.select}", sel.select != "similarity")):
+                    if given:
+                        raise InputError(f"--calibration carries the paper's statistics only; {flag} needs a pass "
+                                         f"(on the calibration prompts)")
         self.engine.validate()
         if sel.stand_in != "norm-ratio" and self.engine.backend == "trtllm-checkpoint":
             raise InputError("the TensorRT-LLM checkpoint supports the paper's norm-ratio stand-in only")

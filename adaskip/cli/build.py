@@ -7,8 +7,10 @@ import sys
 
 from adaskip.builder.build import build
 from adaskip.calibrate.corpus import CALIBRATION_ENGINES
-from adaskip.builder.options import (BACKENDS, COST_CONTEXT, GRAPH_VARIANTS, KV_DTYPES, QUANTIZATIONS, STAND_INS,
-                                     BuildOptions, CalibrationOptions, EngineOptions, SelectionOptions)
+from adaskip.builder.options import (BACKENDS, COST_CONTEXT, DEFAULT_PROBE_TOKENS, DEFAULT_PROBES, GRAPH_VARIANTS,
+                                     KV_DTYPES, QUANTIZATIONS, STAND_INS, BuildOptions, CalibrationOptions,
+                                     EngineOptions, SelectionOptions)
+from adaskip.calibrate.selection import SELECTIONS, GreedyRecipe
 from adaskip.cli.common import ArgumentParser, HelpFormatter, defaults, main_wrapper
 from adaskip.cli.tensorrt_args import add_tensorrt_arguments, tensorrt_options
 from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
@@ -42,6 +44,22 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("--stand-in", choices=STAND_INS, default=ds.stand_in,
                      help="what replaces a skipped sublayer: the paper's norm ratio x input, or a map fitted on the "
                           "calibration pass (channel-affine lowered held-out KL 14-25%% on SmolLM2; docs/eval.md)")
+    sel.add_argument("--select", choices=SELECTIONS, default=ds.select,
+                     help="the ranking K is taken from: similarity (the paper's: the most IO-similar sublayers); kl "
+                          "(greedy: each next skip the one that moves the next-token distribution on calibration "
+                          "text least, with the stand-in); retrieval (the same greedy, ranking first by how many "
+                          "answers of synthetic retrieval prompts a skip gets wrong: the selection that kept "
+                          "retrieval at or above Early Exit at matched speed, docs/quality-paired-em*.md). kl and "
+                          "retrieval run the reference torch engine: minutes to an hour on a CPU")
+    sel.add_argument("--select-candidates", type=int, metavar="N",
+                     help=f"kl / retrieval: the N most IO-similar sublayers the greedy tries (default "
+                          f"{GreedyRecipe().candidates}, or K if larger)")
+    sel.add_argument("--probes", type=int, metavar="N",
+                     help=f"retrieval: synthetic retrieval prompts (passkey, multikey, kv; seeds no evaluation uses) "
+                          f"(default {DEFAULT_PROBES})")
+    sel.add_argument("--probe-tokens", type=int, metavar="T",
+                     help=f"retrieval: tokens per probe (default min({DEFAULT_PROBE_TOKENS}, --context-len); the "
+                          f"time grows with it)")
     sel.add_argument("--plan", help="reuse an existing plan.json instead of calibrating (must match the model)")
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calib", help="calibration data: .jsonl (one prompt per record) or text; default: built-in")
@@ -83,7 +101,9 @@ def options(a: argparse.Namespace) -> BuildOptions:
         model=a.model, output=a.output,
         selection=SelectionOptions(method=a.method, skip=a.skip, alpha=a.alpha, max_kl=a.max_kl, mode=a.mode,
                                    context_len=a.context_len,
-                                   window=a.window, online=not a.no_online, stand_in=a.stand_in, plan=a.plan),
+                                   window=a.window, online=not a.no_online, stand_in=a.stand_in,
+                                   select=a.select, select_candidates=a.select_candidates, probes=a.probes,
+                                   probe_tokens=a.probe_tokens, plan=a.plan),
         calibration=CalibrationOptions(data=a.calib, prompts=a.calib_prompts, tokens=a.calib_tokens,
                                        engine=a.calib_engine, cache=a.calib_cache, reuse=a.calib_reuse),
         engine=EngineOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, kv_dtype=a.kv_dtype,
@@ -92,12 +112,16 @@ def options(a: argparse.Namespace) -> BuildOptions:
         force=a.force, progress=not a.quiet)
 
 
+def _sublayer_name(j: int) -> str:
+    return f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}"
+
+
 @main_wrapper("adaskip-build")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     report = build(options(a))
     plan = report.plan
-    names = [f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip]
+    names = [_sublayer_name(j) for j in plan.skip]
     e = report.expected
     print(f"engine: {report.output}  ({report.seconds:.1f} s)")
     print(f"plan: {plan.method}, mode {plan.mode}, K={plan.k} {plan.budget_unit}; skipped offline: "
@@ -109,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens{', the second halves in decode steps' if plan.mode == 'decode' else ''}"
               f"{'; K+1: ' + format(s['kl_by_k'][plan.k], '.4f') if len(s['kl_by_k']) > plan.k else ''})"
               + ("; online skipping in decode is not covered by the bound" if plan.online_enabled else ""))
+    ranked = plan.selection.get("ranking", {})
+    if ranked.get("by", "similarity") != "similarity":
+        order = ", ".join(_sublayer_name(j) for j in ranked["order"])
+        probes = (f", {ranked['probes']} retrieval probes x {ranked['probe_tokens']} tokens, wrong answers first"
+                  if ranked.get("probes") else "")
+        print(f"selection: {ranked['by']} (greedy over the {ranked['tried']} most similar sublayers{probes}): "
+              f"{order}")
     if plan.compensation is not None:
         print(f"stand-in: {plan.compensation.rule} (fitted on the calibration pass; the paper's is norm-ratio)")
     if plan.beta is not None and plan.online_enabled:
