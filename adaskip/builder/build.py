@@ -96,9 +96,8 @@ def _selection_order(opts: BuildOptions, model: LoadedModel, tokenizer: Any, cal
     _log(f"--select {sel.select}: greedy over the {tried} most similar sublayers, K up to {k_max}, scoring {what}the "
          f"next-token KL on {min(recipe.windows, len(cal.prompts))} calibration window(s) x {window} tokens"
          f"{', in decode steps after an unskipped prompt' if phase == 'decode' else ''}", opts)
-    scales = list(cal.calib.norm_ratio) if cal.scales is None else cal.scales
-    order = greedy_order(TorchEngine.from_loaded(model), tokenizer, cal.prompts, cal.calib.similarity, scales,
-                         cal.compensation, k_max, recipe, phase, chat, progress=opts.progress)
+    order = greedy_order(TorchEngine.from_loaded(model), tokenizer, cal.prompts, cal.calib.similarity,
+                         cal.skip_scales(), cal.compensation, k_max, recipe, phase, chat, progress=opts.progress)
     return order, {"by": sel.select, **recipe.record(), "tried": tried, "phase": phase, "chat": chat, "order": order}
 
 
@@ -114,8 +113,7 @@ def _k_for_max_kl(opts: BuildOptions, model: LoadedModel, tokenizer: Any, cal: C
     _log(f"--max-kl {opts.selection.max_kl}: next-token KL on {len(heldout.prompts)} held-out windows x {tokens} "
          f"tokens ({heldout.source}), K growing along the {opts.selection.select} ranking", opts)
     phase = comp.phase_of(opts.selection.mode)
-    result = budget.largest_within_kl(TorchEngine.from_loaded(model), heldout.prompts, ranking,
-                                      list(cal.calib.norm_ratio) if cal.scales is None else cal.scales,
+    result = budget.largest_within_kl(TorchEngine.from_loaded(model), heldout.prompts, ranking, cal.skip_scales(),
                                       cal.compensation, opts.selection.max_kl, progress=opts.progress, phase=phase)
     if result.k == len(ranking) < model.spec.num_sublayers:
         _log(f"--max-kl: every one of the {len(ranking)} sublayers the greedy ranked stays under the bound (more "
@@ -135,6 +133,10 @@ class Calibrated:
     scales: Any = None
     compensation: Any = None
     prompts: list[list[int]] | None = None
+
+    def skip_scales(self) -> list[float]:
+        """Each sublayer's scalar stand-in scale: the fitted one, else the paper's norm ratio."""
+        return list(self.calib.norm_ratio) if self.scales is None else self.scales
 
 
 def calibration_for(opts: BuildOptions, model: LoadedModel, tokenizer: Any) -> Calibrated:
