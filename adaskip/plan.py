@@ -247,6 +247,11 @@ class SkipPlan:
 
 # -- selection ---------------------------------------------------------------------------------------------------
 
+def sublayer_name(j: int) -> str:
+    """Sublayer j as people read it: attention of layer j // 2 (even j) or its FFN (odd j), e.g. attn16, ffn8."""
+    return f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}"
+
+
 def rank_by_similarity(similarity: list[float]) -> list[int]:
     """All sublayers ranked most similar (least important) first; ties broken by index for determinism."""
     return sorted(range(len(similarity)), key=lambda j: (-similarity[j], j))

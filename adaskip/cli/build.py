@@ -17,7 +17,7 @@ from adaskip.cli.trtllm_args import add_trtllm_arguments, trtllm_options
 from adaskip.export.trtllm.checkpoint import trtllm_build_command
 from adaskip.model.builtin import BUILTIN_MODELS
 from adaskip.model.load import DTYPES
-from adaskip.plan import METHODS, MODES
+from adaskip.plan import METHODS, MODES, sublayer_name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,16 +112,12 @@ def options(a: argparse.Namespace) -> BuildOptions:
         force=a.force, progress=not a.quiet)
 
 
-def _sublayer_name(j: int) -> str:
-    return f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}"
-
-
 @main_wrapper("adaskip-build")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     report = build(options(a))
     plan = report.plan
-    names = [_sublayer_name(j) for j in plan.skip]
+    names = [sublayer_name(j) for j in plan.skip]
     e = report.expected
     print(f"engine: {report.output}  ({report.seconds:.1f} s)")
     print(f"plan: {plan.method}, mode {plan.mode}, K={plan.k} {plan.budget_unit}; skipped offline: "
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               + ("; online skipping in decode is not covered by the bound" if plan.online_enabled else ""))
     ranked = plan.selection.get("ranking", {})
     if ranked.get("by", "similarity") != "similarity":
-        order = ", ".join(_sublayer_name(j) for j in ranked["order"])
+        order = ", ".join(sublayer_name(j) for j in ranked["order"])
         probes = (f", {ranked['probes']} retrieval probes x {ranked['probe_tokens']} tokens, wrong answers first"
                   if ranked.get("probes") else "")
         print(f"selection: {ranked['by']} (greedy over the {ranked['tried']} most similar sublayers{probes}): "

@@ -47,7 +47,7 @@ from adaskip.export.onnx.variants import check_kv_cache, choose_variant, gqa_sup
 from adaskip.layout import SkipLayout
 from adaskip.model import load_model
 from adaskip.model.tokenizer import eos_token_ids, load_tokenizer
-from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan
+from adaskip.plan import SkipPlan, adaskip_plan, baseline_plan, sublayer_name
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.decode_kernels import kernel_library, write_decode_graph
 from adaskip.runtime.generate import Generator, SamplingParams
@@ -552,7 +552,7 @@ def _measure(opts: BenchOptions, model, tokenizer, calib, nothing, budgets, cont
         plan = adaskip_plan(calib, k, "e2e", model.fingerprint, spec.name, online=False)
         [col] = _ort_column(f"ort-adaskip-k{k}", model, plan, work, opts.threads)
         col.layout = SkipLayout.from_plan(plan)
-        col.note += "; e2e skips " + ", ".join(f"{'attn' if j % 2 == 0 else 'ffn'}{j // 2}" for j in plan.skip)
+        col.note += "; e2e skips " + ", ".join(sublayer_name(j) for j in plan.skip)
         col.skipped = list(plan.skip)
         columns.append(col)
     if opts.genai:
