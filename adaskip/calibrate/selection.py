@@ -7,8 +7,8 @@ stand-in) moves the full model's next-token distribution least (compensation.kl_
 * the first `windows` calibration prompts, cut to `window_tokens` tokens (plain text), and
 * with `probes` > 0, synthetic retrieval prompts of `probe_tokens` tokens (passkey, multikey, kv in turn) from seeds
   no evaluation uses, scored at their answers' positions; `answers_first` compares candidates by how many of those
-  answers they get wrong before the KL (what lifted retrieval to or above Early Exit at matched speed in
-  docs/quality-paired-em*.md).
+  answers they get wrong before the KL (what lifted Gemma-3-270M's retrieval above Early Exit's at matched
+  speed in docs/quality-paired-em*.md).
 
 Where a skip is scored follows the plan's mode (compensation.PHASES): a decode-mode plan's skips on decode steps
 after an unskipped prompt, every other mode's in every forward.

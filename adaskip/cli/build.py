@@ -48,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the ranking K is taken from: similarity (the paper's: the most IO-similar sublayers); kl "
                           "(greedy: each next skip the one that moves the next-token distribution on calibration "
                           "text least, with the stand-in); retrieval (the same greedy, ranking first by how many "
-                          "answers of synthetic retrieval prompts a skip gets wrong: the selection that kept "
-                          "retrieval at or above Early Exit at matched speed, docs/quality-paired-em*.md). kl and "
+                          "answers of synthetic retrieval prompts a skip gets wrong: the selection that lifted "
+                          "Gemma-3-270M's retrieval above Early Exit's at matched speed, docs/quality-paired-em*.md). "
+                          "kl and "
                           "retrieval run the reference torch engine: minutes to an hour on a CPU")
     sel.add_argument("--select-candidates", type=int, metavar="N",
                      help=f"kl / retrieval: the N most IO-similar sublayers the greedy tries (default "
