@@ -50,6 +50,7 @@ setup(
         "adaskip-verify=adaskip.cli.verify:main",
         "adaskip-bench=adaskip.cli.bench:main",
         "adaskip-eval=adaskip.cli.eval:main",
+        "adaskip-eval-summary=adaskip.cli.eval_summary:main",
         "adaskip-deploy=adaskip.cli.deploy:main",
         "adaskip-serve=adaskip.cli.serve:main",
     ]},

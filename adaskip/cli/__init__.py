@@ -2,5 +2,6 @@
 
     build.py   adaskip-build     run.py     adaskip-run      verify.py  adaskip-verify
     bench.py   adaskip-bench     eval.py    adaskip-eval     deploy.py  adaskip-deploy
-    serve.py   adaskip-serve     common.py  one-line errors, quiet libraries
+    serve.py   adaskip-serve     eval_summary.py  adaskip-eval-summary
+    common.py  one-line errors, quiet libraries
 """

@@ -28,7 +28,8 @@ MARGINS = {"retrieval": 0.05, "rougeL": 0.05, "kl": 0.05}
 SPEED_TARGETS = (1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5)
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader never sees half a report."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
@@ -124,7 +125,8 @@ def _method_rank(m: str) -> int:
     return 10 if m == "adaskip" else 11 if m == "adaskip-best" else 12
 
 
-def _fmt(v: Any, col: str) -> str:
+def fmt(v: Any, col: str) -> str:
+    """A metric as the tables print it: retrieval in percent, ROUGE-L 3 decimals, KL 4."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if col in RETRIEVAL or col == "retrieval":
@@ -140,11 +142,11 @@ def _fmt(v: Any, col: str) -> str:
 
 def _with_ci(r: dict[str, Any], col: str) -> str:
     """`69 (59–77)`: the estimate and its 95% interval, when the row has one."""
-    text = _fmt(r[col], col)
+    text = fmt(r[col], col)
     low, high = r.get(f"{col}_ci", [math.nan, math.nan])
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return text
-    return f"{text} ({_fmt(low, col)}–{_fmt(high, col)})"
+    return f"{text} ({fmt(low, col)}–{fmt(high, col)})"
 
 
 def markdown_table(rows: list[dict[str, Any]], with_context: bool = False) -> str:
@@ -155,9 +157,9 @@ def markdown_table(rows: list[dict[str, Any]], with_context: bool = False) -> st
     for r in rows:
         cells = ([str(r["context"])] if with_context else []) + [str(r["k"]), r["mode"], _name(r["method"]),
                                                                str(r["skipped"])]
-        cells += [_fmt(r[c], c) for c in RETRIEVAL]
+        cells += [fmt(r[c], c) for c in RETRIEVAL]
         cells += [_with_ci(r, "retrieval"), str(r.get("retrieval_n", "–")), _with_ci(r, "rougeL"),
-                  _fmt(r["ppl"], "ppl"), _with_ci(r, "kl")]
+                  fmt(r["ppl"], "ppl"), _with_ci(r, "kl")]
         cells += [f"{r['ideal_prefill']:.3f}" if not math.isnan(r["ideal_prefill"]) else "–",
                   f"{r['ideal_decode']:.3f}" if not math.isnan(r["ideal_decode"]) else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -248,7 +250,8 @@ def target_misses(matched: list[dict[str, Any]], limit: float = TARGET_SPEEDUP) 
             for col in COMPARED if v.get(col, {}).get("verdict") == "loses"]
 
 
-def _signed(v: float, col: str) -> str:
+def signed(v: float, col: str) -> str:
+    """A difference of `col` with its sign, in fmt's units."""
     if col == "retrieval":
         return f"{100 * v:+.0f}"
     return f"{v:+.3f}" if col == "rougeL" else f"{v:+.4f}"
@@ -260,10 +263,10 @@ def _verdict_cell(c: dict[str, Any] | None, col: str, with_config: bool = False)
     d = c["comparison"]["difference"]
     ours = f"{c['ours_method']} K={c['ours_k']}: " if with_config else ""
     base = f"{c['baseline']} K={c['baseline_k']}" if with_config else c["baseline"]
-    diff = (f"Δ {_signed(d['estimate'], col)} ({_signed(d['low'], col)}, {_signed(d['high'], col)})"
-            if not math.isnan(d["low"]) else f"Δ {_signed(d['estimate'], col)}, n={d['n']}: too few for an interval")
+    diff = (f"Δ {signed(d['estimate'], col)} ({signed(d['low'], col)}, {signed(d['high'], col)})"
+            if not math.isnan(d["low"]) else f"Δ {signed(d['estimate'], col)}, n={d['n']}: too few for an interval")
     cmp = c["comparison"]  # the paired means: over the units both have (a partly finished run may differ)
-    return (f"**{c['verdict']}** {ours}{_fmt(cmp['ours'], col)} vs {_fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
+    return (f"**{c['verdict']}** {ours}{fmt(cmp['ours'], col)} vs {fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
             f"{diff}, p={cmp['p_value']:.2g}")
 
 
@@ -450,7 +453,8 @@ def compute_seconds(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any], study: dict[str, Any] | None,
                   doc: Path | None = None, notes: str = "") -> dict[str, Any]:
-    """quality.md / quality.json / quality.png into `out` (and the document at `doc`, its plot beside it)."""
+    """quality.md / quality.json / quality.png into `out` (and the document at `doc`, its plots and data JSON
+    beside it)."""
     rows = aggregate(records)
     per_context = aggregate(records, by_context=True)
     units = unit_values(records)
@@ -463,7 +467,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     data = {"meta": meta, "study": study, "rows": rows, "per_context": per_context, "verdicts": vs,
             "verdicts_paper_rule": paper, "matched_speed": matched, "ours": ours,
             "decode_steps": decode_steps(records), "compute": compute_seconds(records)}
-    _write(out / "quality.json", json.dumps(data, indent=1))
+    write_text(out / "quality.json", json.dumps(data, indent=1))
     # the plot shows the context with the most rows (contexts may cover different budgets)
     shown = max(contexts, key=lambda c: (sum(r["context"] == c for r in per_context), -c)) if contexts else 0
     data["plot_context"] = shown
@@ -472,15 +476,18 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     ftitle = f"{meta.get('model', 'model')}: quality vs ideal speedup, {shown}-token prompts (95% CI)"
     plot(plotted, out / "quality.png", title)
     frontier_plot(plotted, out / "quality-frontier.png", ftitle)
-    _write(out / "quality.md", render(data, "quality.png", notes, frontier_png="quality-frontier.png"))
+    write_text(out / "quality.md", render(data, "quality.png", notes, frontier_png="quality-frontier.png"))
     if doc is not None:
         doc.parent.mkdir(parents=True, exist_ok=True)
-        slug = _slug(meta.get("model", "model"))
-        png, fpng = doc.with_name(f"{doc.stem}-{slug}.png"), doc.with_name(f"{doc.stem}-{slug}-frontier.png")
+        name = slug(meta.get("model", "model"))
+        png, fpng = doc.with_name(f"{doc.stem}-{name}.png"), doc.with_name(f"{doc.stem}-{name}-frontier.png")
+        # the numbers beside the document, so adaskip-eval-summary can gather several reports' verdicts
+        write_text(doc.with_name(f"{doc.stem}-{name}.json"), json.dumps({**data, "meta": {**meta, "doc": doc.name}},
+                                                                    indent=1))
         plot(plotted, png, title)
         frontier_plot(plotted, fpng, ftitle)
         old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-        _write(doc, merge_section(old, meta.get("model", "model"),
+        write_text(doc, merge_section(old, meta.get("model", "model"),
                                   render(data, png.name, notes, depth=2, frontier_png=fpng.name)))
     return data
 
@@ -490,19 +497,20 @@ DOC_INTRO = ("Generated by `adaskip-eval` (adaskip/eval/), one section per model
              "its model's section and keeps the others.")
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
-def merge_section(doc: str, model: str, section: str) -> str:
-    """The document with `model`'s section replaced by `section` (appended when new). A document without section
-    markers (an older single-model report) is replaced."""
+def merge_section(doc: str, model: str, section: str, replace_unmarked: bool = True) -> str:
+    """The document with `model`'s section replaced by `section` (appended when new). A document without any
+    section markers (an older single-model report) is replaced, or kept and appended to (`replace_unmarked`
+    False)."""
     begin, end = f"<!-- adaskip-eval: {model} -->", f"<!-- /adaskip-eval: {model} -->"
     block = f"{begin}\n{section.strip()}\n{end}"
     if begin in doc and end in doc:
         head, rest = doc.split(begin, 1)
         return head + block + rest.split(end, 1)[1]
-    if "<!-- adaskip-eval: " not in doc:
+    if "<!-- adaskip-eval: " not in doc and (replace_unmarked or not doc.strip()):
         return f"{DOC_TITLE}\n\n{DOC_INTRO}\n\n{block}\n"
     return doc.rstrip("\n") + f"\n\n{block}\n"
 
