@@ -257,14 +257,20 @@ def signed(v: float, col: str) -> str:
     return f"{v:+.3f}" if col == "rougeL" else f"{v:+.4f}"
 
 
+def delta_text(d: dict[str, Any], col: str) -> str:
+    """`Δ +10 (+4, +10)`: a paired difference with its 95% interval, or why it has none."""
+    if math.isnan(d["low"]):
+        return f"Δ {signed(d['estimate'], col)}, n={d['n']}: too few for an interval"
+    return f"Δ {signed(d['estimate'], col)} ({signed(d['low'], col)}, {signed(d['high'], col)})"
+
+
 def _verdict_cell(c: dict[str, Any] | None, col: str, with_config: bool = False) -> str:
     if c is None:
         return "–"
     d = c["comparison"]["difference"]
     ours = f"{c['ours_method']} K={c['ours_k']}: " if with_config else ""
     base = f"{c['baseline']} K={c['baseline_k']}" if with_config else c["baseline"]
-    diff = (f"Δ {signed(d['estimate'], col)} ({signed(d['low'], col)}, {signed(d['high'], col)})"
-            if not math.isnan(d["low"]) else f"Δ {signed(d['estimate'], col)}, n={d['n']}: too few for an interval")
+    diff = delta_text(d, col)
     cmp = c["comparison"]  # the paired means: over the units both have (a partly finished run may differ)
     return (f"**{c['verdict']}** {ours}{fmt(cmp['ours'], col)} vs {fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
             f"{diff}, p={cmp['p_value']:.2g}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adaskip.errors import InputError
-from adaskip.eval.report import BASELINES, COMPARED, TARGET_SPEEDUP, fmt, merge_section, signed, write_text
+from adaskip.eval.report import BASELINES, COMPARED, TARGET_SPEEDUP, delta_text, fmt, merge_section, write_text
 from adaskip.plan import MODES
 
 SECTION = "matched-speed"  # the marker name of the generated block in the target document
@@ -57,9 +57,7 @@ def _cell_text(c: dict[str, Any], col: str) -> str:
     unit = "%" if col == "retrieval" else ""
     if col != "retrieval":
         return f"{fmt(c['comparison']['ours'], col)} vs {fmt(c['comparison']['theirs'], col)}"
-    d = c["comparison"]["difference"]
-    diff = (f"Δ {signed(d['estimate'], col)} ({signed(d['low'], col)}, {signed(d['high'], col)})"
-            if d.get("low") is not None and d["low"] == d["low"] else f"Δ {signed(d['estimate'], col)}")
+    diff = delta_text(c["comparison"]["difference"], col)
     return (f"{fmt(c['comparison']['ours'], col)}{unit} (K={c['ours_k']}) vs {fmt(c['comparison']['theirs'], col)}"
             f"{unit} ({c['baseline']} K={c['baseline_k']}), {diff}, p={c['comparison']['p_value']:.2g}")
 
