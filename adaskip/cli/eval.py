@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             notes = Path(args.notes).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputError(f"--notes file {args.notes} does not exist") from None
+    if args.doc:  # a document that cannot take the section fails now, not after hours of evaluation
+        report.merge_section(report.read_document(Path(args.doc)), opts.model, "")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")

@@ -10,6 +10,7 @@ ideal speedup up to --up-to) into the document's generated block, keeping the re
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper("adaskip-eval-summary")
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    if not a.up_to > 1.0:
-        raise InputError(f"--up-to {a.up_to} must be above 1 (an ideal speedup)")
+    if not 1.0 < a.up_to < math.inf:
+        raise InputError(f"--up-to {a.up_to} must be a finite ideal speedup above 1")
     section = write_summary([Path(p) for p in a.reports], Path(a.doc), a.up_to)
     print(section)
     print(f"adaskip-eval-summary: wrote the table of {len(a.reports)} reports into {a.doc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from adaskip.errors import InputError
 from adaskip.plan import MODES
 from adaskip.eval import metrics, stats
 
@@ -28,10 +29,25 @@ MARGINS = {"retrieval": 0.05, "rougeL": 0.05, "kl": 0.05}
 SPEED_TARGETS = (1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5)
 
 
+def read_document(doc: Path) -> str:
+    """The text of a document a report is merged into ("" when it does not exist yet); anything else that is not
+    UTF-8 text an InputError (overwriting it would lose it)."""
+    if not doc.exists():
+        return ""
+    if not doc.is_file():
+        raise InputError(f"--doc {doc} exists and is not a file")
+    try:
+        return doc.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--doc {doc} is not UTF-8 text: not overwriting it") from None
+    except OSError as e:
+        raise InputError(f"--doc {doc} cannot be read ({e.strerror})") from None
+
+
 def write_text(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: a reader never sees half a report."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -484,17 +500,18 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     frontier_plot(plotted, out / "quality-frontier.png", ftitle)
     write_text(out / "quality.md", render(data, "quality.png", notes, frontier_png="quality-frontier.png"))
     if doc is not None:
-        doc.parent.mkdir(parents=True, exist_ok=True)
         name = slug(meta.get("model", "model"))
         png, fpng = doc.with_name(f"{doc.stem}-{name}.png"), doc.with_name(f"{doc.stem}-{name}-frontier.png")
+        # merged first: a document that cannot take the section stops the run before anything beside it is written
+        merged = merge_section(read_document(doc), meta.get("model", "model"),
+                               render(data, png.name, notes, depth=2, frontier_png=fpng.name))
+        doc.parent.mkdir(parents=True, exist_ok=True)
         # the numbers beside the document, so adaskip-eval-summary can gather several reports' verdicts
         write_text(doc.with_name(f"{doc.stem}-{name}.json"), json.dumps({**data, "meta": {**meta, "doc": doc.name}},
                                                                     indent=1))
         plot(plotted, png, title)
         frontier_plot(plotted, fpng, ftitle)
-        old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-        write_text(doc, merge_section(old, meta.get("model", "model"),
-                                  render(data, png.name, notes, depth=2, frontier_png=fpng.name)))
+        write_text(doc, merged)
     return data
 
 
@@ -508,15 +525,22 @@ def slug(name: str) -> str:
 
 
 def merge_section(doc: str, model: str, section: str, replace_unmarked: bool = True) -> str:
-    """The document with `model`'s section replaced by `section` (appended when new). A document without any
-    section markers (an older single-model report) is replaced, or kept and appended to (`replace_unmarked`
-    False)."""
+    """The document with `model`'s section replaced by `section` (appended when new). A marker counts only alone on
+    its line (prose may quote one); a start without its end, an end before its start or two sections of one name
+    are an InputError (rewriting them would cut text). A document without any section markers (an older
+    single-model report) is replaced, or kept and appended to (`replace_unmarked` False)."""
     begin, end = f"<!-- adaskip-eval: {model} -->", f"<!-- /adaskip-eval: {model} -->"
     block = f"{begin}\n{section.strip()}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        return head + block + rest.split(end, 1)[1]
-    if "<!-- adaskip-eval: " not in doc and (replace_unmarked or not doc.strip()):
+    lines = doc.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.strip() == begin]
+    ends = [i for i, ln in enumerate(lines) if ln.strip() == end]
+    if starts or ends:
+        if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+            raise InputError(f"the document's {model!r} section markers are broken ({len(starts)} start and "
+                             f"{len(ends)} end lines, in that order or not): mend them by hand")
+        return "".join(lines[:starts[0]]) + block + "\n" + "".join(lines[ends[0] + 1:])
+    marked = any(ln.startswith("<!-- adaskip-eval: ") and ln.rstrip().endswith("-->") for ln in lines)
+    if not marked and (replace_unmarked or not doc.strip()):
         return f"{DOC_TITLE}\n\n{DOC_INTRO}\n\n{block}\n"
     return doc.rstrip("\n") + f"\n\n{block}\n"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from adaskip.errors import InputError
-from adaskip.eval.report import BASELINES, COMPARED, TARGET_SPEEDUP, delta_text, fmt, merge_section, write_text
+from adaskip.eval.report import (BASELINES, COMPARED, TARGET_SPEEDUP, delta_text, fmt, merge_section,
+                                 read_document, write_text)
 from adaskip.plan import MODES
 
 SECTION = "matched-speed"  # the marker name of the generated block in the target document
@@ -28,7 +29,7 @@ def load(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"report data {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, ...
         raise InputError(f"report data {path} is not readable JSON ({type(e).__name__})") from None
     ok = (isinstance(data, dict) and isinstance(data.get("meta"), dict) and isinstance(data["meta"].get("model"), str)
           and isinstance(data.get("matched_speed"), dict) and isinstance(data.get("per_context"), list))
@@ -38,31 +39,37 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
-def _configs(data: dict[str, Any], context: str, mode: str) -> tuple[str, str]:
-    """The AdaSkip methods and the baselines (with their K) a report evaluated at one context and mode."""
+def _configs(data: dict[str, Any], context: str, mode: str) -> tuple[list[str], list[str]]:
+    """The AdaSkip methods and the baselines (`early-exit K=4,6,8`) a report evaluated at one context and mode."""
     rows = [r for r in data["per_context"] if str(r.get("context")) == context and r.get("mode") == mode]
     ours = sorted({r["method"] for r in rows if str(r["method"]).startswith("adaskip")})
     base = {b: sorted(r["k"] for r in rows if r["method"] == b) for b in BASELINES}
-    theirs = [f"{b} K={','.join(map(str, ks))}" for b, ks in base.items() if ks]
-    return ", ".join(f"`{m}`" for m in ours) or "–", "; ".join(theirs) or "–"
+    return ours, [f"{b} K={','.join(map(str, ks))}" for b, ks in base.items() if ks]
 
 
 def _span(speeds: list[float]) -> str:
     return f"{speeds[0]:.2f}x" if len(speeds) == 1 else f"{speeds[0]:.2f}–{speeds[-1]:.2f}x"
 
 
-def _cell_text(c: dict[str, Any], col: str) -> str:
+def cell(text: str) -> str:
+    """Text from a report made safe for one table cell: no column breaks, no line breaks, no HTML comment (a name
+    holding a section marker must not become one)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\r", " ").replace("\n", " ")
+
+
+def _cell_text(c: dict[str, Any], col: str, name_method: bool) -> str:
     """Retrieval: both configurations, Δ with its interval and p (the column users choose by); ROUGE-L and KL: the
     two values (the linked report has the rest)."""
     unit = "%" if col == "retrieval" else ""
     if col != "retrieval":
         return f"{fmt(c['comparison']['ours'], col)} vs {fmt(c['comparison']['theirs'], col)}"
-    diff = delta_text(c["comparison"]["difference"], col)
-    return (f"{fmt(c['comparison']['ours'], col)}{unit} (K={c['ours_k']}) vs {fmt(c['comparison']['theirs'], col)}"
-            f"{unit} ({c['baseline']} K={c['baseline_k']}), {diff}, p={c['comparison']['p_value']:.2g}")
+    ours = f"{c['ours_method']} K={c['ours_k']}" if name_method else f"K={c['ours_k']}"
+    return (f"{fmt(c['comparison']['ours'], col)}{unit} ({ours}) vs {fmt(c['comparison']['theirs'], col)}"
+            f"{unit} ({c['baseline']} K={c['baseline_k']}), {delta_text(c['comparison']['difference'], col)}, "
+            f"p={c['comparison']['p_value']:.2g}")
 
 
-def verdict_spans(cells: list[dict[str, Any]], col: str) -> str:
+def verdict_spans(cells: list[dict[str, Any]], col: str, name_method: bool = False) -> str:
     """`**loses** at 1.02–1.10x: 58% (K=4) vs 69% (early-exit K=6), Δ ...; inconclusive at 1.15x: ...`: the
     matched cells (sorted by speedup) with consecutive ones of the same verdict and configurations merged."""
     groups: list[tuple[tuple, list[float], dict[str, Any]]] = []
@@ -78,8 +85,24 @@ def verdict_spans(cells: list[dict[str, Any]], col: str) -> str:
     parts = []
     for (verdict, *_), speeds, c in groups:
         shown = f"**{verdict}**" if verdict in ("beats", "loses") else verdict
-        parts.append(f"{shown} at {_span(speeds)}: {_cell_text(c, col)}")
+        parts.append(f"{shown} at {_span(speeds)}: {_cell_text(c, col, name_method)}")
     return "; ".join(parts) or "–"
+
+
+def loss_spans(cells: list[dict[str, Any]], col: str) -> list[str]:
+    """The speedups (sorted cells) where `col` loses, as runs of consecutive compared speedups: ['1.02–1.05x',
+    '1.15x'] when 1.10x in between did not lose."""
+    runs: list[list[float]] = []
+    previous_lost = False
+    for v in cells:
+        lost = (v.get(col) or {}).get("verdict") == "loses"
+        if lost:
+            if previous_lost:
+                runs[-1].append(v["speedup"])
+            else:
+                runs.append([v["speedup"]])
+        previous_lost = lost
+    return [_span(r) for r in runs]
 
 
 def summary_rows(data: dict[str, Any], link: str, up_to: float = TARGET_SPEEDUP) -> list[dict[str, Any]]:
@@ -87,20 +110,20 @@ def summary_rows(data: dict[str, Any], link: str, up_to: float = TARGET_SPEEDUP)
     out = []
     for context, cells in sorted(data["matched_speed"].items(), key=lambda kv: int(kv[0])):
         for mode in MODES:
-            here = sorted((v for v in cells if v.get("mode") == mode and v.get("speedup", 9) <= up_to + 1e-9),
+            here = sorted((v for v in cells if v.get("mode") == mode and v["speedup"] <= up_to + 1e-9),
                           key=lambda v: v["speedup"])
             if not here:
                 continue
             ours, theirs = _configs(data, context, mode)
-            losses = [f"{col} at {_span([v['speedup'] for v in here if v.get(col, {}).get('verdict') == 'loses'])}"
-                      for col in COMPARED if any(v.get(col, {}).get("verdict") == "loses" for v in here)]
-            out.append({"model": data["meta"]["model"], "context": int(context), "mode": mode, "selection": ours,
-                        "baselines": theirs, "target": "yes" if not losses else "**no**: " + ", ".join(losses),
-                        **{col: verdict_spans(here, col) for col in COMPARED}, "report": link})
+            several = len(ours) > 1  # more than one AdaSkip variant: name the one each span compares
+            losses = [f"{col} at {', '.join(spans)}" for col in COMPARED if (spans := loss_spans(here, col))]
+            out.append({"model": data["meta"]["model"], "context": int(context), "mode": mode, "selection": ", ".join(f"`{m}`" for m in ours) or "–",
+                        "baselines": "; ".join(theirs) or "–", "target": "yes" if not losses else "**no**: " + "; ".join(losses),
+                        **{col: verdict_spans(here, col, several) for col in COMPARED}, "report": link})
     return out
 
 
-def render(reports: list[tuple[Path, dict[str, Any]]], doc: Path, up_to: float = TARGET_SPEEDUP) -> str:
+def render_section(reports: list[tuple[Path, dict[str, Any]]], doc: Path, up_to: float = TARGET_SPEEDUP) -> str:
     """The generated section: the table of every report's matched-speed rows, and where each came from."""
     rows = []
     for path, data in reports:
@@ -108,7 +131,7 @@ def render(reports: list[tuple[Path, dict[str, Any]]], doc: Path, up_to: float =
             target = path.parent / data["meta"].get("doc", "quality.md")
             link = f"[{target.stem}]({Path(os.path.relpath(target, doc.parent)).as_posix()})"
             rows += summary_rows(data, link, up_to)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
             raise InputError(f"report data {path} is malformed ({type(e).__name__}: {e})") from None
     if not rows:
         raise InputError(f"none of the {len(reports)} reports has a matched-speed comparison up to {up_to}x")
@@ -126,18 +149,28 @@ def render(reports: list[tuple[Path, dict[str, Any]]], doc: Path, up_to: float =
              + " | ".join(COLUMN_TITLES[c] for c in COMPARED) + " | report |",
              "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in COMPARED) + " | --- |"]
     for r in rows:
-        lines.append("| " + " | ".join([r["model"], str(r["context"]), r["mode"], r["selection"], r["baselines"],
-                                          r["target"]] + [r[c] for c in COMPARED] + [r["report"]]) + " |")
+        lines.append("| " + " | ".join(cell(t) for t in [r["model"], str(r["context"]), r["mode"], r["selection"],
+                                                          r["baselines"], r["target"]]
+                                       + [r[c] for c in COMPARED] + [r["report"]]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_summary(paths: list[Path], doc: Path, up_to: float = TARGET_SPEEDUP) -> str:
     """Render the reports at `paths` into `doc`'s generated block (appended when the document has none; the rest
-    of the document is kept). Returns the section."""
-    if doc.exists() and not doc.is_file():
-        raise InputError(f"--doc {doc} exists and is not a file")
-    section = render([(p, load(p)) for p in paths], doc, up_to)
-    old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    write_text(doc, merge_section(old, SECTION, section, replace_unmarked=False))
+    of the document is kept). Returns the section. Nothing is written unless every report and the document are
+    usable."""
+    if doc.suffix.lower() != ".md":
+        raise InputError(f"--doc {doc} is not a markdown document (.md)")
+    target = doc.resolve()  # a symlinked document is updated where it lives
+    resolved = [p.resolve() for p in paths]
+    if target in resolved:
+        raise InputError(f"--doc {doc} is one of the reports")
+    if len(set(resolved)) != len(resolved):
+        raise InputError("a report is given twice")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(f"--doc {doc} is not writable")
+    section = render_section([(p, load(p)) for p in paths], doc, up_to)
+    merged = merge_section(read_document(target), SECTION, section, replace_unmarked=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, merged)
     return section
