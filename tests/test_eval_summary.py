@@ -244,3 +244,19 @@ def test_a_valid_report_with_one_value_replaced_gets_a_table_or_one_line(docs, c
         node = node[k]
     node[where[-1]] = data.draw(JSON)
     _summarize_fuzzed(docs, capsys, report_data)
+
+
+def test_adaskip_eval_checks_its_document_before_evaluating(tmp_path, capsys):
+    """A --doc whose section markers are broken fails at once (exit 2, one line), before any model is loaded or any
+    record written, not after hours of evaluation."""
+    from adaskip.cli import eval as eval_cli
+    doc = tmp_path / "quality.md"
+    doc.write_text("# Q\n\n<!-- adaskip-eval: smollm2-135m -->\nno end marker\n")
+    before = doc.read_text()
+    try:
+        code = eval_cli.main(["--model", "smollm2-135m", "--out", str(tmp_path / "out"), "--doc", str(doc)])
+    except SystemExit as e:
+        code = int(e.code)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "markers are broken" in err and len(err.splitlines()) == 1
+    assert doc.read_text() == before and not (tmp_path / "out").exists()
