@@ -50,8 +50,7 @@ def parser() -> argparse.ArgumentParser:
                           "text least, with the stand-in); retrieval (the same greedy, ranking first by how many "
                           "answers of synthetic retrieval prompts a skip gets wrong: the selection that lifted "
                           "Gemma-3-270M's retrieval above Early Exit's at matched speed, docs/quality-paired-em*.md). "
-                          "kl and "
-                          "retrieval run the reference torch engine: minutes to an hour on a CPU")
+                          "kl and retrieval run the reference torch engine: minutes to an hour on a CPU")
     sel.add_argument("--select-candidates", type=int, metavar="N",
                      help=f"kl / retrieval: the N most IO-similar sublayers the greedy tries (default "
                           f"{GreedyRecipe().candidates}, or K if larger)")
