@@ -149,6 +149,14 @@ def test_where_the_document_is_refused(docs, tmp_path, capsys):
     assert not (docs / "quality.txt").exists()
 
 
+def test_a_new_document_gets_the_summarys_own_title(docs):
+    doc = docs / "new" / "summary.md"
+    assert eval_summary.main([str(docs / "quality-paired-m.json"), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith(summary.NEW_DOC_HEAD + "\n\n" + START + "\n")
+    assert report.DOC_INTRO not in text and text.count("| m | 1024 |") == 1
+
+
 def test_a_symlinked_document_is_updated_where_it_lives(docs):
     link = docs / "link.md"
     link.symlink_to(docs / "quality.md")

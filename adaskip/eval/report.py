@@ -524,11 +524,13 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
-def merge_section(doc: str, model: str, section: str, replace_unmarked: bool = True) -> str:
+def merge_section(doc: str, model: str, section: str, replace_unmarked: bool = True,
+                  head: str = f"{DOC_TITLE}\n\n{DOC_INTRO}") -> str:
     """The document with `model`'s section replaced by `section` (appended when new). A marker counts only alone on
     its line (prose may quote one); a start without its end, an end before its start or two sections of one name
     are an InputError (rewriting them would cut text). A document without any section markers (an older
-    single-model report) is replaced, or kept and appended to (`replace_unmarked` False)."""
+    single-model report) is replaced, or kept and appended to (`replace_unmarked` False); an empty one becomes
+    `head` (title and introduction) and the section."""
     begin, end = f"<!-- adaskip-eval: {model} -->", f"<!-- /adaskip-eval: {model} -->"
     block = f"{begin}\n{section.strip()}\n{end}"
     lines = doc.splitlines(keepends=True)
@@ -541,7 +543,7 @@ def merge_section(doc: str, model: str, section: str, replace_unmarked: bool = T
         return "".join(lines[:starts[0]]) + block + "\n" + "".join(lines[ends[0] + 1:])
     marked = any(ln.startswith("<!-- adaskip-eval: ") and ln.rstrip().endswith("-->") for ln in lines)
     if not marked and (replace_unmarked or not doc.strip()):
-        return f"{DOC_TITLE}\n\n{DOC_INTRO}\n\n{block}\n"
+        return f"{head}\n\n{block}\n"
     return doc.rstrip("\n") + f"\n\n{block}\n"
 
 
