@@ -177,3 +177,22 @@ def test_sampling_draws_each_token_at_its_probability_and_never_a_masked_one(mon
     monkeypatch.setattr(generate.torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=torch.float64))
     edge = torch.log(torch.tensor([[0.2, 0.8, 0.0, 0.0]]))
     assert generate.sample(edge, SamplingParams(temperature=1.0), None).tolist() == [1]
+
+
+def test_a_row_sampled_in_a_batch_gets_the_token_it_gets_alone():
+    """sample_rows (the serving batch's sampler: greedy rows and plain-temperature rows each in one call) gives
+    every row, under its own params and seeded generator, exactly the token sample() gives it alone."""
+    from adaskip.runtime import generate
+
+    logits = torch.randn(24, 5000, generator=torch.Generator().manual_seed(1)) * 4
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7),
+             SamplingParams(temperature=1.9), SamplingParams(temperature=1.0, top_k=40),
+             SamplingParams(temperature=0.8, top_p=0.9)]
+    params = [kinds[b % len(kinds)] for b in range(len(logits))]
+    for step in range(5):  # the generators advance alike in both ways
+        batched = generate.sample_rows(logits, params, [torch.Generator().manual_seed(100 * step + b)
+                                                        for b in range(len(logits))])
+        alone = [int(generate.sample(logits[b:b + 1], p, torch.Generator().manual_seed(100 * step + b))[0])
+                 for b, p in enumerate(params)]
+        assert batched == alone
+    assert generate.sample_rows(logits[:0], [], []) == []

@@ -136,7 +136,11 @@ class Sequence:
 
     def accept(self, logits: torch.Tensor, first: bool, now: float) -> TokenEvent | None:
         """Sample this row's next token from its logits [vocab]; None when the token ends the request unseen."""
-        tok = self.last_token = int(sample(logits[None], self.params, self.rng)[0])
+        return self.take(int(sample(logits[None], self.params, self.rng)[0]), first, now)
+
+    def take(self, tok: int, first: bool, now: float) -> TokenEvent | None:
+        """This row's next token, sampled already (`accept_rows`); None when it ends the request unseen."""
+        self.last_token = tok
         r = self.result
         if first:
             r.ttft_s = now - self.t0
@@ -248,12 +252,10 @@ class Generator:
         out = stepper.prefill(rows, ids, valid, cache)
         first = True
         while True:
-            now = time.perf_counter()
-            for b, s in enumerate(seqs):
-                if not s.done:
-                    event = s.accept(out.logits[b], first, now)
-                    if event is not None:
-                        yield event
+            live = [b for b, s in enumerate(seqs) if not s.done]
+            for event in accept_rows([seqs[b] for b in live], out.logits[live], first, time.perf_counter()):
+                if event is not None:
+                    yield event
             first = False
             if all(s.done for s in seqs):
                 break
@@ -296,7 +298,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
     logits = logits.float()
     if params.temperature == 0:  # numpy's argmax (first maximum, as torch's): ~8x less overhead on a decode step
         return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1)))
-    logits = logits / params.temperature
+    logits = logits / _temperatures([params.temperature] * len(logits))
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -306,16 +308,59 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # Inverse CDF, one uniform per row from the request's generator: torch.multinomial took ~1.1 ms a row over a
-    # 49k vocabulary here, a fifth of a 16-row serving step (docs/serving.md); this takes ~0.24 ms.
+    return _inverse_cdf(logits, torch.rand((len(logits), 1), generator=rng, dtype=torch.float64))
+
+
+def _temperatures(values: list[float]) -> torch.Tensor:
+    """[B, 1] divisors: one tensor division for a row alone and in a batch (a Python scalar divisor takes another
+    path in torch, which may round differently), so a row samples the same token either way."""
+    return torch.tensor(values, dtype=torch.float32)[:, None]
+
+
+def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens [B] drawn from softmax(logits [B, vocab]) by inverse CDF with one uniform [B, 1] (float64) per row.
+    torch.multinomial took ~1.1 ms a row over a 49k vocabulary here, a fifth of a 16-row serving step
+    (docs/serving.md); this takes ~0.24 ms."""
     cdf = logits.softmax(-1).double().cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=rng, dtype=torch.float64) * total
+    u = uniforms * total
     # the first token whose cumulative probability exceeds u: never one of probability 0 (its cdf equals the one
     # before it); if u rounded up to the total, the last token with any probability
     picked = torch.searchsorted(cdf, u, right=True)
     last = torch.searchsorted(cdf, total, right=False)
     return torch.where(picked < cdf.shape[-1], picked, last).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                rngs: list[torch.Generator | None]) -> list[int]:
+    """Next tokens of rows with their own sampling params and generators (a serving batch): each row's token is the
+    one `sample` gives it alone (the same uniform from its generator, the same arithmetic per row), but the greedy
+    rows and the rows sampled at a plain temperature each go through one batched call (per-row calls cost a 16-row
+    serving step ~5 ms of Python on 2 cores; docs/serving.md); rows with top_k / top_p go one by one."""
+    logits = logits.float()
+    tokens = [0] * len(params)
+    greedy = [b for b, p in enumerate(params) if p.temperature == 0]
+    plain = [b for b, p in enumerate(params) if p.temperature != 0 and p.top_k == 0 and p.top_p >= 1.0]
+    if greedy:
+        for b, t in zip(greedy, logits[greedy].detach().numpy().argmax(-1).tolist()):
+            tokens[b] = t
+    if plain:
+        temps = _temperatures([params[b].temperature for b in plain])
+        uniforms = torch.cat([torch.rand((1, 1), generator=rngs[b], dtype=torch.float64) for b in plain])
+        for b, t in zip(plain, _inverse_cdf(logits[plain] / temps, uniforms).tolist()):
+            tokens[b] = t
+    for b in set(range(len(params))) - set(greedy) - set(plain):
+        tokens[b] = int(sample(logits[b:b + 1], params[b], rngs[b])[0])
+    return tokens
+
+
+def accept_rows(seqs: list[Sequence], logits: torch.Tensor, first: bool, now: float) -> list[TokenEvent | None]:
+    """Every row's next token from its logits (row b of `logits` is seqs[b]'s), sampled together; one event or None
+    per row, as `Sequence.accept` gives."""
+    if not seqs:
+        return []
+    tokens = sample_rows(logits, [s.params for s in seqs], [s.rng for s in seqs])
+    return [s.take(t, first, now) for s, t in zip(seqs, tokens)]
 
 
 def dtype_bytes(engine: Engine) -> int:

@@ -35,8 +35,8 @@ import torch
 from adaskip.errors import AdaskipError, InputError
 from adaskip.policy import SkipPolicy
 from adaskip.runtime.engine import Engine
-from adaskip.runtime.generate import (GenerationResult, SamplingParams, Sequence, TokenEvent, check_prompt,
-                                      dtype_bytes)
+from adaskip.runtime.generate import (GenerationResult, SamplingParams, Sequence, TokenEvent, accept_rows,
+                                      check_prompt, dtype_bytes)
 from adaskip.runtime.stepper import Row, Stepper
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,11 @@ class Scheduler:
             fillers += max(slots) - min(slots) + 1 - len(slots)
             tokens = torch.tensor([a.seq.last_token for a in group])
             out = self.stepper.decode_slots([a.row for a in group], tokens, self.pool)
-            now = time.perf_counter()
-            for b, act in enumerate(group):
+            events = accept_rows([a.seq for a in group], out.logits, False, time.perf_counter())
+            for act, event in zip(group, events):
                 mask = act.row.mask
                 skipped += len(mask.skipped)
                 online += sum(1 for j in mask.skipped if j in act.row.state.online)
-                event = act.seq.accept(out.logits[b], False, now)
                 act.seq.observe_step()
                 self._after_token(act, event, finished)
         return [a.handle.id for a in rows], len(groups), fillers, skipped, online
