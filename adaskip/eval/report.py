@@ -280,16 +280,19 @@ def delta_text(d: dict[str, Any], col: str) -> str:
     return f"Δ {signed(d['estimate'], col)} ({signed(d['low'], col)}, {signed(d['high'], col)})"
 
 
+def paired_text(comparison: dict[str, Any], col: str) -> str:
+    """A paired comparison's difference with its interval and the test's p: `Δ +10 (+4, +10), p=0.002`."""
+    return f"{delta_text(comparison['difference'], col)}, p={comparison['p_value']:.2g}"
+
+
 def _verdict_cell(c: dict[str, Any] | None, col: str, with_config: bool = False) -> str:
     if c is None:
         return "–"
-    d = c["comparison"]["difference"]
     ours = f"{c['ours_method']} K={c['ours_k']}: " if with_config else ""
     base = f"{c['baseline']} K={c['baseline_k']}" if with_config else c["baseline"]
-    diff = delta_text(d, col)
     cmp = c["comparison"]  # the paired means: over the units both have (a partly finished run may differ)
     return (f"**{c['verdict']}** {ours}{fmt(cmp['ours'], col)} vs {fmt(cmp['theirs'], col)} ({base}, n={cmp['n']}); "
-            f"{diff}, p={cmp['p_value']:.2g}")
+            f"{paired_text(cmp, col)}")
 
 
 def verdict_table(vs: list[dict[str, Any]]) -> str:

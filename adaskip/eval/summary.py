@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adaskip.errors import InputError
-from adaskip.eval.report import (BASELINES, COMPARED, TARGET_SPEEDUP, delta_text, fmt, merge_section,
+from adaskip.eval.report import (BASELINES, COMPARED, TARGET_SPEEDUP, fmt, merge_section, paired_text,
                                  read_document, write_text)
 from adaskip.plan import MODES
 
@@ -68,8 +68,7 @@ def _cell_text(c: dict[str, Any], col: str, name_method: bool) -> str:
         return f"{fmt(c['comparison']['ours'], col)} vs {fmt(c['comparison']['theirs'], col)}"
     ours = f"{c['ours_method']} K={c['ours_k']}" if name_method else f"K={c['ours_k']}"
     return (f"{fmt(c['comparison']['ours'], col)}{unit} ({ours}) vs {fmt(c['comparison']['theirs'], col)}"
-            f"{unit} ({c['baseline']} K={c['baseline_k']}), {delta_text(c['comparison']['difference'], col)}, "
-            f"p={c['comparison']['p_value']:.2g}")
+            f"{unit} ({c['baseline']} K={c['baseline_k']}), {paired_text(c['comparison'], col)}")
 
 
 def verdict_spans(cells: list[dict[str, Any]], col: str, name_method: bool = False) -> str:
