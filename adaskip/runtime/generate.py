@@ -349,7 +349,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         uniforms = torch.cat([torch.rand((1, 1), generator=rngs[b], dtype=torch.float64) for b in plain])
         for b, t in zip(plain, _inverse_cdf(logits[plain] / temps, uniforms).tolist()):
             tokens[b] = t
-    for b in set(range(len(params))) - set(greedy) - set(plain):
+    batched = set(greedy) | set(plain)
+    for b in (b for b in range(len(params)) if b not in batched):  # in row order: unseeded rows share torch's RNG
         tokens[b] = int(sample(logits[b:b + 1], params[b], rngs[b])[0])
     return tokens
 
