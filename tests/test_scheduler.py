@@ -227,6 +227,9 @@ def test_wave_bench_times_a_wave_of_requests_from_their_token_times(tiny):
     _, policy, engine = tiny
     rt = SimpleNamespace(engine=engine, policy=policy, tokenizer=None, generator=SimpleNamespace(eos_token_ids=()))
     result = script.wave(rt, SchedulerOptions(slots=4, slot_capacity=64, step_tokens=16), _prompts([12, 9, 20]), 5)
-    assert set(result) == {"ttft_ms", "itl_ms", "gap_ms", "tokens_per_s"}
+    assert set(result) == {"ttft_ms", "itl_ms", "gap_ms", "outside_ms", "tokens_per_s"}
     assert all(math.isfinite(v) and v > 0 for v in result.values())
     assert result["ttft_ms"] > result["gap_ms"] / 10  # a prompt's prefill precedes its first token
+    # the steps that decode all three requests happen (after the prompts are in), and part of each is the forward
+    assert result["outside_ms"] < result["gap_ms"]
+    assert "run_with_iobinding" not in vars(engine.session)  # the timing wrapper is gone after the wave

@@ -322,7 +322,7 @@ def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     torch.multinomial took ~1.1 ms a row over a 49k vocabulary here, a fifth of a 16-row serving step
     (docs/serving.md); this takes ~0.24 ms."""
     cdf = logits.softmax(-1).double().cumsum(-1)
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()  # searchsorted copies a strided column anyway (and warns)
     u = uniforms * total
     # the first token whose cumulative probability exceeds u: never one of probability 0 (its cdf equals the one
     # before it); if u rounded up to the total, the last token with any probability
