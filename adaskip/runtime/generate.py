@@ -296,8 +296,8 @@ def check_prompt(ids: list[int], params: SamplingParams, context: int, vocab: in
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab] under one request's sampling params (greedy at temperature 0)."""
     logits = logits.float()
-    if params.temperature == 0:  # numpy's argmax (first maximum, as torch's): ~8x less overhead on a decode step
-        return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1)))
+    if params.temperature == 0:
+        return _greedy(logits)
     logits = logits / _temperatures([params.temperature] * len(logits))
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -309,6 +309,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return _inverse_cdf(logits, torch.rand((len(logits), 1), generator=rng, dtype=torch.float64))
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum [B]: numpy's argmax (the same choice as torch's), ~8x less overhead on a decode step."""
+    return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1)))
 
 
 def _temperatures(values: list[float]) -> torch.Tensor:
@@ -342,7 +347,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [b for b, p in enumerate(params) if p.temperature == 0]
     plain = [b for b, p in enumerate(params) if p.temperature != 0 and p.top_k == 0 and p.top_p >= 1.0]
     if greedy:
-        for b, t in zip(greedy, logits[greedy].detach().numpy().argmax(-1).tolist()):
+        for b, t in zip(greedy, _greedy(logits[greedy]).tolist()):
             tokens[b] = t
     if plain:
         temps = _temperatures([params[b].temperature for b in plain])
